@@ -1,0 +1,220 @@
+//! Store configuration: which file, which engine, and the limits.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// Which I/O engine to run, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// io_uring when the kernel allows it (a ring can be set up and a probe op
+    /// completes), otherwise the thread pool.
+    #[default]
+    Auto,
+    /// io_uring, or fail to open.
+    Uring,
+    /// The thread pool, even where io_uring works.
+    Pool,
+}
+
+impl EngineChoice {
+    /// The configuration spelling: `auto`, `uring` or `pool`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineChoice::Auto => "auto",
+            EngineChoice::Uring => "uring",
+            EngineChoice::Pool => "pool",
+        }
+    }
+}
+
+impl fmt::Display for EngineChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error of parsing an [`EngineChoice`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown store engine {0:?}: expected \"auto\", \"uring\" or \"pool\"")]
+pub struct ParseEngineChoiceError(pub String);
+
+impl FromStr for EngineChoice {
+    type Err = ParseEngineChoiceError;
+
+    fn from_str(text: &str) -> Result<EngineChoice, ParseEngineChoiceError> {
+        match text {
+            "auto" => Ok(EngineChoice::Auto),
+            "uring" | "io_uring" => Ok(EngineChoice::Uring),
+            "pool" | "thread-pool" => Ok(EngineChoice::Pool),
+            other => Err(ParseEngineChoiceError(other.to_owned())),
+        }
+    }
+}
+
+/// The engine a store actually runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EngineKind {
+    /// One io_uring on a dedicated ring thread.
+    Uring,
+    /// A pool of threads doing preadv2/pwritev2/fdatasync/fallocate.
+    Pool,
+}
+
+impl EngineKind {
+    /// The name used in logs and status output: `io_uring` or `thread-pool`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineKind::Uring => "io_uring",
+            EngineKind::Pool => "thread-pool",
+        }
+    }
+}
+
+impl fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Default number of io_uring submission queue entries.
+pub const DEFAULT_URING_ENTRIES: u32 = 256;
+/// Default number of thread-pool threads.
+pub const DEFAULT_POOL_THREADS: usize = 8;
+/// Default maximum number of operations in flight at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+/// Default number of flushes and FUA writes in flight at once (each needs its own
+/// open file description; see the `durability` module).
+pub const DEFAULT_MAX_SYNC_IN_FLIGHT: usize = 16;
+/// Default maximum length of one read or write: 32 MiB, NBD's customary payload limit.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 32 << 20;
+
+/// Upper bounds on the configuration values, so that a typo cannot ask for a million
+/// threads. They are well above anything useful.
+pub(crate) const MAX_URING_ENTRIES: u32 = 32_768;
+pub(crate) const MAX_POOL_THREADS: usize = 1024;
+pub(crate) const MAX_MAX_IN_FLIGHT: usize = 65_536;
+pub(crate) const MAX_MAX_REQUEST_BYTES: usize = 1 << 30;
+pub(crate) const MAX_MAX_SYNC_IN_FLIGHT: usize = 256;
+
+/// How to open a backing store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// A regular file or a block device.
+    pub path: PathBuf,
+    /// Create a regular file of this size when `path` does not exist; when it exists,
+    /// its size must equal this. `None`: the path must exist, and its size is used.
+    pub create_size_bytes: Option<u64>,
+    /// Open O_RDONLY; writes, discards and zeroing fail with `StoreError::ReadOnly`.
+    pub read_only: bool,
+    /// Open with O_DIRECT. Requests must then be aligned to `Store::io_alignment()`.
+    /// This bypasses the page cache; it is not durability (flush/FUA still decide that).
+    pub direct_io: bool,
+    /// Which engine to run.
+    pub engine: EngineChoice,
+    /// io_uring submission queue entries (the completion queue is twice as large).
+    pub uring_entries: u32,
+    /// Threads of the thread-pool engine.
+    pub pool_threads: usize,
+    /// Operations in flight at most; callers beyond it wait asynchronously.
+    pub max_in_flight: usize,
+    /// Longest single read or write, in bytes (discard and zeroing are not limited).
+    pub max_request_bytes: usize,
+    /// Flushes and FUA writes in flight at most (each holds one extra open file
+    /// description of the store); more wait asynchronously.
+    pub max_sync_in_flight: usize,
+}
+
+impl StoreConfig {
+    /// A configuration with the defaults: must exist, read-write, buffered I/O, automatic
+    /// engine choice, 256 ring entries, 8 pool threads, 256 operations in flight,
+    /// 32 MiB requests, 16 flushes/FUA writes in flight.
+    pub fn new(path: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            path: path.into(),
+            create_size_bytes: None,
+            read_only: false,
+            direct_io: false,
+            engine: EngineChoice::Auto,
+            uring_entries: DEFAULT_URING_ENTRIES,
+            pool_threads: DEFAULT_POOL_THREADS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_sync_in_flight: DEFAULT_MAX_SYNC_IN_FLIGHT,
+        }
+    }
+
+    /// Checks the limits; returns a message naming the bad field.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_URING_ENTRIES).contains(&self.uring_entries) {
+            return Err(format!(
+                "uring_entries is {}; it must be between 1 and {MAX_URING_ENTRIES}",
+                self.uring_entries
+            ));
+        }
+        if !(1..=MAX_POOL_THREADS).contains(&self.pool_threads) {
+            return Err(format!(
+                "pool_threads is {}; it must be between 1 and {MAX_POOL_THREADS}",
+                self.pool_threads
+            ));
+        }
+        if !(1..=MAX_MAX_IN_FLIGHT).contains(&self.max_in_flight) {
+            return Err(format!(
+                "max_in_flight is {}; it must be between 1 and {MAX_MAX_IN_FLIGHT}",
+                self.max_in_flight
+            ));
+        }
+        if !(1..=MAX_MAX_REQUEST_BYTES).contains(&self.max_request_bytes) {
+            return Err(format!(
+                "max_request_bytes is {}; it must be between 1 and {MAX_MAX_REQUEST_BYTES}",
+                self.max_request_bytes
+            ));
+        }
+        if !(1..=MAX_MAX_SYNC_IN_FLIGHT).contains(&self.max_sync_in_flight) {
+            return Err(format!(
+                "max_sync_in_flight is {}; it must be between 1 and {MAX_MAX_SYNC_IN_FLIGHT}",
+                self.max_sync_in_flight
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_choice_parses_and_displays() {
+        for choice in [EngineChoice::Auto, EngineChoice::Uring, EngineChoice::Pool] {
+            assert_eq!(choice.to_string().parse::<EngineChoice>(), Ok(choice));
+        }
+        assert_eq!("io_uring".parse::<EngineChoice>(), Ok(EngineChoice::Uring));
+        let err = "fast".parse::<EngineChoice>().unwrap_err();
+        assert!(err.to_string().contains("\"fast\""), "{err}");
+    }
+
+    #[test]
+    fn engine_kind_displays() {
+        assert_eq!(EngineKind::Uring.to_string(), "io_uring");
+        assert_eq!(EngineKind::Pool.to_string(), "thread-pool");
+    }
+
+    #[test]
+    fn defaults_are_valid_and_limits_checked() {
+        let cfg = StoreConfig::new("/dev/null");
+        assert_eq!(cfg.validate(), Ok(()));
+        assert_eq!(cfg.max_in_flight, 256);
+        assert_eq!(cfg.pool_threads, 8);
+        let bad = StoreConfig {
+            max_in_flight: 0,
+            ..cfg.clone()
+        };
+        assert!(bad.validate().unwrap_err().contains("max_in_flight"));
+        let bad = StoreConfig {
+            pool_threads: 0,
+            ..cfg
+        };
+        assert!(bad.validate().unwrap_err().contains("pool_threads"));
+    }
+}

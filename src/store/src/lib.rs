@@ -1,0 +1,36 @@
+//! pairbd's backing store: a regular file or a block device, read and written through
+//! one of two engines behind one interface.
+//!
+//! - The io_uring engine runs one ring on a dedicated thread (`engine::uring`).
+//! - The thread-pool engine runs N threads doing preadv2/pwritev2/fdatasync/fallocate
+//!   (`engine::pool`); it is chosen automatically where io_uring is blocked.
+//!
+//! Durability is the product, and its rules live here, not in the callers:
+//! a write with `fua` is durable when it completes; `flush` makes every write that
+//! completed before it durable; once a flush or FUA write has failed the store is
+//! poisoned and every later flush and FUA write fails until it is reopened (see
+//! `durability`). O_DIRECT is a cache choice, never a durability promise.
+//!
+//! Every operation is bounded: at most `max_in_flight` operations run at once and
+//! callers beyond that wait asynchronously. The crate uses only tokio's `sync`
+//! primitives and needs no runtime of its own.
+
+mod buf;
+mod config;
+mod durability;
+mod engine;
+mod error;
+mod fault;
+mod open;
+mod store;
+
+pub use buf::{AlignedBuf, BUF_ALIGN_BYTES};
+pub use config::{
+    EngineChoice, EngineKind, ParseEngineChoiceError, StoreConfig, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_SYNC_IN_FLIGHT, DEFAULT_POOL_THREADS,
+    DEFAULT_URING_ENTRIES,
+};
+pub use error::StoreError;
+#[doc(hidden)]
+pub use fault::FaultPoint;
+pub use store::{Store, ZERO_CHUNK_BYTES};

@@ -1,0 +1,484 @@
+//! `Store`: request validation, the in-flight limit, durability rules and zeroing
+//! fallbacks, in front of whichever engine runs.
+
+use std::fmt;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{oneshot, Semaphore};
+use tracing::info;
+
+use crate::buf::{AlignedBuf, WriteBuf};
+use crate::config::{EngineKind, StoreConfig};
+use crate::durability::{open_sync_files, Durability, SyncLease};
+use crate::engine::{Engine, FallocMode, Op, Request};
+use crate::error::StoreError;
+use crate::fault::{FaultPoint, Faults};
+use crate::open::{open_backing, SECTOR_BYTES};
+
+/// Zeroes are written in pieces of at most this many bytes when the filesystem cannot
+/// zero a range itself.
+pub const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// A backing store: a regular file or a block device, with an I/O engine.
+///
+/// Cheap to clone (an `Arc` inside); all clones share one engine. The futures of its
+/// methods are `Send` and need no tokio runtime of the store's own. Dropping the last
+/// clone, or calling [`Store::close`], stops the engine after in-flight work finishes.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// Declared first so it is dropped (threads joined) before anything else.
+    engine: Engine,
+    in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    durability: Arc<Durability>,
+    zeroing: ZeroingSupport,
+    faults: Faults,
+    path: PathBuf,
+    size_bytes: u64,
+    read_only: bool,
+    direct_io: bool,
+    io_align_bytes: u64,
+    is_block_device: bool,
+    zero_range_fast: bool,
+    max_request_bytes: usize,
+}
+
+/// Which fallocate modes the filesystem may still support: cleared on the first
+/// EOPNOTSUPP, so that later requests skip straight to what works.
+#[derive(Debug)]
+struct ZeroingSupport {
+    punch_hole: AtomicBool,
+    zero_range: AtomicBool,
+}
+
+impl ZeroingSupport {
+    fn flag(&self, mode: FallocMode) -> &AtomicBool {
+        match mode {
+            FallocMode::PunchHole => &self.punch_hole,
+            FallocMode::ZeroRange => &self.zero_range,
+        }
+    }
+
+    fn may_work(&self, mode: FallocMode) -> bool {
+        self.flag(mode).load(Ordering::Relaxed)
+    }
+
+    /// Returns true the first time `mode` is found unsupported.
+    fn mark_unsupported(&self, mode: FallocMode) -> bool {
+        self.flag(mode).swap(false, Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .field("engine", &self.engine_kind())
+            .field("size_bytes", &self.inner.size_bytes)
+            .field("read_only", &self.inner.read_only)
+            .field("direct_io", &self.inner.direct_io)
+            .field("poisoned", &self.is_poisoned())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (creating a regular file if configured) and starts the engine.
+    pub fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
+        cfg.validate().map_err(StoreError::InvalidConfig)?;
+        let backing = open_backing(cfg)?;
+        let sync_file_count = if cfg.read_only {
+            0
+        } else {
+            cfg.max_sync_in_flight
+        };
+        let sync_files = open_sync_files(&cfg.path, &backing.file, cfg.direct_io, sync_file_count)
+            .map_err(|source| StoreError::Open {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        let files: Arc<[File]> = std::iter::once(backing.file).chain(sync_files).collect();
+        let engine = Engine::start(cfg, files)?;
+        info!(
+            path = %cfg.path.display(),
+            engine = %engine.kind(),
+            size_bytes = backing.size_bytes,
+            block_device = backing.is_block_device,
+            read_only = cfg.read_only,
+            direct_io = cfg.direct_io,
+            "backing store opened with the {} engine",
+            engine.kind()
+        );
+        Ok(Store {
+            inner: Arc::new(Inner {
+                engine,
+                in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
+                max_in_flight: cfg.max_in_flight,
+                durability: Arc::new(Durability::new(sync_file_count)),
+                zeroing: ZeroingSupport {
+                    punch_hole: AtomicBool::new(true),
+                    zero_range: AtomicBool::new(true),
+                },
+                faults: Faults::default(),
+                path: cfg.path.clone(),
+                size_bytes: backing.size_bytes,
+                read_only: cfg.read_only,
+                direct_io: cfg.direct_io,
+                io_align_bytes: backing.io_align_bytes,
+                is_block_device: backing.is_block_device,
+                zero_range_fast: backing.zero_range_fast,
+                max_request_bytes: cfg.max_request_bytes,
+            }),
+        })
+    }
+
+    /// The engine that runs this store.
+    pub fn engine_kind(&self) -> EngineKind {
+        self.inner.engine.kind()
+    }
+
+    /// Size in bytes (a multiple of 512).
+    pub fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes
+    }
+
+    /// Whether the store was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// Whether the store was opened with O_DIRECT.
+    pub fn direct_io(&self) -> bool {
+        self.inner.direct_io
+    }
+
+    /// Alignment every request's offset and length must have: the O_DIRECT alignment
+    /// of the file or device, or 1 without O_DIRECT.
+    pub fn io_alignment(&self) -> u64 {
+        self.inner.io_align_bytes
+    }
+
+    /// Whether the store is a block device (else a regular file).
+    pub fn is_block_device(&self) -> bool {
+        self.inner.is_block_device
+    }
+
+    /// The configured path.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Longest single read or write accepted.
+    pub fn max_request_bytes(&self) -> usize {
+        self.inner.max_request_bytes
+    }
+
+    /// Operations currently holding an in-flight slot (at most `max_in_flight`).
+    pub fn in_flight_ops(&self) -> usize {
+        self.inner.max_in_flight - self.inner.in_flight.available_permits()
+    }
+
+    /// Whether a flush or FUA write has failed since the store was opened; if so every
+    /// flush and FUA write fails with `StoreError::Poisoned` until it is reopened.
+    pub fn is_poisoned(&self) -> bool {
+        self.inner.durability.is_poisoned()
+    }
+
+    /// Reads `len` bytes at `offset`. Parts of a regular file past its end (inside the
+    /// store's size) read as zeroes.
+    pub async fn read(&self, offset: u64, len: usize) -> Result<AlignedBuf, StoreError> {
+        self.check_transfer(offset, len)?;
+        if len == 0 {
+            return Ok(AlignedBuf::zeroed(0));
+        }
+        let buf = AlignedBuf::zeroed(len);
+        match self.execute(Op::Read { offset, buf }, None).await? {
+            Op::Read { buf, .. } => Ok(buf),
+            other => unreachable!("the engine answered a read with {}", other.name()),
+        }
+    }
+
+    /// Writes `data` at `offset`. With `fua`, the data is durable when this returns Ok
+    /// (RWF_DSYNC); without, only after a later successful [`Store::flush`].
+    pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), StoreError> {
+        self.write_buf(offset, WriteBuf::Owned(data), fua).await
+    }
+
+    /// Like [`Store::write`], for a payload that someone else (say, the replication
+    /// sender) holds too; it is not copied.
+    pub async fn write_shared(
+        &self,
+        offset: u64,
+        data: Arc<AlignedBuf>,
+        fua: bool,
+    ) -> Result<(), StoreError> {
+        self.write_buf(offset, WriteBuf::Shared(data), fua).await
+    }
+
+    async fn write_buf(&self, offset: u64, buf: WriteBuf, fua: bool) -> Result<(), StoreError> {
+        self.check_writable()?;
+        self.check_transfer(offset, buf.len())?;
+        let sync = if fua {
+            Some(self.sync_lease().await?)
+        } else {
+            None
+        };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.execute(Op::Write { offset, buf, fua }, sync).await?;
+        Ok(())
+    }
+
+    /// Makes every write that completed before this call durable (fdatasync). After a
+    /// failure the store is poisoned. A no-op on a read-only store.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let sync = self.sync_lease().await?;
+        self.execute(Op::Flush, Some(sync)).await?;
+        Ok(())
+    }
+
+    /// Deallocates a range, which then reads as zeroes (fallocate PUNCH_HOLE, falling
+    /// back to ZERO_RANGE, then to writing zeroes). Durable after a later flush.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        self.zero_range(offset, len, false, false).await
+    }
+
+    /// Makes a range read as zeroes. `keep_allocated` keeps its blocks allocated
+    /// (ZERO_RANGE) instead of punching a hole. With `fast_only`, fails with
+    /// `StoreError::NotSupported` instead of falling back to writing zeroes. Durable
+    /// after a later flush.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+    ) -> Result<(), StoreError> {
+        self.zero_range(offset, len, keep_allocated, fast_only)
+            .await
+    }
+
+    /// Stops the engine after the work already queued or in flight has finished, and
+    /// waits (without blocking a runtime thread) until its threads have exited and the
+    /// file is closed. Other clones of this store then fail with `EngineStopped`.
+    pub async fn close(self) {
+        self.inner.in_flight.close();
+        self.inner.durability.close();
+        self.inner.engine.stop().await;
+    }
+
+    /// Makes the next `count` operations of kind `point` fail with `errno` without
+    /// reaching the disk, as if the kernel had returned it. For tests.
+    #[doc(hidden)]
+    pub fn inject_errors(&self, point: FaultPoint, count: u32, errno: i32) {
+        self.inner.faults.arm(point, count, errno);
+    }
+
+    async fn zero_range(
+        &self,
+        offset: u64,
+        len: u64,
+        keep_allocated: bool,
+        fast_only: bool,
+    ) -> Result<(), StoreError> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        self.check_alignment(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // fallocate on a block device works on whole sectors only.
+        let fallocate_possible =
+            !self.inner.is_block_device || (offset % SECTOR_BYTES == 0 && len % SECTOR_BYTES == 0);
+        let modes: &[FallocMode] = if keep_allocated {
+            &[FallocMode::ZeroRange]
+        } else {
+            &[FallocMode::PunchHole, FallocMode::ZeroRange]
+        };
+        for &mode in modes.iter().filter(|_| fallocate_possible) {
+            if !self.inner.zeroing.may_work(mode) {
+                continue;
+            }
+            // On a block device without a write-zeroes command, the kernel's ZERO_RANGE
+            // writes zero pages itself: correct, but not fast.
+            if fast_only && mode == FallocMode::ZeroRange && !self.inner.zero_range_fast {
+                continue;
+            }
+            match self
+                .execute(Op::Fallocate { offset, len, mode }, None)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(StoreError::Io(err)) if is_unsupported(&err) => {
+                    if self.inner.zeroing.mark_unsupported(mode) {
+                        info!(
+                            path = %self.inner.path.display(),
+                            mode = ?mode,
+                            "fallocate mode not supported here; falling back"
+                        );
+                    }
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        if fast_only {
+            return Err(StoreError::NotSupported);
+        }
+        self.write_zero_chunks(offset, len).await
+    }
+
+    /// The last resort: write zero buffers, one chunk at a time, reusing one buffer.
+    async fn write_zero_chunks(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        // With O_DIRECT, len is aligned and ZERO_CHUNK_BYTES is a multiple of any
+        // alignment up to 4096, so every chunk stays aligned.
+        let chunk_bytes = len.min(ZERO_CHUNK_BYTES as u64) as usize;
+        let mut buf = AlignedBuf::zeroed(chunk_bytes);
+        let mut done = 0u64;
+        while done < len {
+            let part = (len - done).min(chunk_bytes as u64) as usize;
+            buf.truncate(part);
+            let op = Op::Write {
+                offset: offset + done,
+                buf: WriteBuf::Owned(buf),
+                fua: false,
+            };
+            buf = match self.execute(op, None).await? {
+                Op::Write {
+                    buf: WriteBuf::Owned(buf),
+                    ..
+                } => buf,
+                other => unreachable!("the engine answered a write with {}", other.name()),
+            };
+            done += part as u64;
+        }
+        Ok(())
+    }
+
+    /// Runs one op through the engine, holding an in-flight permit until the engine
+    /// has completed it (even if this future is dropped first).
+    async fn execute(&self, op: Op, sync: Option<SyncLease>) -> Result<Op, StoreError> {
+        let permit = Arc::clone(&self.inner.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::EngineStopped)?;
+        if let Some(err) = self.inner.faults.take(&op) {
+            if sync.is_some() {
+                self.inner.durability.poison(op.name(), &err);
+            }
+            return Err(StoreError::Io(err));
+        }
+        let (reply, result) = oneshot::channel();
+        let request = Request {
+            op,
+            reply,
+            permit,
+            sync,
+        };
+        if self.inner.engine.submit(request).is_err() {
+            return Err(StoreError::EngineStopped);
+        }
+        match result.await {
+            Ok(Ok(op)) => Ok(op),
+            Ok(Err(err)) => Err(StoreError::Io(err)),
+            // The engine dropped the request: it stopped before running it.
+            Err(_) => Err(StoreError::EngineStopped),
+        }
+    }
+
+    /// A sync description for a flush or FUA write, checking the poison flag only
+    /// after the lease is held (see `durability`).
+    async fn sync_lease(&self) -> Result<SyncLease, StoreError> {
+        let lease = self
+            .inner
+            .durability
+            .lease()
+            .await
+            .ok_or(StoreError::EngineStopped)?;
+        if self.inner.durability.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        Ok(lease)
+    }
+
+    fn check_writable(&self) -> Result<(), StoreError> {
+        if self.inner.read_only {
+            Err(StoreError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_transfer(&self, offset: u64, len: usize) -> Result<(), StoreError> {
+        if len > self.inner.max_request_bytes {
+            return Err(StoreError::TooLarge {
+                len: len as u64,
+                max_bytes: self.inner.max_request_bytes as u64,
+            });
+        }
+        self.check_range(offset, len as u64)?;
+        self.check_alignment(offset, len as u64)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.inner.size_bytes => Ok(()),
+            _ => Err(StoreError::OutOfRange {
+                offset,
+                len,
+                size_bytes: self.inner.size_bytes,
+            }),
+        }
+    }
+
+    fn check_alignment(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        let align_bytes = self.inner.io_align_bytes;
+        if offset % align_bytes != 0 || len % align_bytes != 0 {
+            return Err(StoreError::Unaligned {
+                offset,
+                len,
+                align_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// EOPNOTSUPP (the same value as ENOTSUP on Linux), or ENOSYS from ancient kernels.
+fn is_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compile-time check: every future the store returns can move between threads.
+    #[allow(dead_code)]
+    fn futures_are_send(store: &Store) {
+        fn is_send<T: Send>(_: &T) {}
+        is_send(&store.read(0, 0));
+        is_send(&store.write(0, AlignedBuf::zeroed(0), false));
+        is_send(&store.write_shared(0, Arc::new(AlignedBuf::zeroed(0)), true));
+        is_send(&store.flush());
+        is_send(&store.discard(0, 0));
+        is_send(&store.write_zeroes(0, 0, false, false));
+        is_send(&store.clone().close());
+        fn is_send_sync<T: Send + Sync>() {}
+        is_send_sync::<Store>();
+    }
+}
