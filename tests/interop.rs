@@ -279,6 +279,7 @@ fn fio_verify(name: &str, extra: &[&str]) {
         "--verify=crc32c",
         "--do_verify=1",
         "--verify_fatal=1",
+        "--verify_state_save=0",
         "--fsync=64",
         "--output-format=json",
         &format!("--output={}", report_path.display()),
