@@ -336,6 +336,16 @@ class PairbdTarget(NbdServerTarget):
                             "--listen", f"unix:{self.sock}", "--export", EXPORT])]
 
 
+class PairbdPoolTarget(PairbdTarget):
+    """The same binary with the thread-pool engine, to compare the two engines."""
+    name = "pairbd-pool"
+    description = "pairbd serve --engine pool (single node, unreplicated)"
+
+    def commands(self):
+        [(label, argv)] = super().commands()
+        return [(label, argv + ["--engine", "pool"])]
+
+
 class NbdkitTarget(NbdServerTarget):
     name = "nbdkit"
     description = "nbdkit file plugin (page cache, default threads)"
@@ -369,7 +379,8 @@ class QemuNbdTarget(NbdServerTarget):
 # Future: the replicated pair ("pairbd-pair") is another NbdServerTarget whose
 # commands() returns [("secondary", [...]), ("primary", [...])] listening on
 # loopback/Unix sockets only; give it a second backing file in preflight().
-TARGETS = {cls.name: cls for cls in (PairbdTarget, NbdkitTarget, QemuNbdTarget, RawTarget)}
+TARGETS = {cls.name: cls for cls in (PairbdTarget, PairbdPoolTarget, NbdkitTarget, QemuNbdTarget,
+                                     RawTarget)}
 # Unreplicated NBD servers: "vs best of" compares against the better of these.
 NBD_PEERS = ("nbdkit", "qemu-nbd")
 

@@ -285,7 +285,7 @@ where
                 let Ok(bytes_permit) = bytes.clone().acquire_many_owned(length).await else {
                     break "stopped";
                 };
-                let mut payload = AlignedBuf::zeroed(length as usize);
+                let mut payload = AlignedBuf::for_overwrite(length as usize);
                 if reader.read_exact(&mut payload).await.is_err() {
                     break "client closed mid-write";
                 }

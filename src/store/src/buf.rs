@@ -9,7 +9,8 @@ use std::alloc::{self, Layout};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Alignment of every `AlignedBuf` allocation, in bytes.
 pub const BUF_ALIGN_BYTES: usize = 4096;
@@ -44,17 +45,37 @@ impl AlignedBuf {
                 capacity: 0,
             };
         }
-        let layout = Self::layout(len);
+        // Recyclable sizes are allocated at their class size so that the allocation
+        // can serve any later request of the class.
+        let capacity = size_class(len).map_or(len, class_capacity);
+        let layout = Self::layout(capacity);
         // SAFETY: `layout` has a non-zero size (len > 0) and a valid power-of-two alignment.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
             alloc::handle_alloc_error(layout);
         };
-        AlignedBuf {
-            ptr,
-            len,
-            capacity: len,
+        AlignedBuf { ptr, len, capacity }
+    }
+
+    /// A buffer of `len` bytes whose contents are unspecified (but initialised): for a
+    /// caller that overwrites all of it, such as a WRITE payload read off a socket or
+    /// a READ filled by the store. It reuses a recently freed allocation of the same
+    /// size class when one is cached, which spares large requests an mmap, page
+    /// faults and an munmap each.
+    pub fn for_overwrite(len: usize) -> AlignedBuf {
+        if len == 0 {
+            return AlignedBuf::zeroed(0);
         }
+        if let Some(class) = size_class(len) {
+            if let Some(ptr) = RECYCLER.take(class) {
+                return AlignedBuf {
+                    ptr,
+                    len,
+                    capacity: class_capacity(class),
+                };
+            }
+        }
+        AlignedBuf::zeroed(len)
     }
 
     /// Allocates an aligned buffer holding a copy of `data`.
@@ -107,6 +128,11 @@ impl Drop for AlignedBuf {
     fn drop(&mut self) {
         if self.capacity == 0 {
             return;
+        }
+        if let Some(class) = size_class(self.capacity) {
+            if class_capacity(class) == self.capacity && RECYCLER.give(class, self.ptr) {
+                return;
+            }
         }
         // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout (capacity is
         // the allocated size and never changes) and is freed only here, once.
@@ -166,6 +192,79 @@ impl fmt::Debug for AlignedBuf {
     }
 }
 
+/// The smallest recycled size class: 4 KiB.
+const MIN_CLASS_SHIFT: u32 = 12;
+/// The largest recycled size class: 32 MiB, the largest NBD payload pairbd accepts.
+const MAX_CLASS_SHIFT: u32 = 25;
+const CLASS_COUNT: usize = (MAX_CLASS_SHIFT - MIN_CLASS_SHIFT + 1) as usize;
+/// At most this many bytes of freed buffers are kept for reuse, over all classes.
+const RECYCLE_BUDGET_BYTES: usize = 64 << 20;
+/// At most this many buffers are kept per class.
+const RECYCLE_MAX_PER_CLASS: usize = 64;
+
+/// The size class of a buffer of `len` bytes: the power of two at or above it.
+fn size_class(len: usize) -> Option<usize> {
+    let shift = len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS_SHIFT);
+    (shift <= MAX_CLASS_SHIFT).then(|| (shift - MIN_CLASS_SHIFT) as usize)
+}
+
+fn class_capacity(class: usize) -> usize {
+    1usize << (class as u32 + MIN_CLASS_SHIFT)
+}
+
+/// A freed allocation waiting for reuse.
+struct FreeBuf(NonNull<u8>);
+
+// SAFETY: a `FreeBuf` is an allocation nobody references any more; it is owned by the
+// recycler until handed to exactly one new `AlignedBuf`.
+unsafe impl Send for FreeBuf {}
+
+/// The process-wide cache of freed buffers: bounded in count per class and in bytes
+/// overall, so that it can never hold more than [`RECYCLE_BUDGET_BYTES`].
+struct Recycler {
+    classes: [Mutex<Vec<FreeBuf>>; CLASS_COUNT],
+    cached_bytes: AtomicUsize,
+}
+
+static RECYCLER: Recycler = Recycler {
+    classes: [const { Mutex::new(Vec::new()) }; CLASS_COUNT],
+    cached_bytes: AtomicUsize::new(0),
+};
+
+impl Recycler {
+    fn take(&self, class: usize) -> Option<NonNull<u8>> {
+        let free = self.classes[class].lock().ok()?.pop()?;
+        self.cached_bytes
+            .fetch_sub(class_capacity(class), Ordering::Relaxed);
+        Some(free.0)
+    }
+
+    /// Keeps `ptr` for reuse; returns false (the caller frees it) when over budget.
+    fn give(&self, class: usize, ptr: NonNull<u8>) -> bool {
+        let bytes = class_capacity(class);
+        let Ok(mut list) = self.classes[class].lock() else {
+            return false;
+        };
+        if list.len() >= RECYCLE_MAX_PER_CLASS {
+            return false;
+        }
+        let reserved =
+            self.cached_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cached| {
+                    (cached + bytes <= RECYCLE_BUDGET_BYTES).then_some(cached + bytes)
+                });
+        if reserved.is_err() {
+            return false;
+        }
+        list.push(FreeBuf(ptr));
+        true
+    }
+}
+
 /// The payload of a write: owned, or shared with another consumer (for example the
 /// replication sender) so that it is not copied.
 #[derive(Debug)]
@@ -219,6 +318,34 @@ mod tests {
         buf.truncate(100);
         assert_eq!(buf.len(), 5);
         assert_eq!(buf.clone(), buf);
+    }
+
+    #[test]
+    fn recycled_buffers_are_aligned_sized_and_reused() {
+        let first = AlignedBuf::for_overwrite(100_000);
+        let address = first.as_ptr() as usize;
+        assert_eq!(first.len(), 100_000);
+        drop(first);
+        // Another test thread may take it first; either way the buffer is sound.
+        let second = AlignedBuf::for_overwrite(70_000);
+        assert_eq!(second.len(), 70_000);
+        assert_eq!(second.as_ptr() as usize % BUF_ALIGN_BYTES, 0);
+        let _ = address;
+        // Oversized buffers are never cached, and zeroed() is always zero.
+        drop(AlignedBuf::for_overwrite(40 << 20));
+        let mut dirty = AlignedBuf::for_overwrite(4096);
+        dirty.fill(0xff);
+        drop(dirty);
+        assert!(AlignedBuf::zeroed(4096).iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn size_classes_cover_4k_to_32m() {
+        assert_eq!(size_class(1), Some(0));
+        assert_eq!(size_class(4096), Some(0));
+        assert_eq!(size_class(4097), Some(1));
+        assert_eq!(size_class(32 << 20), Some(CLASS_COUNT - 1));
+        assert_eq!(size_class((32 << 20) + 1), None);
     }
 
     #[test]

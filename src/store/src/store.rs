@@ -5,7 +5,7 @@ use std::fmt;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{oneshot, Semaphore};
@@ -38,6 +38,7 @@ struct Inner {
     engine: Engine,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
+    flush_group: FlushGroup,
     durability: Arc<Durability>,
     zeroing: ZeroingSupport,
     faults: Faults,
@@ -49,6 +50,17 @@ struct Inner {
     is_block_device: bool,
     zero_range_fast: bool,
     max_request_bytes: usize,
+}
+
+/// The state of group commit: flush requests are numbered; `covered` is the highest
+/// number that a completed fdatasync is known to cover; `turn` lets one fdatasync run
+/// at a time (the others queue behind it and usually find themselves covered).
+#[derive(Debug, Default)]
+struct FlushGroup {
+    requested: AtomicU64,
+    covered: AtomicU64,
+    issued: AtomicU64,
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// Which fallocate modes the filesystem may still support: cleared on the first
@@ -122,6 +134,7 @@ impl Store {
                 engine,
                 in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
                 max_in_flight: cfg.max_in_flight,
+                flush_group: FlushGroup::default(),
                 durability: Arc::new(Durability::new(sync_file_count)),
                 zeroing: ZeroingSupport {
                     punch_hole: AtomicBool::new(true),
@@ -199,7 +212,8 @@ impl Store {
         if len == 0 {
             return Ok(AlignedBuf::zeroed(0));
         }
-        let buf = AlignedBuf::zeroed(len);
+        // The engine fills every byte (zeroes past the end of a short file).
+        let buf = AlignedBuf::for_overwrite(len);
         match self.execute(Op::Read { offset, buf }, None).await? {
             Op::Read { buf, .. } => Ok(buf),
             other => unreachable!("the engine answered a read with {}", other.name()),
@@ -244,9 +258,30 @@ impl Store {
         if self.inner.read_only {
             return Ok(());
         }
+        // Group commit: flushes that arrive while an fdatasync runs are all served by
+        // the next single fdatasync. A flush is covered by any fdatasync that *starts*
+        // after the flush was requested, because every write it must cover completed
+        // before the request.
+        let group = &self.inner.flush_group;
+        let ticket = group.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _turn = group.turn.lock().await;
+        if group.covered.load(Ordering::SeqCst) >= ticket {
+            return Ok(());
+        }
+        let covers = group.requested.load(Ordering::SeqCst);
         let sync = self.sync_lease().await?;
+        group.issued.fetch_add(1, Ordering::Relaxed);
         self.execute(Op::Flush, Some(sync)).await?;
+        // Only a successful fdatasync covers anyone: after a failure the next waiter
+        // runs its own, which the poisoned store fails.
+        group.covered.fetch_max(covers, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// How many fdatasyncs `flush` has issued (fewer than flushes requested when group
+    /// commit served several with one).
+    pub fn fdatasyncs_issued(&self) -> u64 {
+        self.inner.flush_group.issued.load(Ordering::Relaxed)
     }
 
     /// Deallocates a range, which then reads as zeroes (fallocate PUNCH_HOLE, falling
@@ -480,5 +515,38 @@ mod tests {
         is_send(&store.clone().close());
         fn is_send_sync<T: Send + Sync>() {}
         is_send_sync::<Store>();
+    }
+
+    /// Flushes that queue behind a running fdatasync are all served by the next one:
+    /// while the test holds the turn, 32 flushes register; releasing it lets exactly
+    /// one fdatasync cover them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_flushes_share_one_fdatasync() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = StoreConfig::new(dir.path().join("group.img"));
+        cfg.create_size_bytes = Some(1 << 20);
+        let store = Store::open(&cfg).expect("open");
+        store
+            .write(0, AlignedBuf::from_slice(&[1u8; 4096]), false)
+            .await
+            .expect("write");
+        let turn = store.inner.flush_group.turn.lock().await;
+        let mut flushes = Vec::new();
+        for _ in 0..32 {
+            let store = store.clone();
+            flushes.push(tokio::spawn(async move { store.flush().await }));
+        }
+        while store.inner.flush_group.requested.load(Ordering::SeqCst) < 32 {
+            tokio::task::yield_now().await;
+        }
+        drop(turn);
+        for flush in flushes {
+            flush.await.expect("join").expect("flush");
+        }
+        assert_eq!(store.fdatasyncs_issued(), 1);
+        // A flush requested after that one completed needs (and gets) its own.
+        store.flush().await.expect("flush");
+        assert_eq!(store.fdatasyncs_issued(), 2);
+        store.close().await;
     }
 }

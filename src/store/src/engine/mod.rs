@@ -191,8 +191,9 @@ impl Engine {
     /// `files` is the file table: the main description at index 0, then the sync
     /// descriptions.
     pub(crate) fn start(cfg: &StoreConfig, files: Arc<[File]>) -> Result<Engine, StoreError> {
-        let start_uring =
-            |files| uring::UringEngine::start(files, cfg.uring_entries, cfg.max_in_flight);
+        let start_uring = |files| {
+            uring::UringEngine::start(files, cfg.uring_entries, cfg.max_in_flight, cfg.direct_io)
+        };
         let engine = match cfg.engine {
             EngineChoice::Uring => start_uring(files)
                 .map(Engine::Uring)

@@ -34,6 +34,9 @@ use tracing::error;
 
 use super::{Op, Request, Threads, MAX_RETRIES, MAX_TRANSFER_BYTES};
 
+/// The most io-wq workers for bounded (buffered read) work with buffered I/O.
+const BUFFERED_IO_WORKERS: u32 = 32;
+
 /// `user_data` of the eventfd read; slot indexes are always smaller.
 const WAKE_USER_DATA: u64 = u64::MAX;
 /// `user_data` of the probe NOP at start-up.
@@ -75,9 +78,17 @@ impl UringEngine {
         files: Arc<[File]>,
         entries: u32,
         max_in_flight: usize,
+        direct_io: bool,
     ) -> io::Result<UringEngine> {
         let mut ring = IoUring::new(entries)?;
         probe(&mut ring)?;
+        if !direct_io {
+            // Buffered reads that miss the page cache run on io-wq workers; the kernel's
+            // default (4 per CPU) starves a queue depth of 32 on a small machine. This
+            // only raises a ceiling: idle workers exit.
+            let mut workers = [BUFFERED_IO_WORKERS, 0];
+            ring.submitter().register_iowq_max_workers(&mut workers)?;
+        }
         let wake_fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
         let (requests, receiver) = sync_channel(max_in_flight);
         let shared = Arc::new(UringShared {
@@ -99,6 +110,7 @@ impl UringEngine {
                 .collect(),
             _files: files,
             slots: (0..slot_count).map(|_| None).collect(),
+            buffered: !direct_io,
             free_slots: (0..slot_count).rev().collect(),
             wake_buf: Box::new([0u8; 8]),
             wake_armed: false,
@@ -210,6 +222,8 @@ struct RingThread {
     _files: Arc<[File]>,
     slots: Vec<Option<Slot>>,
     free_slots: Vec<usize>,
+    /// Buffered I/O (no O_DIRECT): reads go straight to io-wq (IOSQE_ASYNC).
+    buffered: bool,
     /// Target of the eventfd read; boxed so its address is stable.
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
@@ -317,7 +331,7 @@ impl RingThread {
             fatal("pushing an SQE for an empty io_uring slot");
         };
         let fd = self.fds[slot.request.file_index()];
-        let entry = build_entry(fd, slot).user_data(index as u64);
+        let entry = build_entry(fd, slot, self.buffered).user_data(index as u64);
         self.push(&entry);
     }
 
@@ -389,15 +403,23 @@ impl RingThread {
 }
 
 /// The SQE for the next part of a slot's op.
-fn build_entry(fd: types::Fd, slot: &mut Slot) -> squeue::Entry {
+fn build_entry(fd: types::Fd, slot: &mut Slot, buffered: bool) -> squeue::Entry {
     let done = slot.done_bytes;
     match &mut slot.request.op {
         Op::Read { offset, buf } => {
             let end = buf.len().min(done + MAX_TRANSFER_BYTES);
             let part = &mut buf[done..end];
-            opcode::Read::new(fd, part.as_mut_ptr(), part.len() as u32)
+            let entry = opcode::Read::new(fd, part.as_mut_ptr(), part.len() as u32)
                 .offset(*offset + done as u64)
-                .build()
+                .build();
+            // A buffered read that misses the cache would first be tried inline on the
+            // ring thread, fail with EAGAIN and then be punted anyway: with a cold cache
+            // (the mail server's usual case) going to io-wq directly is cheaper.
+            if buffered {
+                entry.flags(squeue::Flags::ASYNC)
+            } else {
+                entry
+            }
         }
         Op::Write { offset, buf, fua } => {
             let end = buf.len().min(done + MAX_TRANSFER_BYTES);
