@@ -54,6 +54,47 @@ fn nbdinfo_shows_flags_and_block_sizes() {
 }
 
 #[test]
+fn serves_over_tcp_on_loopback() {
+    let dir = TestDir::new("tcp");
+    let args: Vec<String> = [
+        "serve",
+        "--backing",
+        &dir.join("backing.img").display().to_string(),
+        "--size",
+        "8MiB",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--export",
+        "t",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let daemon = Daemon::spawn(
+        &dir,
+        &args,
+        dir.join("unused.sock"),
+        dir.join("backing.img"),
+    );
+    // The ready line names the port the kernel chose.
+    let address = daemon
+        .ready_line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("tcp:"))
+        .unwrap_or_else(|| panic!("no tcp address in {:?}", daemon.ready_line))
+        .to_string();
+    require_tool("nbdinfo");
+    let output = run_ok(Command::new("nbdinfo").args(["--json", &format!("nbd://{address}/t")]));
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        first_export(&info)["export-size"],
+        8 * MIB as u64,
+        "{info:#}"
+    );
+    assert!(daemon.stop().success());
+}
+
+#[test]
 fn read_only_export_is_advertised_and_refuses_writes() {
     require_tool("qemu-io");
     let dir = TestDir::new("readonly");

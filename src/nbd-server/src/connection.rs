@@ -188,7 +188,9 @@ fn export_info<V: Volume>(context: &ConnectionContext<V>) -> ExportInfo {
         size_bytes: volume.size_bytes(),
         transmission_flags: flags,
         block_sizes: BlockSizes {
-            minimum: 512,
+            // 512 even for buffered I/O (which takes any offset): the kernel client's
+            // sector size, and what qemu and libnbd round their requests to.
+            minimum: volume.alignment().max(512),
             preferred: 4096,
             maximum: MAX_PAYLOAD_BYTES,
         },

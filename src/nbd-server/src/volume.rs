@@ -111,9 +111,10 @@ impl Volume for Store {
     }
 
     fn alignment(&self) -> u32 {
-        // O_DIRECT needs sector alignment; buffered I/O takes any offset.
+        // O_DIRECT needs the device's alignment (512 or 4096); buffered I/O takes any
+        // offset.
         if self.direct_io() {
-            512
+            u32::try_from(self.io_alignment()).unwrap_or(4096)
         } else {
             1
         }

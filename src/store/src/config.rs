@@ -123,6 +123,10 @@ pub struct StoreConfig {
     /// Flushes and FUA writes in flight at most (each holds one extra open file
     /// description of the store); more wait asynchronously.
     pub max_sync_in_flight: usize,
+    /// Try buffered reads and plain writes on the caller's thread with RWF_NOWAIT
+    /// first (page-cache hits then skip the engine); off, every request goes to the
+    /// engine. Ignored with O_DIRECT.
+    pub inline_nowait: bool,
 }
 
 impl StoreConfig {
@@ -141,6 +145,7 @@ impl StoreConfig {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_sync_in_flight: DEFAULT_MAX_SYNC_IN_FLIGHT,
+            inline_nowait: true,
         }
     }
 

@@ -63,6 +63,12 @@ impl Faults {
     }
 
     /// The injected error for `op`, if one is armed (and consumes it).
+    /// Whether any fault is armed (the inline fast path then stands aside, so that
+    /// every request meets the injection point).
+    pub(crate) fn any_armed(&self) -> bool {
+        self.any_armed.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn take(&self, op: &Op) -> Option<io::Error> {
         if !self.any_armed.load(Ordering::Relaxed) {
             return None;

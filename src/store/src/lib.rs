@@ -11,6 +11,9 @@
 //! poisoned and every later flush and FUA write fails until it is reopened (see
 //! `durability`). O_DIRECT is a cache choice, never a durability promise.
 //!
+//! Buffered reads and plain writes first try an inline `RWF_NOWAIT` syscall on the
+//! caller's thread (`nowait`); only what would block goes to the engine.
+//!
 //! Every operation is bounded: at most `max_in_flight` operations run at once and
 //! callers beyond that wait asynchronously. The crate uses only tokio's `sync`
 //! primitives and needs no runtime of its own.
@@ -21,6 +24,7 @@ mod durability;
 mod engine;
 mod error;
 mod fault;
+mod nowait;
 mod open;
 mod store;
 

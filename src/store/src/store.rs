@@ -17,6 +17,7 @@ use crate::durability::{open_sync_files, Durability, SyncLease};
 use crate::engine::{Engine, FallocMode, Op, Request};
 use crate::error::StoreError;
 use crate::fault::{FaultPoint, Faults};
+use crate::nowait;
 use crate::open::{open_backing, SECTOR_BYTES};
 
 /// Zeroes are written in pieces of at most this many bytes when the filesystem cannot
@@ -39,6 +40,10 @@ struct Inner {
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     flush_group: FlushGroup,
+    /// The store's files (the main description first); the engine holds them too.
+    files: Arc<[File]>,
+    /// Whether buffered reads and plain writes try the inline RWF_NOWAIT path first.
+    inline_nowait: bool,
     durability: Arc<Durability>,
     zeroing: ZeroingSupport,
     faults: Faults,
@@ -118,7 +123,7 @@ impl Store {
                 source,
             })?;
         let files: Arc<[File]> = std::iter::once(backing.file).chain(sync_files).collect();
-        let engine = Engine::start(cfg, files)?;
+        let engine = Engine::start(cfg, Arc::clone(&files))?;
         info!(
             path = %cfg.path.display(),
             engine = %engine.kind(),
@@ -135,6 +140,8 @@ impl Store {
                 in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
                 max_in_flight: cfg.max_in_flight,
                 flush_group: FlushGroup::default(),
+                files,
+                inline_nowait: cfg.inline_nowait && !cfg.direct_io,
                 durability: Arc::new(Durability::new(sync_file_count)),
                 zeroing: ZeroingSupport {
                     punch_hole: AtomicBool::new(true),
@@ -213,7 +220,11 @@ impl Store {
             return Ok(AlignedBuf::zeroed(0));
         }
         // The engine fills every byte (zeroes past the end of a short file).
-        let buf = AlignedBuf::for_overwrite(len);
+        let mut buf = AlignedBuf::for_overwrite(len);
+        if self.fast_path_open() && nowait::try_read(&self.inner.files[0], offset, &mut buf)? == len
+        {
+            return Ok(buf);
+        }
         match self.execute(Op::Read { offset, buf }, None).await? {
             Op::Read { buf, .. } => Ok(buf),
             other => unreachable!("the engine answered a read with {}", other.name()),
@@ -246,6 +257,13 @@ impl Store {
             None
         };
         if buf.is_empty() {
+            return Ok(());
+        }
+        // A partial inline write is simply written again, whole, by the engine.
+        if !fua
+            && self.fast_path_open()
+            && nowait::try_write(&self.inner.files[0], offset, &buf)? == buf.len()
+        {
             return Ok(());
         }
         self.execute(Op::Write { offset, buf, fua }, sync).await?;
@@ -403,6 +421,11 @@ impl Store {
 
     /// Runs one op through the engine, holding an in-flight permit until the engine
     /// has completed it (even if this future is dropped first).
+    /// Whether a request may try the inline RWF_NOWAIT path (see `nowait`).
+    fn fast_path_open(&self) -> bool {
+        self.inner.inline_nowait && !self.inner.faults.any_armed()
+    }
+
     async fn execute(&self, op: Op, sync: Option<SyncLease>) -> Result<Op, StoreError> {
         let permit = Arc::clone(&self.inner.in_flight)
             .acquire_owned()

@@ -25,6 +25,9 @@ pub fn config(dir: &TempDir, name: &str, size_bytes: u64, engine: EngineChoice) 
     let mut cfg = StoreConfig::new(dir.path().join(name));
     cfg.create_size_bytes = Some(size_bytes);
     cfg.engine = engine;
+    // These tests are about the engines: keep the inline fast path out of their way
+    // (`inline_fast_path_round_trip` covers it).
+    cfg.inline_nowait = false;
     cfg
 }
 
