@@ -11,8 +11,10 @@
 //! poisoned and every later flush and FUA write fails until it is reopened (see
 //! `durability`). O_DIRECT is a cache choice, never a durability promise.
 //!
-//! Buffered reads and plain writes first try an inline `RWF_NOWAIT` syscall on the
-//! caller's thread (`nowait`); only what would block goes to the engine.
+//! Latency: buffered reads first try an inline `RWF_NOWAIT` read on the caller's
+//! thread (a page-cache hit needs no engine); small buffered plain writes and the
+//! group-commit fdatasync run on the caller's thread too (`inline_sync_max_bytes`).
+//! Everything else, and everything with O_DIRECT, goes to the engine.
 //!
 //! Every operation is bounded: at most `max_in_flight` operations run at once and
 //! callers beyond that wait asynchronously. The crate uses only tokio's `sync`
@@ -30,9 +32,9 @@ mod store;
 
 pub use buf::{AlignedBuf, BUF_ALIGN_BYTES};
 pub use config::{
-    EngineChoice, EngineKind, ParseEngineChoiceError, StoreConfig, DEFAULT_MAX_IN_FLIGHT,
-    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_SYNC_IN_FLIGHT, DEFAULT_POOL_THREADS,
-    DEFAULT_URING_ENTRIES,
+    EngineChoice, EngineKind, ParseEngineChoiceError, StoreConfig, DEFAULT_INLINE_SYNC_MAX_BYTES,
+    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_SYNC_IN_FLIGHT,
+    DEFAULT_POOL_THREADS, DEFAULT_URING_ENTRIES,
 };
 pub use error::StoreError;
 #[doc(hidden)]

@@ -1,27 +1,49 @@
-//! The inline fast path: a buffered read or write tried on the caller's thread with
-//! `RWF_NOWAIT`, which the kernel completes only if it can do so without blocking
-//! (the pages are cached, no block allocation or writeback wait is needed) and
-//! otherwise refuses with EAGAIN.
+//! The inline paths: I/O done on the caller's thread instead of an engine thread.
 //!
-//! A page-cache hit then costs one syscall on the caller's thread instead of two thread
-//! hand-offs to an engine thread and back, which is most of the latency of a small
-//! request. Whatever the fast path cannot finish goes to the engine as before, so the
-//! semantics are the engine's: a write has completed into the page cache when this
-//! returns, exactly as an engine write would have.
+//! - A buffered read tried with `RWF_NOWAIT`, which the kernel completes only from the
+//!   page cache and otherwise refuses with EAGAIN (then the engine reads).
+//! - A small buffered plain write (a copy into the page cache) and the group-commit
+//!   fdatasync, done with ordinary blocking syscalls.
+//!
+//! Each saves two thread hand-offs to an engine thread and back, which is most of the
+//! latency of a small request. The semantics are the engine's: when these return, the
+//! write has completed into the page cache, or the fdatasync has made every earlier
+//! completed write durable.
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut};
 
 use rustix::io::{preadv2, pwritev2, Errno, ReadWriteFlags};
 
-/// Writes as much of `data` at `offset` as the kernel takes without blocking; returns
-/// the number of bytes written (0 when it would block or the file system cannot say).
-pub(crate) fn try_write(file: &File, offset: u64, data: &[u8]) -> io::Result<usize> {
-    match pwritev2(file, &[IoSlice::new(data)], offset, ReadWriteFlags::NOWAIT) {
-        Ok(written) => Ok(written),
-        Err(errno) if would_block(errno) => Ok(0),
-        Err(errno) => Err(io::Error::from(errno)),
+/// Writes all of `data` at `offset` on this thread (a small buffered write: a copy
+/// into the page cache). It may block briefly (dirty-page throttling); the caller
+/// bounds the size.
+pub(crate) fn write_all(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        match pwritev2(
+            file,
+            &[IoSlice::new(&data[done..])],
+            offset + done as u64,
+            ReadWriteFlags::empty(),
+        ) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the store took no bytes",
+                ))
+            }
+            Ok(written) => done += written,
+            Err(Errno::INTR) => {}
+            Err(errno) => return Err(io::Error::from(errno)),
+        }
     }
+    Ok(())
+}
+
+/// fdatasync on this thread, never retried (see `durability`).
+pub(crate) fn fdatasync(file: &File) -> io::Result<()> {
+    rustix::fs::fdatasync(file).map_err(io::Error::from)
 }
 
 /// Reads into `buf` at `offset` what the page cache holds without blocking; returns the

@@ -42,8 +42,10 @@ struct Inner {
     flush_group: FlushGroup,
     /// The store's files (the main description first); the engine holds them too.
     files: Arc<[File]>,
-    /// Whether buffered reads and plain writes try the inline RWF_NOWAIT path first.
+    /// Whether buffered reads try the inline RWF_NOWAIT path first.
     inline_nowait: bool,
+    /// Largest buffered plain write done inline; non-zero also inlines the fdatasync.
+    inline_sync_max_bytes: usize,
     durability: Arc<Durability>,
     zeroing: ZeroingSupport,
     faults: Faults,
@@ -142,6 +144,11 @@ impl Store {
                 flush_group: FlushGroup::default(),
                 files,
                 inline_nowait: cfg.inline_nowait && !cfg.direct_io,
+                inline_sync_max_bytes: if cfg.direct_io {
+                    0
+                } else {
+                    cfg.inline_sync_max_bytes
+                },
                 durability: Arc::new(Durability::new(sync_file_count)),
                 zeroing: ZeroingSupport {
                     punch_hole: AtomicBool::new(true),
@@ -259,12 +266,10 @@ impl Store {
         if buf.is_empty() {
             return Ok(());
         }
-        // A partial inline write is simply written again, whole, by the engine.
-        if !fua
-            && self.fast_path_open()
-            && nowait::try_write(&self.inner.files[0], offset, &buf)? == buf.len()
-        {
-            return Ok(());
+        if !fua && buf.len() <= self.inner.inline_sync_max_bytes && !self.inner.faults.any_armed() {
+            // Like an engine write, a failed plain write does not poison the store: it
+            // claimed no durability.
+            return nowait::write_all(&self.inner.files[0], offset, &buf).map_err(StoreError::Io);
         }
         self.execute(Op::Write { offset, buf, fua }, sync).await?;
         Ok(())
@@ -289,7 +294,17 @@ impl Store {
         let covers = group.requested.load(Ordering::SeqCst);
         let sync = self.sync_lease().await?;
         group.issued.fetch_add(1, Ordering::Relaxed);
-        self.execute(Op::Flush, Some(sync)).await?;
+        if self.inner.inline_sync_max_bytes > 0 && !self.inner.faults.any_armed() {
+            // Group commit holds `turn`, so at most one thread per store blocks here.
+            if let Err(err) = nowait::fdatasync(&self.inner.files[sync.file_index()]) {
+                // Poison before the lease is released, as the engine does.
+                sync.durability().poison("flush", &err);
+                return Err(StoreError::Io(err));
+            }
+            drop(sync);
+        } else {
+            self.execute(Op::Flush, Some(sync)).await?;
+        }
         // Only a successful fdatasync covers anyone: after a failure the next waiter
         // runs its own, which the poisoned store fails.
         group.covered.fetch_max(covers, Ordering::SeqCst);
@@ -421,7 +436,7 @@ impl Store {
 
     /// Runs one op through the engine, holding an in-flight permit until the engine
     /// has completed it (even if this future is dropped first).
-    /// Whether a request may try the inline RWF_NOWAIT path (see `nowait`).
+    /// Whether a read may try the inline RWF_NOWAIT path (see `nowait`).
     fn fast_path_open(&self) -> bool {
         self.inner.inline_nowait && !self.inner.faults.any_armed()
     }

@@ -626,16 +626,18 @@ async fn close_stops_engine_for_all_clones(engine: EngineChoice) {
     third.close().await;
 }
 
-/// The inline RWF_NOWAIT path (on by default) and the engine agree: data written
+/// The inline paths (on by default) and the engine agree: data written
 /// through either reads back through either, including reads that straddle cached and
 /// uncached pages and the zeroes past the end of a short file.
 async fn inline_fast_path_round_trip(engine: EngineChoice) {
     let dir = temp_dir();
     let mut cfg = config(&dir, "inline", 8 * MIB, engine);
     cfg.inline_nowait = true;
+    cfg.inline_sync_max_bytes = pairbd_store::DEFAULT_INLINE_SYNC_MAX_BYTES;
     let inline = open(&cfg);
     let mut engine_only_cfg = cfg.clone();
     engine_only_cfg.inline_nowait = false;
+    engine_only_cfg.inline_sync_max_bytes = 0;
     for (index, (offset, len)) in [(0u64, 4096usize), (5000, 10_000), (3 * MIB, 1 << 20)]
         .into_iter()
         .enumerate()

@@ -28,6 +28,7 @@ pub fn config(dir: &TempDir, name: &str, size_bytes: u64, engine: EngineChoice) 
     // These tests are about the engines: keep the inline fast path out of their way
     // (`inline_fast_path_round_trip` covers it).
     cfg.inline_nowait = false;
+    cfg.inline_sync_max_bytes = 0;
     cfg
 }
 
