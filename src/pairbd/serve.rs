@@ -39,12 +39,26 @@ pub struct ServeArgs {
     /// Open the backing store with O_DIRECT (requests must then be 512-byte aligned).
     #[arg(long)]
     direct_io: bool,
-    /// Requests one connection may have in flight before it stops reading.
-    #[arg(long, value_name = "N", default_value_t = 256)]
-    max_in_flight_requests: usize,
-    /// Payload bytes one connection may hold in flight (at least 32MiB).
-    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_size)]
+    /// Requests one connection may have in flight before it stops reading (1-65536).
+    #[arg(long, value_name = "N", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    max_in_flight_requests: u32,
+    /// Payload bytes one connection may hold in flight (32MiB-4GiB).
+    #[arg(long, value_name = "SIZE", default_value = "64MiB", value_parser = parse_in_flight_bytes)]
     max_in_flight_bytes: u64,
+    /// Client connections served at once; more wait until one closes (1-65536).
+    #[arg(long, value_name = "N", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    max_connections: u32,
+}
+
+/// Parses --max-in-flight-bytes: a size from 32 MiB (the largest request) to 4 GiB.
+fn parse_in_flight_bytes(text: &str) -> Result<u64, String> {
+    let bytes = parse_size(text)?;
+    if !(32 << 20..=4 << 30).contains(&bytes) {
+        return Err(format!("{text:?} must be between 32MiB and 4GiB"));
+    }
+    Ok(bytes)
 }
 
 /// Runs `pairbd serve` to completion.
@@ -70,6 +84,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.engine = args.engine;
     let store = Store::open(&config)
         .with_context(|| format!("cannot open the backing store {}", args.backing.display()))?;
+    if store.direct_io() && store.io_alignment() > 512 {
+        bail!(
+            "{} needs {}-byte aligned O_DIRECT I/O, but the kernel's NBD client sends 512-byte \
+             aligned requests (nbd-client never asks for the block size); serve it without --direct-io",
+            args.backing.display(),
+            store.io_alignment()
+        );
+    }
     info!(
         backing = %args.backing.display(),
         size_bytes = store.size_bytes(),
@@ -86,8 +108,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         args.listen.clone()
     };
     let limits = ConnectionLimits {
-        max_in_flight_requests: args.max_in_flight_requests,
+        max_in_flight_requests: args.max_in_flight_requests as usize,
         max_in_flight_bytes: usize::try_from(args.max_in_flight_bytes).unwrap_or(usize::MAX),
+        max_connections: args.max_connections as usize,
         ..ConnectionLimits::default()
     };
     let volume = Arc::new(store);

@@ -1,15 +1,18 @@
 //! One NBD connection: the handshake, then the transmission phase.
 //!
-//! The transmission phase runs as two halves. The reader half parses request headers,
-//! reads WRITE payloads straight into aligned buffers, and spawns one task per request
-//! that calls the volume; those tasks hand their replies to the writer half through a
-//! bounded channel, so replies leave in completion order, not request order. Two
-//! semaphores bound the requests and the payload bytes in flight: when either is
-//! exhausted the reader stops reading the socket, which is the backpressure the client
-//! sees.
+//! The transmission phase: the reader parses request headers, reads WRITE payloads
+//! straight into aligned buffers, and spawns one task per request that calls the
+//! volume. Each task then writes its own reply through the shared [`ReplySink`] —
+//! unless another task is writing at that moment, in which case it queues the reply
+//! and that writer sends it in the same batch. Replies leave in completion order, not
+//! request order, with no hand-off to a writer thread on the way. Two semaphores bound
+//! the requests and the payload bytes in flight: when either is exhausted the reader
+//! stops reading the socket, which is the backpressure the client sees.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use pairbd_nbd_proto::consts;
@@ -21,7 +24,7 @@ use pairbd_nbd_proto::transmission::{
 use pairbd_nbd_proto::NbdError;
 use pairbd_store::AlignedBuf;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -41,6 +44,9 @@ pub struct ConnectionLimits {
     pub max_in_flight_bytes: usize,
     /// How long a client may take to finish the handshake.
     pub handshake_timeout: Duration,
+    /// Connections the server holds at once (over all listeners); further clients
+    /// wait in the listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for ConnectionLimits {
@@ -49,16 +55,18 @@ impl Default for ConnectionLimits {
             max_in_flight_requests: 256,
             max_in_flight_bytes: 64 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(30),
+            max_connections: 128,
         }
     }
 }
 
 impl ConnectionLimits {
-    fn normalised(&self) -> ConnectionLimits {
+    pub(crate) fn normalised(&self) -> ConnectionLimits {
         ConnectionLimits {
             max_in_flight_requests: self.max_in_flight_requests.max(1),
             max_in_flight_bytes: self.max_in_flight_bytes.max(MAX_PAYLOAD_BYTES as usize),
             handshake_timeout: self.handshake_timeout,
+            max_connections: self.max_connections.max(1),
         }
     }
 }
@@ -93,11 +101,13 @@ where
 {
     let limits = context.limits.normalised();
     let mut reader = reader;
-    let handshake = tokio::time::timeout(
-        limits.handshake_timeout,
-        negotiate(&context, &mut reader, &mut writer),
-    )
-    .await;
+    let handshake = tokio::select! {
+        _ = context.shutdown.cancelled() => return,
+        result = tokio::time::timeout(
+            limits.handshake_timeout,
+            negotiate(&context, &mut reader, &mut writer),
+        ) => result,
+    };
     let leftover = match handshake {
         Err(_) => {
             info!(conn = context.id, peer = %context.peer, "handshake timed out; closing");
@@ -216,10 +226,9 @@ where
         max_payload: MAX_PAYLOAD_BYTES,
         alignment: context.volume.alignment(),
     };
-    let (reply_sender, reply_receiver) = mpsc::channel::<Reply>(limits.max_in_flight_requests);
-    // Cancelled by the writer when the socket breaks, and by server shutdown.
+    // Cancelled by server shutdown, and by a reply writer when the socket breaks.
     let stop_reading = context.shutdown.child_token();
-    let writer_task = tokio::spawn(write_replies(writer, reply_receiver, stop_reading.clone()));
+    let replies = Arc::new(ReplySink::new(writer, stop_reading.clone()));
     let requests = Arc::new(Semaphore::new(limits.max_in_flight_requests));
     let bytes = Arc::new(Semaphore::new(limits.max_in_flight_bytes));
 
@@ -241,7 +250,9 @@ where
                 break "bad request magic";
             }
         };
-        let Ok(request_permit) = requests.clone().acquire_owned().await else {
+        let Some(request_permit) =
+            until_stopped(&stop_reading, requests.clone().acquire_many_owned(1)).await
+        else {
             break "stopped";
         };
         let command = match validate(&header, &export_limits) {
@@ -268,15 +279,13 @@ where
                     _request_permit: request_permit,
                     _bytes_permit: None,
                 };
-                if reply_sender.send(reply).await.is_err() {
-                    break "socket error";
-                }
+                replies.push(reply).await;
                 continue;
             }
         };
         let handle = header.handle;
         let volume = Arc::clone(&context.volume);
-        let replies = reply_sender.clone();
+        let replies = Arc::clone(&replies);
         match command {
             Command::Disconnect => break "client disconnected",
             Command::Write {
@@ -284,7 +293,9 @@ where
                 length,
                 fua,
             } => {
-                let Ok(bytes_permit) = bytes.clone().acquire_many_owned(length).await else {
+                let Some(bytes_permit) =
+                    until_stopped(&stop_reading, bytes.clone().acquire_many_owned(length)).await
+                else {
                     break "stopped";
                 };
                 let mut payload = AlignedBuf::for_overwrite(length as usize);
@@ -305,7 +316,9 @@ where
                 });
             }
             Command::Read { offset, length } => {
-                let Ok(bytes_permit) = bytes.clone().acquire_many_owned(length).await else {
+                let Some(bytes_permit) =
+                    until_stopped(&stop_reading, bytes.clone().acquire_many_owned(length)).await
+                else {
                     break "stopped";
                 };
                 tokio::spawn(async move {
@@ -366,15 +379,43 @@ where
             }
         }
     };
-    // Every accepted request still answers: the writer ends once the last request
-    // task has dropped its sender.
-    drop(reply_sender);
-    let _ = writer_task.await;
+    // Every accepted request still answers: each holds a request permit until its
+    // reply is written (or the socket is gone), so holding them all means done.
+    // A client that stopped reading cannot hold up a server shutdown for ever: after
+    // shutdown it gets SHUTDOWN_GRACE to take its replies, then the socket is dropped.
+    let all = u32::try_from(limits.max_in_flight_requests).unwrap_or(u32::MAX);
+    let shutdown_deadline = async {
+        context.shutdown.cancelled().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        _ = requests.acquire_many(all) => replies.close().await,
+        _ = shutdown_deadline => {
+            warn!(conn = context.id, peer = %context.peer,
+                  "shutdown: the client did not take all its replies in time; dropping the connection");
+        }
+    }
     ending
 }
 
-async fn send(
-    replies: &mpsc::Sender<Reply>,
+/// How long a connection may take, after server shutdown began, to deliver the replies
+/// of requests it had accepted.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Waits for a semaphore permit unless the reader is told to stop first.
+async fn until_stopped(
+    stop_reading: &CancellationToken,
+    acquire: impl std::future::Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>>,
+) -> Option<OwnedSemaphorePermit> {
+    tokio::select! {
+        biased;
+        _ = stop_reading.cancelled() => None,
+        permit = acquire => permit.ok(),
+    }
+}
+
+async fn send<W: AsyncWrite + Unpin + Send>(
+    replies: &ReplySink<W>,
     handle: u64,
     error: Option<VolumeError>,
     data: Option<AlignedBuf>,
@@ -391,8 +432,7 @@ async fn send(
         _request_permit: request_permit,
         _bytes_permit: bytes_permit,
     };
-    // A closed channel means the socket is gone; the client will never read this reply.
-    let _ = replies.send(reply).await;
+    replies.push(reply).await;
 }
 
 /// Reads and drops `length` bytes: the payload of a rejected WRITE.
@@ -407,33 +447,91 @@ async fn discard<R: AsyncRead + Unpin>(reader: &mut R, length: u32) -> io::Resul
     Ok(())
 }
 
-/// The writer half: writes replies as they complete, batching whatever is queued
-/// into one socket write.
-async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut replies: mpsc::Receiver<Reply>,
+/// The reply side of a connection, shared by its request tasks.
+///
+/// A task queues its reply, then tries to become the writer: the writer drains the
+/// queue into the socket (one batch, one flush), lets go, and looks at the queue once
+/// more, because a task that queued while it was writing found the writer busy and
+/// left its reply to it. The queue is bounded by the connection's request permits,
+/// which the queued replies hold.
+struct ReplySink<W> {
+    queue: Mutex<VecDeque<Reply>>,
+    writer: tokio::sync::Mutex<BufWriter<W>>,
+    /// Set when a write to the socket failed: later replies are dropped unsent.
+    broken: AtomicBool,
+    /// Cancelled when the socket breaks, so that the reader stops too. (Server
+    /// shutdown cancels it as well; that must not drop replies, hence `broken`.)
     stop_reading: CancellationToken,
-) {
-    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
-    while let Some(reply) = replies.recv().await {
-        let mut next = Some(reply);
-        let mut result = Ok(());
-        while let Some(reply) = next.take() {
-            result = write_reply(&mut writer, reply).await;
-            if result.is_err() {
-                break;
-            }
-            next = replies.try_recv().ok();
-        }
-        if result.is_ok() {
-            result = writer.flush().await;
-        }
-        if result.is_err() {
-            stop_reading.cancel();
-            return;
+}
+
+impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
+    fn new(writer: W, stop_reading: CancellationToken) -> ReplySink<W> {
+        ReplySink {
+            queue: Mutex::new(VecDeque::new()),
+            writer: tokio::sync::Mutex::new(BufWriter::with_capacity(64 * 1024, writer)),
+            broken: AtomicBool::new(false),
+            stop_reading,
         }
     }
-    let _ = writer.shutdown().await;
+
+    fn queue_is_empty(&self) -> bool {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    fn take_queued(&self) -> VecDeque<Reply> {
+        std::mem::take(&mut *self.queue.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Sends `reply`, now or as part of the batch of the task writing at this moment.
+    async fn push(&self, reply: Reply) {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(reply);
+        loop {
+            let Ok(mut writer) = self.writer.try_lock() else {
+                // Whoever holds the writer looks at the queue again before it is done.
+                return;
+            };
+            let batch = self.take_queued();
+            if batch.is_empty() {
+                // Let go first, then look once more: a task that queued between our
+                // look and our letting go found us busy and relies on that second look.
+                drop(writer);
+                if self.queue_is_empty() {
+                    return;
+                }
+                continue;
+            }
+            if self.broken.load(Ordering::Relaxed) {
+                // The socket is gone: nobody will read these; dropping them releases
+                // their permits.
+                continue;
+            }
+            let mut result = Ok(());
+            for reply in batch {
+                if result.is_ok() {
+                    result = write_reply(&mut *writer, reply).await;
+                }
+            }
+            if result.is_ok() {
+                result = writer.flush().await;
+            }
+            if result.is_err() {
+                self.broken.store(true, Ordering::Relaxed);
+                self.stop_reading.cancel();
+            }
+        }
+    }
+
+    /// Closes the write side once every reply is out.
+    async fn close(&self) {
+        let mut writer = self.writer.lock().await;
+        let _ = writer.shutdown().await;
+    }
 }
 
 async fn write_reply<W: AsyncWrite + Unpin>(writer: &mut W, reply: Reply) -> io::Result<()> {

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -92,6 +93,7 @@ impl<V: Volume> Server<V> {
     pub async fn run(self, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
         let next_id = Arc::new(AtomicU64::new(1));
+        let slots = Arc::new(Semaphore::new(self.limits.normalised().max_connections));
         let accept_loops = TaskTracker::new();
         for (address, listener) in self.listeners {
             let state = AcceptState {
@@ -101,6 +103,7 @@ impl<V: Volume> Server<V> {
                 shutdown: shutdown.clone(),
                 connections: connections.clone(),
                 next_id: Arc::clone(&next_id),
+                slots: Arc::clone(&slots),
             };
             accept_loops.spawn(accept_loop(address, listener, state));
         }
@@ -118,6 +121,8 @@ struct AcceptState<V> {
     shutdown: CancellationToken,
     connections: TaskTracker,
     next_id: Arc<AtomicU64>,
+    /// One permit per connection held; accepting waits for a free one.
+    slots: Arc<Semaphore>,
 }
 
 impl<V: Volume> AcceptState<V> {
@@ -136,6 +141,13 @@ impl<V: Volume> AcceptState<V> {
 async fn accept_loop<V: Volume>(address: ListenAddr, listener: Listener, state: AcceptState<V>) {
     info!(%address, "listening");
     loop {
+        let slot = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            slot = Arc::clone(&state.slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+        };
         match &listener {
             Listener::Tcp(tcp) => {
                 let accepted = tokio::select! {
@@ -148,9 +160,10 @@ async fn accept_loop<V: Volume>(address: ListenAddr, listener: Listener, state: 
                         let _ = stream.set_nodelay(true);
                         let context = state.context(peer.to_string());
                         let (reader, writer) = stream.into_split();
-                        state
-                            .connections
-                            .spawn(connection::serve(context, reader, writer));
+                        state.connections.spawn(async move {
+                            connection::serve(context, reader, writer).await;
+                            drop(slot);
+                        });
                     }
                     Err(error) => accept_failed(&address, error).await,
                 }
@@ -164,9 +177,10 @@ async fn accept_loop<V: Volume>(address: ListenAddr, listener: Listener, state: 
                     Ok((stream, _)) => {
                         let context = state.context(address.to_string());
                         let (reader, writer) = stream.into_split();
-                        state
-                            .connections
-                            .spawn(connection::serve(context, reader, writer));
+                        state.connections.spawn(async move {
+                            connection::serve(context, reader, writer).await;
+                            drop(slot);
+                        });
                     }
                     Err(error) => accept_failed(&address, error).await,
                 }

@@ -15,7 +15,9 @@ use std::sync::{Arc, Mutex};
 /// Alignment of every `AlignedBuf` allocation, in bytes.
 pub const BUF_ALIGN_BYTES: usize = 4096;
 
-/// A heap buffer aligned to [`BUF_ALIGN_BYTES`], zero-initialised at creation.
+/// A heap buffer aligned to [`BUF_ALIGN_BYTES`]: zeroed when new ([`AlignedBuf::zeroed`]),
+/// or holding a recycled buffer's old bytes ([`AlignedBuf::for_overwrite`]); always
+/// initialised.
 ///
 /// It dereferences to `[u8]`; its length can shrink ([`AlignedBuf::truncate`]) but
 /// never grow, so it never reallocates.
@@ -320,22 +322,68 @@ mod tests {
         assert_eq!(buf.clone(), buf);
     }
 
+    fn local_recycler() -> Recycler {
+        Recycler {
+            classes: [const { Mutex::new(Vec::new()) }; CLASS_COUNT],
+            cached_bytes: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes a buffer's allocation out of it, as `Drop` would hand it to the recycler.
+    fn into_raw(buf: AlignedBuf) -> NonNull<u8> {
+        let ptr = buf.ptr;
+        std::mem::forget(buf);
+        ptr
+    }
+
     #[test]
-    fn recycled_buffers_are_aligned_sized_and_reused() {
-        let first = AlignedBuf::for_overwrite(100_000);
-        let address = first.as_ptr() as usize;
-        assert_eq!(first.len(), 100_000);
-        drop(first);
-        // Another test thread may take it first; either way the buffer is sound.
-        let second = AlignedBuf::for_overwrite(70_000);
-        assert_eq!(second.len(), 70_000);
-        assert_eq!(second.as_ptr() as usize % BUF_ALIGN_BYTES, 0);
-        let _ = address;
-        // Oversized buffers are never cached, and zeroed() is always zero.
-        drop(AlignedBuf::for_overwrite(40 << 20));
-        let mut dirty = AlignedBuf::for_overwrite(4096);
-        dirty.fill(0xff);
-        drop(dirty);
+    fn the_recycler_reuses_allocations_and_keeps_to_its_budget() {
+        let recycler = local_recycler();
+        let class = size_class(100_000).expect("a recycled class");
+        let ptr = into_raw(AlignedBuf::zeroed(100_000));
+        assert!(recycler.give(class, ptr));
+        assert_eq!(
+            recycler.cached_bytes.load(Ordering::Relaxed),
+            class_capacity(class)
+        );
+        assert_eq!(
+            recycler.take(class),
+            Some(ptr),
+            "the same allocation comes back"
+        );
+        assert_eq!(recycler.take(class), None, "and only once");
+        assert_eq!(recycler.cached_bytes.load(Ordering::Relaxed), 0);
+        // 32 MiB buffers: two fit the 64 MiB budget, a third does not.
+        let big = CLASS_COUNT - 1;
+        let buffers: Vec<NonNull<u8>> = (0..3)
+            .map(|_| into_raw(AlignedBuf::zeroed(32 << 20)))
+            .collect();
+        assert!(recycler.give(big, buffers[0]));
+        assert!(recycler.give(big, buffers[1]));
+        assert!(!recycler.give(big, buffers[2]), "over the byte budget");
+        assert_eq!(
+            recycler.cached_bytes.load(Ordering::Relaxed),
+            RECYCLE_BUDGET_BYTES
+        );
+        for _ in 0..2 {
+            let ptr = recycler.take(big).expect("cached");
+            // SAFETY: test-only: `ptr` is a 32 MiB class allocation we own again.
+            unsafe { alloc::dealloc(ptr.as_ptr(), AlignedBuf::layout(class_capacity(big))) };
+        }
+        // SAFETY: as above, for the buffer the recycler refused.
+        unsafe { alloc::dealloc(buffers[2].as_ptr(), AlignedBuf::layout(class_capacity(big))) };
+        // SAFETY: as above, for the 100 000-byte buffer's class allocation.
+        unsafe { alloc::dealloc(ptr.as_ptr(), AlignedBuf::layout(class_capacity(class))) };
+    }
+
+    #[test]
+    fn for_overwrite_gives_the_asked_length_aligned() {
+        for len in [1, 4096, 100_000, 1 << 20, 40 << 20] {
+            let mut buf = AlignedBuf::for_overwrite(len);
+            assert_eq!(buf.len(), len);
+            assert_eq!(buf.as_ptr() as usize % BUF_ALIGN_BYTES, 0);
+            buf.fill(0xff);
+        }
         assert!(AlignedBuf::zeroed(4096).iter().all(|&b| b == 0));
     }
 

@@ -78,8 +78,9 @@ impl fmt::Display for EngineKind {
 }
 
 /// Default largest buffered plain write done on the caller's thread (and whether the
-/// flush is: any non-zero value).
-pub const DEFAULT_INLINE_SYNC_MAX_BYTES: usize = 64 * 1024;
+/// flush is: any non-zero value). 1 MiB: measured on the 1 MiB sequential-write bench
+/// job, the hand-off to an engine thread cost ~15 % of throughput.
+pub const DEFAULT_INLINE_SYNC_MAX_BYTES: usize = 1024 * 1024;
 
 /// Default number of io_uring submission queue entries.
 pub const DEFAULT_URING_ENTRIES: u32 = 256;

@@ -62,13 +62,13 @@ impl Faults {
         self.any_armed.store(true, Ordering::SeqCst);
     }
 
-    /// The injected error for `op`, if one is armed (and consumes it).
     /// Whether any fault is armed (the inline fast path then stands aside, so that
     /// every request meets the injection point).
     pub(crate) fn any_armed(&self) -> bool {
         self.any_armed.load(Ordering::SeqCst)
     }
 
+    /// The injected error for `op`, if one is armed (and consumes it).
     pub(crate) fn take(&self, op: &Op) -> Option<io::Error> {
         if !self.any_armed.load(Ordering::Relaxed) {
             return None;

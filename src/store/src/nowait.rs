@@ -2,8 +2,10 @@
 //!
 //! - A buffered read tried with `RWF_NOWAIT`, which the kernel completes only from the
 //!   page cache and otherwise refuses with EAGAIN (then the engine reads).
-//! - A small buffered plain write (a copy into the page cache) and the group-commit
-//!   fdatasync, done with ordinary blocking syscalls.
+//! - A buffered plain write (a copy into the page cache) and the group-commit
+//!   fdatasync, done with ordinary blocking syscalls; the longer ones (writes over
+//!   64 KiB, every fdatasync) inside `block_in_place`, so that the worker's other tasks
+//!   move to another thread instead of waiting.
 //!
 //! Each saves two thread hand-offs to an engine thread and back, which is most of the
 //! latency of a small request. The semantics are the engine's: when these return, the
@@ -11,34 +13,20 @@
 //! completed write durable.
 
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 
-use rustix::io::{preadv2, pwritev2, Errno, ReadWriteFlags};
+use rustix::io::{preadv2, Errno, ReadWriteFlags};
+
+/// Writes up to this size are a copy of a few microseconds: done right here. Larger ones
+/// (up to `inline_sync_max_bytes`) go through [`blocking`].
+pub(crate) const SMALL_WRITE_BYTES: usize = 64 * 1024;
 
 /// Writes all of `data` at `offset` on this thread (a small buffered write: a copy
-/// into the page cache). It may block briefly (dirty-page throttling); the caller
-/// bounds the size.
+/// into the page cache), with the pool engine's loop (short writes, bounded EINTR
+/// retries). It may block briefly (dirty-page throttling); the caller bounds the size.
 pub(crate) fn write_all(file: &File, offset: u64, data: &[u8]) -> io::Result<()> {
-    let mut done = 0;
-    while done < data.len() {
-        match pwritev2(
-            file,
-            &[IoSlice::new(&data[done..])],
-            offset + done as u64,
-            ReadWriteFlags::empty(),
-        ) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "the store took no bytes",
-                ))
-            }
-            Ok(written) => done += written,
-            Err(Errno::INTR) => {}
-            Err(errno) => return Err(io::Error::from(errno)),
-        }
-    }
-    Ok(())
+    use std::os::fd::AsFd;
+    crate::engine::pool::write_full(file.as_fd(), offset, data, ReadWriteFlags::empty())
 }
 
 /// fdatasync on this thread, never retried (see `durability`).
@@ -64,4 +52,18 @@ pub(crate) fn try_read(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<u
 fn would_block(errno: Errno) -> bool {
     // EOPNOTSUPP/EINVAL: this file (system) does not support RWF_NOWAIT at all.
     errno == Errno::AGAIN || errno == Errno::OPNOTSUPP || errno == Errno::INVAL
+}
+
+/// Runs `work`, which may block for a while (an fdatasync, a large copy into the page
+/// cache), on this thread. Inside a multi-threaded tokio runtime it first hands this
+/// worker's other tasks to another thread (`block_in_place`), so that they do not wait
+/// behind it; elsewhere it just runs it.
+pub(crate) fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
 }

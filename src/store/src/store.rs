@@ -269,7 +269,13 @@ impl Store {
         if !fua && buf.len() <= self.inner.inline_sync_max_bytes && !self.inner.faults.any_armed() {
             // Like an engine write, a failed plain write does not poison the store: it
             // claimed no durability.
-            return nowait::write_all(&self.inner.files[0], offset, &buf).map_err(StoreError::Io);
+            let file = &self.inner.files[0];
+            let written = if buf.len() <= nowait::SMALL_WRITE_BYTES {
+                nowait::write_all(file, offset, &buf)
+            } else {
+                nowait::blocking(|| nowait::write_all(file, offset, &buf))
+            };
+            return written.map_err(StoreError::Io);
         }
         self.execute(Op::Write { offset, buf, fua }, sync).await?;
         Ok(())
@@ -296,7 +302,8 @@ impl Store {
         group.issued.fetch_add(1, Ordering::Relaxed);
         if self.inner.inline_sync_max_bytes > 0 && !self.inner.faults.any_armed() {
             // Group commit holds `turn`, so at most one thread per store blocks here.
-            if let Err(err) = nowait::fdatasync(&self.inner.files[sync.file_index()]) {
+            let file = &self.inner.files[sync.file_index()];
+            if let Err(err) = nowait::blocking(|| nowait::fdatasync(file)) {
                 // Poison before the lease is released, as the engine does.
                 sync.durability().poison("flush", &err);
                 return Err(StoreError::Io(err));
@@ -434,13 +441,13 @@ impl Store {
         Ok(())
     }
 
-    /// Runs one op through the engine, holding an in-flight permit until the engine
-    /// has completed it (even if this future is dropped first).
     /// Whether a read may try the inline RWF_NOWAIT path (see `nowait`).
     fn fast_path_open(&self) -> bool {
         self.inner.inline_nowait && !self.inner.faults.any_armed()
     }
 
+    /// Runs one op through the engine, holding an in-flight permit until the engine
+    /// has completed it (even if this future is dropped first).
     async fn execute(&self, op: Op, sync: Option<SyncLease>) -> Result<Op, StoreError> {
         let permit = Arc::clone(&self.inner.in_flight)
             .acquire_owned()
@@ -585,6 +592,40 @@ mod tests {
         // A flush requested after that one completed needs (and gets) its own.
         store.flush().await.expect("flush");
         assert_eq!(store.fdatasyncs_issued(), 2);
+        store.close().await;
+    }
+
+    /// A failed fdatasync covers nobody: every flush queued behind it fails too (the
+    /// store is poisoned), none is answered as if the failed one had covered it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_flushes_behind_a_failed_fdatasync_all_fail() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = StoreConfig::new(dir.path().join("group-fail.img"));
+        cfg.create_size_bytes = Some(1 << 20);
+        let store = Store::open(&cfg).expect("open");
+        store
+            .write(0, AlignedBuf::from_slice(&[1u8; 4096]), false)
+            .await
+            .expect("write");
+        store.inject_errors(FaultPoint::Flush, 1, libc::EIO);
+        let turn = store.inner.flush_group.turn.lock().await;
+        let mut flushes = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            flushes.push(tokio::spawn(async move { store.flush().await }));
+        }
+        while store.inner.flush_group.requested.load(Ordering::SeqCst) < 8 {
+            tokio::task::yield_now().await;
+        }
+        drop(turn);
+        for flush in flushes {
+            assert!(
+                flush.await.expect("join").is_err(),
+                "a flush succeeded after a failed fdatasync"
+            );
+        }
+        assert!(store.is_poisoned());
+        assert_eq!(store.inner.flush_group.covered.load(Ordering::SeqCst), 0);
         store.close().await;
     }
 }

@@ -174,7 +174,7 @@ fn read_full(fd: BorrowedFd<'_>, offset: u64, buf: &mut AlignedBuf) -> io::Resul
 
 /// Writes all of `data` at `offset` with `flags` on every syscall (so with DSYNC each
 /// part is durable before the next starts), looping over short writes.
-fn write_full(
+pub(crate) fn write_full(
     fd: BorrowedFd<'_>,
     offset: u64,
     data: &[u8],
