@@ -139,6 +139,13 @@ pub struct StoreConfig {
     /// wake-ups of a sleeping CPU, tens of microseconds on a small VM). Ignored with
     /// O_DIRECT.
     pub inline_sync_max_bytes: usize,
+    /// With the io_uring engine and buffered I/O, send reads that miss the page cache
+    /// to `pool_threads` blocking threads instead of the ring. io_uring cannot read a
+    /// missing page without blocking either: it punts the read to its own worker
+    /// threads (io-wq), and going through the ring thread as well costs two more
+    /// thread hand-offs per read (measured: 4 KiB cold random reads at queue depth 32,
+    /// 30–44k IOPS through the ring, 46–60k through the pool, on 2 cores).
+    pub buffered_reads_on_pool: bool,
 }
 
 impl StoreConfig {
@@ -159,6 +166,7 @@ impl StoreConfig {
             max_sync_in_flight: DEFAULT_MAX_SYNC_IN_FLIGHT,
             inline_nowait: true,
             inline_sync_max_bytes: DEFAULT_INLINE_SYNC_MAX_BYTES,
+            buffered_reads_on_pool: true,
         }
     }
 

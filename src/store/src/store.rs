@@ -37,6 +37,9 @@ pub struct Store {
 struct Inner {
     /// Declared first so it is dropped (threads joined) before anything else.
     engine: Engine,
+    /// With io_uring and buffered I/O: the pool that reads what the page cache misses
+    /// (see `StoreConfig::buffered_reads_on_pool`).
+    read_engine: Option<Engine>,
     in_flight: Arc<Semaphore>,
     max_in_flight: usize,
     flush_group: FlushGroup,
@@ -126,6 +129,16 @@ impl Store {
             })?;
         let files: Arc<[File]> = std::iter::once(backing.file).chain(sync_files).collect();
         let engine = Engine::start(cfg, Arc::clone(&files))?;
+        let read_engine =
+            if cfg.buffered_reads_on_pool && !cfg.direct_io && engine.kind() == EngineKind::Uring {
+                info!(
+                    threads = cfg.pool_threads,
+                    "reads that miss the page cache use a thread pool beside the ring"
+                );
+                Some(Engine::start_pool(cfg, Arc::clone(&files))?)
+            } else {
+                None
+            };
         info!(
             path = %cfg.path.display(),
             engine = %engine.kind(),
@@ -139,6 +152,7 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 engine,
+                read_engine,
                 in_flight: Arc::new(Semaphore::new(cfg.max_in_flight)),
                 max_in_flight: cfg.max_in_flight,
                 flush_group: FlushGroup::default(),
@@ -232,7 +246,15 @@ impl Store {
         {
             return Ok(buf);
         }
-        match self.execute(Op::Read { offset, buf }, None).await? {
+        let engine = self
+            .inner
+            .read_engine
+            .as_ref()
+            .unwrap_or(&self.inner.engine);
+        match self
+            .execute_on(engine, Op::Read { offset, buf }, None)
+            .await?
+        {
             Op::Read { buf, .. } => Ok(buf),
             other => unreachable!("the engine answered a read with {}", other.name()),
         }
@@ -352,6 +374,9 @@ impl Store {
         self.inner.in_flight.close();
         self.inner.durability.close();
         self.inner.engine.stop().await;
+        if let Some(read_engine) = &self.inner.read_engine {
+            read_engine.stop().await;
+        }
     }
 
     /// Makes the next `count` operations of kind `point` fail with `errno` without
@@ -449,6 +474,16 @@ impl Store {
     /// Runs one op through the engine, holding an in-flight permit until the engine
     /// has completed it (even if this future is dropped first).
     async fn execute(&self, op: Op, sync: Option<SyncLease>) -> Result<Op, StoreError> {
+        self.execute_on(&self.inner.engine, op, sync).await
+    }
+
+    /// Like `execute`, on a given engine (the main one, or the read pool).
+    async fn execute_on(
+        &self,
+        engine: &Engine,
+        op: Op,
+        sync: Option<SyncLease>,
+    ) -> Result<Op, StoreError> {
         let permit = Arc::clone(&self.inner.in_flight)
             .acquire_owned()
             .await
@@ -466,7 +501,7 @@ impl Store {
             permit,
             sync,
         };
-        if self.inner.engine.submit(request).is_err() {
+        if engine.submit(request).is_err() {
             return Err(StoreError::EngineStopped);
         }
         match result.await {

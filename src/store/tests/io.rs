@@ -634,10 +634,12 @@ async fn inline_fast_path_round_trip(engine: EngineChoice) {
     let mut cfg = config(&dir, "inline", 8 * MIB, engine);
     cfg.inline_nowait = true;
     cfg.inline_sync_max_bytes = pairbd_store::DEFAULT_INLINE_SYNC_MAX_BYTES;
+    cfg.buffered_reads_on_pool = true;
     let inline = open(&cfg);
     let mut engine_only_cfg = cfg.clone();
     engine_only_cfg.inline_nowait = false;
     engine_only_cfg.inline_sync_max_bytes = 0;
+    engine_only_cfg.buffered_reads_on_pool = false;
     for (index, (offset, len)) in [(0u64, 4096usize), (5000, 10_000), (3 * MIB, 1 << 20)]
         .into_iter()
         .enumerate()

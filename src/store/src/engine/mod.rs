@@ -210,7 +210,7 @@ impl Engine {
         Ok(engine)
     }
 
-    fn start_pool(cfg: &StoreConfig, files: Arc<[File]>) -> Result<Engine, StoreError> {
+    pub(crate) fn start_pool(cfg: &StoreConfig, files: Arc<[File]>) -> Result<Engine, StoreError> {
         pool::PoolEngine::start(files, cfg.pool_threads, cfg.max_in_flight)
             .map(Engine::Pool)
             .map_err(|source| StoreError::Open {

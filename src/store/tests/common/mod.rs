@@ -29,6 +29,7 @@ pub fn config(dir: &TempDir, name: &str, size_bytes: u64, engine: EngineChoice) 
     // (`inline_fast_path_round_trip` covers it).
     cfg.inline_nowait = false;
     cfg.inline_sync_max_bytes = 0;
+    cfg.buffered_reads_on_pool = false;
     cfg
 }
 
