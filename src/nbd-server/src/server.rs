@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -148,46 +149,59 @@ async fn accept_loop<V: Volume>(address: ListenAddr, listener: Listener, state: 
                 Err(_) => break,
             },
         };
-        match &listener {
-            Listener::Tcp(tcp) => {
-                let accepted = tokio::select! {
-                    _ = state.shutdown.cancelled() => break,
-                    accepted = tcp.accept() => accepted,
-                };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        // Small replies (and FLUSH answers) must not wait for Nagle.
-                        let _ = stream.set_nodelay(true);
-                        let context = state.context(peer.to_string());
-                        let (reader, writer) = stream.into_split();
-                        state.connections.spawn(async move {
-                            connection::serve(context, reader, writer).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(error) => accept_failed(&address, error).await,
-                }
+        // Accepting is the only part that differs between TCP and Unix sockets.
+        let accepted = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            accepted = accept(&listener, &address) => accepted,
+        };
+        match accepted {
+            Ok(Accepted {
+                reader,
+                writer,
+                peer,
+            }) => {
+                let context = state.context(peer);
+                state.connections.spawn(async move {
+                    connection::serve(context, reader, writer).await;
+                    drop(slot);
+                });
             }
-            Listener::Unix(unix, _) => {
-                let accepted = tokio::select! {
-                    _ = state.shutdown.cancelled() => break,
-                    accepted = unix.accept() => accepted,
-                };
-                match accepted {
-                    Ok((stream, _)) => {
-                        let context = state.context(address.to_string());
-                        let (reader, writer) = stream.into_split();
-                        state.connections.spawn(async move {
-                            connection::serve(context, reader, writer).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(error) => accept_failed(&address, error).await,
-                }
-            }
+            Err(error) => accept_failed(&address, error).await,
         }
     }
     info!(%address, "stopped listening");
+}
+
+/// An accepted connection, as the two halves the connection task drives.
+struct Accepted {
+    reader: Box<dyn AsyncRead + Unpin + Send>,
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
+    peer: String,
+}
+
+async fn accept(listener: &Listener, address: &ListenAddr) -> std::io::Result<Accepted> {
+    match listener {
+        Listener::Tcp(tcp) => {
+            let (stream, peer) = tcp.accept().await?;
+            // Small replies (and FLUSH answers) must not wait for Nagle.
+            let _ = stream.set_nodelay(true);
+            let (reader, writer) = stream.into_split();
+            Ok(Accepted {
+                reader: Box::new(reader),
+                writer: Box::new(writer),
+                peer: peer.to_string(),
+            })
+        }
+        Listener::Unix(unix, _) => {
+            let (stream, _) = unix.accept().await?;
+            let (reader, writer) = stream.into_split();
+            Ok(Accepted {
+                reader: Box::new(reader),
+                writer: Box::new(writer),
+                peer: address.to_string(),
+            })
+        }
+    }
 }
 
 async fn accept_failed(address: &ListenAddr, error: std::io::Error) {

@@ -597,11 +597,8 @@ mod tests {
         is_send_sync::<Store>();
     }
 
-    /// Flushes that queue behind a running fdatasync are all served by the next one:
-    /// while the test holds the turn, 32 flushes register; releasing it lets exactly
-    /// one fdatasync cover them all.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn queued_flushes_share_one_fdatasync() {
+    /// A store on a temp file with one completed (unflushed) write.
+    async fn store_with_one_write() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = StoreConfig::new(dir.path().join("group.img"));
         cfg.create_size_bytes = Some(1 << 20);
@@ -610,16 +607,35 @@ mod tests {
             .write(0, AlignedBuf::from_slice(&[1u8; 4096]), false)
             .await
             .expect("write");
+        (dir, store)
+    }
+
+    /// Holds the group-commit turn while `count` flushes register behind it, then
+    /// releases it; returns the flushes' join handles.
+    async fn flushes_queued_behind_the_turn(
+        store: &Store,
+        count: u64,
+    ) -> Vec<tokio::task::JoinHandle<Result<(), StoreError>>> {
         let turn = store.inner.flush_group.turn.lock().await;
         let mut flushes = Vec::new();
-        for _ in 0..32 {
+        for _ in 0..count {
             let store = store.clone();
             flushes.push(tokio::spawn(async move { store.flush().await }));
         }
-        while store.inner.flush_group.requested.load(Ordering::SeqCst) < 32 {
+        while store.inner.flush_group.requested.load(Ordering::SeqCst) < count {
             tokio::task::yield_now().await;
         }
         drop(turn);
+        flushes
+    }
+
+    /// Flushes that queue behind a running fdatasync are all served by the next one:
+    /// while the test holds the turn, 32 flushes register; releasing it lets exactly
+    /// one fdatasync cover them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_flushes_share_one_fdatasync() {
+        let (_dir, store) = store_with_one_write().await;
+        let flushes = flushes_queued_behind_the_turn(&store, 32).await;
         for flush in flushes {
             flush.await.expect("join").expect("flush");
         }
@@ -634,25 +650,9 @@ mod tests {
     /// store is poisoned), none is answered as if the failed one had covered it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_flushes_behind_a_failed_fdatasync_all_fail() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = StoreConfig::new(dir.path().join("group-fail.img"));
-        cfg.create_size_bytes = Some(1 << 20);
-        let store = Store::open(&cfg).expect("open");
-        store
-            .write(0, AlignedBuf::from_slice(&[1u8; 4096]), false)
-            .await
-            .expect("write");
+        let (_dir, store) = store_with_one_write().await;
         store.inject_errors(FaultPoint::Flush, 1, libc::EIO);
-        let turn = store.inner.flush_group.turn.lock().await;
-        let mut flushes = Vec::new();
-        for _ in 0..8 {
-            let store = store.clone();
-            flushes.push(tokio::spawn(async move { store.flush().await }));
-        }
-        while store.inner.flush_group.requested.load(Ordering::SeqCst) < 8 {
-            tokio::task::yield_now().await;
-        }
-        drop(turn);
+        let flushes = flushes_queued_behind_the_turn(&store, 8).await;
         for flush in flushes {
             assert!(
                 flush.await.expect("join").is_err(),
