@@ -47,6 +47,8 @@ struct Inner {
     files: Arc<[File]>,
     /// Whether buffered reads try the inline RWF_NOWAIT path first.
     inline_nowait: bool,
+    /// Set by `close`: the inline paths then refuse, as the stopped engine does.
+    closed: AtomicBool,
     /// Largest buffered plain write done inline; non-zero also inlines the fdatasync.
     inline_sync_max_bytes: usize,
     durability: Arc<Durability>,
@@ -158,6 +160,7 @@ impl Store {
                 flush_group: FlushGroup::default(),
                 files,
                 inline_nowait: cfg.inline_nowait && !cfg.direct_io,
+                closed: AtomicBool::new(false),
                 inline_sync_max_bytes: if cfg.direct_io {
                     0
                 } else {
@@ -371,6 +374,7 @@ impl Store {
     /// waits (without blocking a runtime thread) until its threads have exited and the
     /// file is closed. Other clones of this store then fail with `EngineStopped`.
     pub async fn close(self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.in_flight.close();
         self.inner.durability.close();
         self.inner.engine.stop().await;
@@ -536,6 +540,9 @@ impl Store {
     }
 
     fn check_transfer(&self, offset: u64, len: usize) -> Result<(), StoreError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::EngineStopped);
+        }
         if len > self.inner.max_request_bytes {
             return Err(StoreError::TooLarge {
                 len: len as u64,

@@ -655,8 +655,21 @@ async fn inline_fast_path_round_trip(engine: EngineChoice) {
         );
     }
     inline.flush().await.expect("flush");
+    let clone = inline.clone();
     inline.close().await;
-    // Reopened without the fast path, the engine reads what the fast path wrote.
+    // Closed is closed, whichever path a request would have taken.
+    assert!(matches!(
+        clone
+            .write(0, AlignedBuf::from_slice(&[9u8; 4096]), false)
+            .await,
+        Err(StoreError::EngineStopped)
+    ));
+    assert!(matches!(
+        clone.read(0, 4096).await,
+        Err(StoreError::EngineStopped)
+    ));
+    drop(clone); // it holds the store's lock until dropped
+                 // Reopened without the fast path, the engine reads what the fast path wrote.
     let engine_only = open(&engine_only_cfg);
     assert_eq!(
         &*engine_only.read(0, 4096).await.unwrap(),
