@@ -99,6 +99,7 @@ fn read_only_export_is_advertised_and_refuses_writes() {
     require_tool("qemu-io");
     let dir = TestDir::new("readonly");
     write_random_file(&dir.join("backing.img"), 4 * MIB, 7);
+    let original = fs::read(dir.join("backing.img")).unwrap();
     let daemon = Daemon::serve(&dir, "4MiB", &["--read-only"]);
     let info = nbdinfo_json(&daemon, "");
     assert_eq!(first_export(&info)["is_read_only"], true, "{info:#}");
@@ -111,18 +112,9 @@ fn read_only_export_is_advertised_and_refuses_writes() {
         !text.contains("wrote 4096/4096"),
         "a write to a read-only export succeeded: {text}"
     );
-    let before = fs::read(dir.join("backing.img")).unwrap();
     assert!(daemon.stop().success());
-    let mut expected = Vec::new();
-    {
-        let probe = TestDir::new("readonly-expected");
-        write_random_file(&probe.join("x"), 4 * MIB, 7);
-        File::open(probe.join("x"))
-            .unwrap()
-            .read_to_end(&mut expected)
-            .unwrap();
-    }
-    assert!(before == expected, "the read-only backing file changed");
+    let after = fs::read(dir.join("backing.img")).unwrap();
+    assert!(after == original, "the read-only backing file changed");
 }
 
 /// Compares two files chunk by chunk; returns the first differing offset.
@@ -296,7 +288,9 @@ fn qemu_io_fua_writes_and_odd_offset_reads() {
     .then_some(())
     .expect("unaligned write");
     assert!(daemon.stop().success());
-    // What FUA promised is in the backing file.
+    // The data landed in the backing file at the right offsets. (This cannot tell FUA
+    // from a plain write: the clean stop flushes. FUA durability needs the power-cut
+    // store of the faults milestone.)
     let backing = fs::read(dir.join("backing.img")).unwrap();
     assert!(backing[..8192].iter().all(|&b| b == 0xa5));
     assert!(backing[8192..12288].iter().all(|&b| b == 0));

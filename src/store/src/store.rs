@@ -245,7 +245,8 @@ impl Store {
         }
         // The engine fills every byte (zeroes past the end of a short file).
         let mut buf = AlignedBuf::for_overwrite(len);
-        if self.fast_path_open() && nowait::try_read(&self.inner.files[0], offset, &mut buf)? == len
+        if self.inline_read_allowed()
+            && nowait::try_read(&self.inner.files[0], offset, &mut buf)? == len
         {
             return Ok(buf);
         }
@@ -291,7 +292,7 @@ impl Store {
         if buf.is_empty() {
             return Ok(());
         }
-        if !fua && buf.len() <= self.inner.inline_sync_max_bytes && !self.inner.faults.any_armed() {
+        if !fua && self.inline_write_allowed(buf.len()) {
             // Like an engine write, a failed plain write does not poison the store: it
             // claimed no durability.
             let file = &self.inner.files[0];
@@ -325,7 +326,7 @@ impl Store {
         let covers = group.requested.load(Ordering::SeqCst);
         let sync = self.sync_lease().await?;
         group.issued.fetch_add(1, Ordering::Relaxed);
-        if self.inner.inline_sync_max_bytes > 0 && !self.inner.faults.any_armed() {
+        if self.inline_flush_allowed() {
             // Group commit holds `turn`, so at most one thread per store blocks here.
             let file = &self.inner.files[sync.file_index()];
             if let Err(err) = nowait::blocking(|| nowait::fdatasync(file)) {
@@ -470,9 +471,24 @@ impl Store {
         Ok(())
     }
 
-    /// Whether a read may try the inline RWF_NOWAIT path (see `nowait`).
-    fn fast_path_open(&self) -> bool {
+    // When a request runs on the caller's thread instead of the engine (see `nowait`).
+    // All three stand aside while a fault is armed, so that every request of a fault
+    // test meets the injection point in `execute_on`.
+
+    /// A buffered read first tries RWF_NOWAIT from the page cache.
+    fn inline_read_allowed(&self) -> bool {
         self.inner.inline_nowait && !self.inner.faults.any_armed()
+    }
+
+    /// A buffered plain (non-FUA) write of `len` bytes is written right here.
+    fn inline_write_allowed(&self, len: usize) -> bool {
+        len <= self.inner.inline_sync_max_bytes && !self.inner.faults.any_armed()
+    }
+
+    /// The group-commit fdatasync runs right here (whenever inline writes are on: both
+    /// save the same two thread hand-offs).
+    fn inline_flush_allowed(&self) -> bool {
+        self.inner.inline_sync_max_bytes > 0 && !self.inner.faults.any_armed()
     }
 
     /// Runs one op through the engine, holding an in-flight permit until the engine
