@@ -1,0 +1,123 @@
+//! The replication wire format of pairbd, pure: typed messages between the two
+//! nodes of a pair, and the frame codec that turns them into bytes and back.
+//!
+//! A frame is a fixed little-endian header (magic, version, kind, sequence,
+//! offset, length, payload length, crc32c of the payload, crc32c of the header)
+//! with its payload beside it. Data payloads (writes, sync chunks) are never
+//! re-encoded: the codec checks their crc and hands them through as the caller's
+//! buffer type `P`. Control payloads (hello, state) are postcard-encoded.
+//!
+//! Architecture invariant: no IO, no clock, no tokio or quinn. Any byte sequence
+//! fed to the decoder yields a message or a `FrameError`, never a panic.
+
+use serde::{Deserialize, Serialize};
+
+mod codec;
+pub use codec::*;
+
+/// The role of a node, as DRBD names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Serves the volume to clients and replicates every write to the peer.
+    Primary,
+    /// Receives the primary's writes; serves no client.
+    Secondary,
+}
+
+/// What a node knows about the quality of its own copy of the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskState {
+    /// Not a valid copy: fresh, or a sync into it has not completed.
+    Inconsistent,
+    /// A consistent but older copy: the peer moved on without it.
+    Outdated,
+    /// The current data.
+    UpToDate,
+}
+
+/// The first message each side sends on a new connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The sender's node name from the configuration.
+    pub node_name: String,
+    /// The resource this connection replicates.
+    pub resource: String,
+    /// The usable size of the sender's data area, in bytes.
+    pub size_bytes: u64,
+    /// The sender's role and disk state.
+    pub state: NodeState,
+    /// The sender's current generation identifier.
+    pub current_generation: u64,
+    /// The sender, as primary, holds writes its peer may be missing and owes
+    /// it a sync.
+    pub peer_sync_needed: bool,
+    /// The sender was primary and stopped without a clean demotion: writes may
+    /// have been in flight, so its peer's copy may differ in those regions.
+    pub unclean_primary: bool,
+}
+
+/// A node's role and disk state, sent on every change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// Primary or secondary.
+    pub role: Role,
+    /// The quality of the node's data.
+    pub disk: DiskState,
+}
+
+/// One replication message. `P` is the caller's payload buffer type.
+///
+/// Sequence numbers are assigned by the primary, one counter for every message
+/// that carries one, strictly increasing per connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message<P> {
+    /// Opens a connection (both directions).
+    Hello(Hello),
+    /// The sender's role or disk state changed.
+    State(NodeState),
+    /// Primary → secondary: write `payload` at `offset`; `fua`: durable before
+    /// the acknowledgement.
+    Write { seq: u64, offset: u64, payload: P, fua: bool },
+    /// Primary → secondary: discard (punch a hole; reads back zeroes).
+    Trim { seq: u64, offset: u64, length: u64 },
+    /// Primary → secondary: write zeroes; `no_hole`: keep it allocated.
+    WriteZeroes { seq: u64, offset: u64, length: u64, no_hole: bool },
+    /// Primary → secondary: make durable every write numbered below `seq`.
+    Flush { seq: u64 },
+    /// Secondary → primary: the write, trim, write-zeroes or sync chunk `seq`
+    /// reached the secondary's store (durably if it was sent with FUA).
+    Ack { seq: u64 },
+    /// Secondary → primary: every write numbered below `seq` is durable.
+    FlushAck { seq: u64 },
+    /// Primary → secondary: a full sync begins; become Inconsistent first.
+    SyncStart { total_bytes: u64 },
+    /// Secondary → primary: Inconsistent is on disk; send the chunks.
+    SyncReady,
+    /// Primary → secondary: one chunk of the full sync.
+    SyncData { seq: u64, offset: u64, payload: P },
+    /// Primary → secondary: every chunk was sent; flush, then become UpToDate.
+    SyncDone { seq: u64 },
+    /// Secondary → primary: the sync is durable and UpToDate is on disk.
+    SyncDoneAck { seq: u64 },
+}
+
+impl<P> Message<P> {
+    /// The message's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::State(_) => "state",
+            Message::Write { .. } => "write",
+            Message::Trim { .. } => "trim",
+            Message::WriteZeroes { .. } => "write-zeroes",
+            Message::Flush { .. } => "flush",
+            Message::Ack { .. } => "ack",
+            Message::FlushAck { .. } => "flush-ack",
+            Message::SyncStart { .. } => "sync-start",
+            Message::SyncReady => "sync-ready",
+            Message::SyncData { .. } => "sync-data",
+            Message::SyncDone { .. } => "sync-done",
+            Message::SyncDoneAck { .. } => "sync-done-ack",
+        }
+    }
+}
