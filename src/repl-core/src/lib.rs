@@ -1,10 +1,26 @@
 //! The replication state machine of pairbd, pure (quinn-proto's shape).
 //!
+//! One [`Node`] per resource and node. The driver feeds it inputs with
+//! `handle_*` (client requests, disk completions, metadata completions, peer
+//! messages, link events, timer expiries, admin commands) and drains what it
+//! must do with [`Node::poll`] and [`Node::poll_timeout`]: disk operations,
+//! metadata writes, peer messages, client replies, disconnects and fail-stops.
+//!
 //! Architecture invariant: no IO, no clock, no tokio, quinn or io-uring. Time is
-//! passed in. The driver feeds inputs with `handle_*` and drains outputs with
-//! `poll`/`poll_timeout`; it executes what comes out and reports completions.
+//! passed in as `Instant`s the driver (or a simulator) chooses. Nothing told to a
+//! client or to the peer depends on metadata the driver has not yet reported
+//! durable.
 
-pub use pairbd_repl_proto::{DiskState, NodeState, Role};
+mod node;
+mod ops;
+mod status;
+
+pub use node::Node;
+pub use pairbd_repl_proto::{DiskState, Hello, Message, NodeState, Role};
+pub use status::{disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus};
+
+use std::sync::Arc;
+use std::time::Duration;
 
 /// What a node keeps in its metadata, written atomically before anything that
 /// depends on it is told to a client or to the peer.
@@ -37,4 +53,186 @@ impl PersistentState {
             peer_sync_needed: false,
         }
     }
+}
+
+/// A payload buffer: the core never looks inside, it only needs the length and
+/// cheap clones (one for the local store, one for the peer).
+pub trait Payload: Clone {
+    /// The payload's length in bytes.
+    fn len(&self) -> usize;
+    /// Whether the payload is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Payload for Vec<u8> {
+    fn len(&self) -> usize {
+        Vec::len(self)
+    }
+}
+
+impl<T: AsRef<[u8]> + ?Sized> Payload for Arc<T> {
+    fn len(&self) -> usize {
+        self.as_ref().as_ref().len()
+    }
+}
+
+/// What a primary does with writes while its peer is away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPeerLoss {
+    /// Keep serving on one node (DRBD's fencing dont-care): writes acknowledged
+    /// meanwhile exist on this node only until the peer is synced again.
+    Continue,
+    /// Hold writes and flushes until the peer returns or `resume-io`.
+    SuspendIo,
+}
+
+/// The node's fixed parameters.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's name.
+    pub node_name: String,
+    /// The resource's name.
+    pub resource: String,
+    /// The size of the data area in bytes.
+    pub size_bytes: u64,
+    /// The policy while the peer is away.
+    pub on_peer_loss: OnPeerLoss,
+    /// A peer that leaves a request unacknowledged this long is dropped.
+    pub ack_timeout: Duration,
+    /// Bytes per full-sync chunk.
+    pub sync_chunk_bytes: u64,
+    /// Full-sync chunks in flight at once.
+    pub sync_window: usize,
+}
+
+/// The driver's token for a client request, echoed in its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// The core's token for a disk operation, echoed in its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DiskOpId(pub u64);
+
+/// The core's token for a metadata write, echoed in its completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MetaWriteId(pub u64);
+
+/// The driver's token for an admin command, echoed in its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AdminId(pub u64);
+
+/// A client request that changes data (reads go to the store directly).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientOp<P> {
+    /// Write `payload` at `offset`; `fua`: durable before the reply.
+    Write { offset: u64, payload: P, fua: bool },
+    /// Discard; reads back zeroes.
+    Trim { offset: u64, length: u64 },
+    /// Write zeroes; `no_hole`: keep the range allocated.
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+        no_hole: bool,
+    },
+    /// Make every completed write durable on both nodes.
+    Flush,
+}
+
+/// A disk operation for the driver to run on this node's store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskOp<P> {
+    /// Write `payload` at `offset`; `fua`: durable before completion.
+    Write { offset: u64, payload: P, fua: bool },
+    /// Punch a hole that reads back as zeroes.
+    Trim { offset: u64, length: u64 },
+    /// Write zeroes; `no_hole`: keep the range allocated.
+    WriteZeroes {
+        offset: u64,
+        length: u64,
+        no_hole: bool,
+    },
+    /// fdatasync: every completed write becomes durable.
+    Flush,
+    /// Read `length` bytes at `offset` (the full-sync source).
+    Read { offset: u64, length: u64 },
+}
+
+/// How a disk operation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskResult<P> {
+    /// A write, trim, zeroing or flush completed.
+    Done,
+    /// A read completed with these bytes.
+    Read(P),
+    /// The store failed; the message says how.
+    Failed(String),
+}
+
+/// Why a client request was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    /// Only the primary accepts writes.
+    #[error("this node is not primary")]
+    NotPrimary,
+    /// The request lies outside the volume.
+    #[error("request outside the volume")]
+    OutOfRange,
+    /// The local store failed; the node is stopping.
+    #[error("local store failed: {0}")]
+    Io(String),
+    /// The node is stopping and will not carry the request out.
+    #[error("node stopping")]
+    Stopping,
+}
+
+/// Operator commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminCommand {
+    /// Become primary. `force` also makes an Inconsistent or Outdated node
+    /// UpToDate (the fresh-pair and last-resort case). `new_generation` is a
+    /// random identifier from the driver, used if a new generation begins.
+    Promote { force: bool, new_generation: u64 },
+    /// Become secondary (the driver has already disconnected clients).
+    Demote,
+    /// Release writes held by `on-peer-loss = "suspend-io"`.
+    ResumeIo,
+    /// Clean shutdown: record that this node stopped cleanly.
+    Shutdown,
+}
+
+/// Why an admin command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct AdminError(pub String);
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output<P> {
+    /// Run this operation on the local store; report with `handle_disk`.
+    Disk { id: DiskOpId, op: DiskOp<P> },
+    /// Persist this state atomically; report with `handle_meta_done`.
+    WriteMeta {
+        id: MetaWriteId,
+        state: PersistentState,
+    },
+    /// Send this message to the peer, in order.
+    Send(Message<P>),
+    /// Answer a client request.
+    Reply {
+        id: RequestId,
+        result: Result<(), ReplyError>,
+    },
+    /// Drop the link (the driver reconnects with backoff); the core already
+    /// treats the peer as lost.
+    Disconnect { reason: String },
+    /// Answer an admin command.
+    AdminDone {
+        id: AdminId,
+        result: Result<String, AdminError>,
+    },
+    /// Stop the node: an invariant broke or the local store failed. Nothing
+    /// more may be written; the reason names what happened.
+    FailStop { reason: String },
 }

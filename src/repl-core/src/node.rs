@@ -1,0 +1,1465 @@
+//! `Node`: one node of a replicated pair for one resource, as a state machine.
+//!
+//! The rules it keeps (docs/PROTOCOL.md argues them step by step):
+//! - A client write is answered only when the local store completed it and the
+//!   peer acknowledged that it reached the peer's store — or, with the peer
+//!   away, only once "the peer needs a sync" is durable in the metadata.
+//! - A client flush is answered only when both stores flushed (same fallback).
+//! - Overlapping writes start one after the other in arrival order (see
+//!   `ops`), so both stores see them in the same order.
+//! - The secondary flushes only after every earlier-numbered write reached its
+//!   store, and acknowledges only what its store completed.
+//! - A message or reply that depends on metadata leaves only after the driver
+//!   reported that metadata durable.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Instant;
+
+use pairbd_repl_proto::Hello;
+
+use crate::ops::{OpTable, Range};
+use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus};
+use crate::{
+    AdminCommand, AdminError, AdminId, ClientOp, Config, DiskOp, DiskOpId, DiskResult, DiskState,
+    Message, MetaWriteId, NodeState, OnPeerLoss, Output, Payload, PersistentState, ReplyError,
+    RequestId, Role,
+};
+
+/// Whether a request still needs the peer's acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PeerAck {
+    /// Sent; the acknowledgement is outstanding.
+    Waiting,
+    /// Acknowledged by the peer.
+    Done,
+    /// Not replicated (peer away): covered by "peer needs a sync" instead.
+    NotNeeded,
+}
+
+enum Op<P> {
+    /// A client write, trim or write-zeroes on the primary.
+    ClientWrite {
+        req: RequestId,
+        op: ClientOp<P>,
+        local_done: bool,
+        peer: PeerAck,
+    },
+    /// A client flush on the primary.
+    ClientFlush {
+        req: RequestId,
+        local_done: bool,
+        peer: PeerAck,
+    },
+    /// A write, trim, zeroing or sync chunk from the primary, on the secondary.
+    PeerWrite {
+        seq: u64,
+        epoch: u64,
+        op: DiskOp<P>,
+        sync_bytes: u64,
+    },
+    /// A flush (or the final flush of a sync) requested by the primary.
+    PeerFlush {
+        seq: u64,
+        epoch: u64,
+        sync_done: bool,
+    },
+    /// A full-sync chunk on the primary: read, then sent, then acknowledged.
+    SyncChunk {
+        offset: u64,
+        length: u64,
+        epoch: u64,
+        sent: bool,
+    },
+}
+
+impl<P> Op<P> {
+    fn is_client(&self) -> bool {
+        matches!(self, Op::ClientWrite { .. } | Op::ClientFlush { .. })
+    }
+}
+
+/// What the primary waits for from the peer, by sequence number.
+#[derive(Debug, Clone, Copy)]
+enum Pending {
+    Op(u64),
+    SyncDone,
+}
+
+/// Work deferred until a metadata version is durable.
+enum Deferred {
+    Admin(AdminId, String),
+    SendState,
+    SyncReady,
+    SyncDoneAck(u64),
+    StartSync,
+}
+
+#[derive(Debug, Clone)]
+struct PeerInfo {
+    name: String,
+    state: NodeState,
+    generation: u64,
+    peer_sync_needed: bool,
+    unclean_primary: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncPhase {
+    WaitingReady,
+    Sending,
+    DoneSent,
+}
+
+struct SyncSource {
+    epoch: u64,
+    phase: SyncPhase,
+    next_offset: u64,
+    done_bytes: u64,
+    in_flight: usize,
+    started: Instant,
+}
+
+struct SyncTarget {
+    done_bytes: u64,
+    started: Instant,
+}
+
+/// One node of a pair, for one resource. See the crate documentation.
+pub struct Node<P> {
+    cfg: Config,
+    /// The state as it should be: what status shows, what the next metadata
+    /// write carries.
+    wanted: PersistentState,
+    /// The state as the metadata holds it.
+    persisted: PersistentState,
+    meta_version: u64,
+    durable_version: u64,
+    meta_in_flight: Option<(MetaWriteId, PersistentState)>,
+    deferred: Vec<(u64, Deferred)>,
+
+    conn: ConnectionState,
+    epoch: u64,
+    peer: Option<PeerInfo>,
+    handshake_deadline: Option<Instant>,
+    peer_lost_while_up: bool,
+    unclean_primary: bool,
+    last_disconnect: Option<String>,
+
+    next_seq: u64,
+    last_write_seq_sent: u64,
+    peer_flushed_below: u64,
+    peer_pending: BTreeMap<u64, (Pending, Instant)>,
+
+    ops: OpTable<Op<P>>,
+    sec_last_seq: u64,
+    sec_incomplete: BTreeSet<u64>,
+    sec_flushes: VecDeque<(u64, bool)>,
+
+    sync: Option<SyncSource>,
+    sync_target: Option<SyncTarget>,
+    io_suspended: bool,
+    failed: Option<String>,
+    now: Instant,
+    out: VecDeque<Output<P>>,
+}
+
+impl<P: Payload> Node<P> {
+    /// A node starting from the state its metadata holds. A node whose
+    /// metadata says Primary stopped uncleanly; it comes back Secondary.
+    pub fn new(cfg: Config, persisted: PersistentState, now: Instant) -> Node<P> {
+        let unclean_primary = persisted.role == Role::Primary;
+        let mut wanted = persisted;
+        wanted.role = Role::Secondary;
+        Node {
+            cfg,
+            wanted,
+            persisted,
+            meta_version: 0,
+            durable_version: 0,
+            meta_in_flight: None,
+            deferred: Vec::new(),
+            conn: ConnectionState::Disconnected,
+            epoch: 0,
+            peer: None,
+            handshake_deadline: None,
+            peer_lost_while_up: false,
+            unclean_primary,
+            last_disconnect: None,
+            next_seq: 1,
+            last_write_seq_sent: 0,
+            peer_flushed_below: 0,
+            peer_pending: BTreeMap::new(),
+            ops: OpTable::new(),
+            sec_last_seq: 0,
+            sec_incomplete: BTreeSet::new(),
+            sec_flushes: VecDeque::new(),
+            sync: None,
+            sync_target: None,
+            io_suspended: false,
+            failed: None,
+            now,
+            out: VecDeque::new(),
+        }
+    }
+
+    // ----- outputs -------------------------------------------------------
+
+    /// The next thing the driver must do.
+    pub fn poll(&mut self) -> Option<Output<P>> {
+        self.out.pop_front()
+    }
+
+    /// When `handle_timeout` must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.failed.is_some() {
+            return None;
+        }
+        let ack = self
+            .peer_pending
+            .values()
+            .map(|(_, sent)| *sent)
+            .min()
+            .map(|sent| sent + self.cfg.ack_timeout);
+        // The sync-ready answer is awaited under the ack timeout too.
+        let ready = self
+            .sync
+            .as_ref()
+            .filter(|s| s.phase == SyncPhase::WaitingReady)
+            .map(|s| s.started + self.cfg.ack_timeout);
+        [ack, self.handshake_deadline, ready]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Whether this node serves clients now (Primary, durably).
+    pub fn serves_clients(&self) -> bool {
+        self.failed.is_none()
+            && self.wanted.role == Role::Primary
+            && self.persisted.role == Role::Primary
+    }
+
+    /// The role as status reports it.
+    pub fn role(&self) -> Role {
+        self.wanted.role
+    }
+
+    /// The disk state as status reports it.
+    pub fn disk(&self) -> DiskState {
+        self.wanted.disk
+    }
+
+    /// The state the metadata holds.
+    pub fn persisted(&self) -> PersistentState {
+        self.persisted
+    }
+
+    /// Why the node failed, if it did.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Everything status shows.
+    pub fn status(&self, now: Instant) -> Status {
+        let sync = if let Some(s) = &self.sync {
+            Some(SyncStatus {
+                source: true,
+                done_bytes: s.done_bytes,
+                total_bytes: self.cfg.size_bytes,
+                elapsed_secs: now.saturating_duration_since(s.started).as_secs_f64(),
+            })
+        } else {
+            self.sync_target.as_ref().map(|t| SyncStatus {
+                source: false,
+                done_bytes: t.done_bytes,
+                total_bytes: self.cfg.size_bytes,
+                elapsed_secs: now.saturating_duration_since(t.started).as_secs_f64(),
+            })
+        };
+        Status {
+            resource: self.cfg.resource.clone(),
+            node_name: self.cfg.node_name.clone(),
+            role: self.wanted.role,
+            disk: self.wanted.disk,
+            connection: self.conn,
+            peer: self.peer.as_ref().map(|p| PeerStatus {
+                node_name: p.name.clone(),
+                role: p.state.role,
+                disk: p.state.disk,
+            }),
+            sync,
+            peer_sync_needed: self.wanted.peer_sync_needed,
+            io_suspended: self.io_suspended,
+            on_peer_loss: self.cfg.on_peer_loss,
+            requests_in_flight: self.ops.iter().filter(|(_, op)| op.is_client()).count(),
+            last_disconnect: self.last_disconnect.clone(),
+            failed: self.failed.clone(),
+            current_generation: self.wanted.current_generation,
+        }
+    }
+
+    // ----- client requests -----------------------------------------------
+
+    /// A client request that changes data. Reads bypass the core.
+    pub fn handle_client(&mut self, now: Instant, req: RequestId, op: ClientOp<P>) {
+        self.now = now;
+        if self.failed.is_some() {
+            self.reply(req, Err(ReplyError::Stopping));
+            return;
+        }
+        if !self.serves_clients() {
+            self.reply(req, Err(ReplyError::NotPrimary));
+            return;
+        }
+        let range = match &op {
+            ClientOp::Write {
+                offset, payload, ..
+            } => Some(Range::new(*offset, payload.len() as u64)),
+            ClientOp::Trim { offset, length } | ClientOp::WriteZeroes { offset, length, .. } => {
+                Some(Range::new(*offset, *length))
+            }
+            ClientOp::Flush => None,
+        };
+        if let Some(r) = range {
+            let fits = r.start <= self.cfg.size_bytes
+                && r.start.checked_add(r.end - r.start).is_some()
+                && r.end <= self.cfg.size_bytes;
+            if !fits {
+                self.reply(req, Err(ReplyError::OutOfRange));
+                return;
+            }
+        }
+        let data = match op {
+            ClientOp::Flush => Op::ClientFlush {
+                req,
+                local_done: false,
+                peer: PeerAck::NotNeeded,
+            },
+            op => Op::ClientWrite {
+                req,
+                op,
+                local_done: false,
+                peer: PeerAck::NotNeeded,
+            },
+        };
+        let id = self.ops.insert(range, data);
+        if self.ops.may_start(id) && !self.client_io_held() {
+            self.start_op(id);
+        }
+    }
+
+    /// Client writes and flushes wait while the link is handshaking (they will
+    /// be replicated once it is up, or not at all if it fails) and while
+    /// `suspend-io` holds them.
+    fn client_io_held(&self) -> bool {
+        self.conn == ConnectionState::Handshaking || self.io_suspended
+    }
+
+    fn peer_replicates(&self) -> bool {
+        self.conn == ConnectionState::Connected
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.state.role == Role::Secondary)
+    }
+
+    fn alloc_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn start_op(&mut self, id: u64) {
+        self.ops.activate(id);
+        let replicate = self.peer_replicates();
+        let now = self.now;
+        let mut note_missing = false;
+        let mut send: Option<Message<P>> = None;
+        let mut disk: Option<DiskOp<P>> = None;
+        let mut seq_used = None;
+        let next_seq = self.next_seq;
+        match self.ops.get_mut(id) {
+            Some(Op::ClientWrite { op, peer, .. }) => {
+                let (d, m) = match op.clone() {
+                    ClientOp::Write {
+                        offset,
+                        payload,
+                        fua,
+                    } => (
+                        DiskOp::Write {
+                            offset,
+                            payload: payload.clone(),
+                            fua,
+                        },
+                        Message::Write {
+                            seq: next_seq,
+                            offset,
+                            payload,
+                            fua,
+                        },
+                    ),
+                    ClientOp::Trim { offset, length } => (
+                        DiskOp::Trim { offset, length },
+                        Message::Trim {
+                            seq: next_seq,
+                            offset,
+                            length,
+                        },
+                    ),
+                    ClientOp::WriteZeroes {
+                        offset,
+                        length,
+                        no_hole,
+                    } => (
+                        DiskOp::WriteZeroes {
+                            offset,
+                            length,
+                            no_hole,
+                        },
+                        Message::WriteZeroes {
+                            seq: next_seq,
+                            offset,
+                            length,
+                            no_hole,
+                        },
+                    ),
+                    ClientOp::Flush => unreachable_flush(),
+                };
+                disk = Some(d);
+                if replicate {
+                    *peer = PeerAck::Waiting;
+                    send = Some(m);
+                    seq_used = Some(next_seq);
+                } else {
+                    *peer = PeerAck::NotNeeded;
+                    note_missing = true;
+                }
+            }
+            Some(Op::ClientFlush { peer, .. }) => {
+                disk = Some(DiskOp::Flush);
+                if replicate {
+                    *peer = PeerAck::Waiting;
+                    send = Some(Message::Flush { seq: next_seq });
+                    seq_used = Some(next_seq);
+                } else {
+                    *peer = PeerAck::NotNeeded;
+                }
+            }
+            Some(Op::PeerWrite { op, .. }) => disk = Some(op.clone()),
+            Some(Op::PeerFlush { .. }) => disk = Some(DiskOp::Flush),
+            Some(Op::SyncChunk { offset, length, .. }) => {
+                disk = Some(DiskOp::Read {
+                    offset: *offset,
+                    length: *length,
+                })
+            }
+            None => {}
+        }
+        if let Some(seq) = seq_used {
+            self.next_seq += 1;
+            if !matches!(send, Some(Message::Flush { .. })) {
+                self.last_write_seq_sent = seq;
+            }
+            self.peer_pending.insert(seq, (Pending::Op(id), now));
+        }
+        if let Some(d) = disk {
+            self.out.push_back(Output::Disk {
+                id: DiskOpId(id),
+                op: d,
+            });
+        }
+        if let Some(m) = send {
+            self.out.push_back(Output::Send(m));
+        }
+        if note_missing {
+            self.note_peer_missing();
+        }
+    }
+
+    /// Starts every waiting operation that the overlap rule and the holds allow.
+    fn start_ready(&mut self) {
+        if self.failed.is_some() {
+            return;
+        }
+        let held = self.client_io_held();
+        for id in self.ops.startable() {
+            let is_client = self.ops.get(id).is_some_and(|op| op.is_client());
+            if is_client && held {
+                continue;
+            }
+            self.start_op(id);
+        }
+    }
+
+    /// Replies that were not confirmed by the peer may leave only once "the
+    /// peer needs a sync" is durable and no suspend holds them.
+    fn unconfirmed_reply_allowed(&self) -> bool {
+        (!self.wanted.peer_sync_needed || self.persisted.peer_sync_needed) && !self.io_suspended
+    }
+
+    fn try_finish(&mut self, id: u64) {
+        let allowed = self.unconfirmed_reply_allowed();
+        let done = match self.ops.get(id) {
+            Some(Op::ClientWrite {
+                req,
+                local_done,
+                peer,
+                ..
+            })
+            | Some(Op::ClientFlush {
+                req,
+                local_done,
+                peer,
+            }) => {
+                let confirmed = match peer {
+                    PeerAck::Done => true,
+                    PeerAck::NotNeeded => allowed,
+                    PeerAck::Waiting => false,
+                };
+                (*local_done && confirmed).then_some(*req)
+            }
+            _ => None,
+        };
+        if let Some(req) = done {
+            self.ops.remove(id);
+            self.reply(req, Ok(()));
+        }
+    }
+
+    fn try_finish_all(&mut self) {
+        for id in self.ops.ids() {
+            self.try_finish(id);
+        }
+        self.start_ready();
+    }
+
+    fn reply(&mut self, id: RequestId, result: Result<(), ReplyError>) {
+        self.out.push_back(Output::Reply { id, result });
+    }
+
+    // ----- disk completions ----------------------------------------------
+
+    /// A disk operation the core emitted has completed.
+    pub fn handle_disk(&mut self, now: Instant, id: DiskOpId, result: DiskResult<P>) {
+        self.now = now;
+        if self.failed.is_some() {
+            return;
+        }
+        let id = id.0;
+        if !self.ops.is_active(id) {
+            self.fail_stop(format!(
+                "invariant broken: disk completion for operation {id}, which is not running"
+            ));
+            return;
+        }
+        if let DiskResult::Failed(msg) = &result {
+            self.fail_stop(format!("local store failed: {msg}"));
+            return;
+        }
+        let connected_epoch = (self.conn == ConnectionState::Connected).then_some(self.epoch);
+        match self.ops.get_mut(id) {
+            Some(Op::ClientWrite { local_done, .. }) | Some(Op::ClientFlush { local_done, .. }) => {
+                *local_done = true;
+                self.try_finish(id);
+                self.start_ready();
+            }
+            Some(Op::PeerWrite {
+                seq,
+                epoch,
+                sync_bytes,
+                ..
+            }) => {
+                let (seq, epoch, sync_bytes) = (*seq, *epoch, *sync_bytes);
+                self.ops.remove(id);
+                if connected_epoch == Some(epoch) {
+                    self.sec_incomplete.remove(&seq);
+                    if let Some(t) = &mut self.sync_target {
+                        t.done_bytes += sync_bytes;
+                    }
+                    self.out.push_back(Output::Send(Message::Ack { seq }));
+                    self.check_sec_flushes();
+                }
+                self.start_ready();
+            }
+            Some(Op::PeerFlush {
+                seq,
+                epoch,
+                sync_done,
+            }) => {
+                let (seq, epoch, sync_done) = (*seq, *epoch, *sync_done);
+                self.ops.remove(id);
+                if connected_epoch == Some(epoch) {
+                    if sync_done {
+                        self.finish_sync_target(seq);
+                    } else {
+                        self.out.push_back(Output::Send(Message::FlushAck { seq }));
+                    }
+                }
+            }
+            Some(Op::SyncChunk {
+                offset,
+                length,
+                epoch,
+                sent,
+            }) => {
+                let (offset, length, epoch, was_sent) = (*offset, *length, *epoch, *sent);
+                let live = self.sync.as_ref().is_some_and(|s| s.epoch == epoch)
+                    && connected_epoch == Some(epoch);
+                if was_sent {
+                    self.fail_stop(format!(
+                        "invariant broken: sync chunk at {offset} completed twice"
+                    ));
+                    return;
+                }
+                let DiskResult::Read(payload) = result else {
+                    self.fail_stop(format!(
+                        "invariant broken: sync read at {offset} completed without data"
+                    ));
+                    return;
+                };
+                if !live || payload.len() as u64 != length {
+                    if live {
+                        self.fail_stop(format!(
+                            "invariant broken: sync read at {offset} returned {} bytes, not {length}",
+                            payload.len()
+                        ));
+                        return;
+                    }
+                    self.ops.remove(id);
+                    self.start_ready();
+                    return;
+                }
+                if let Some(Op::SyncChunk { sent, .. }) = self.ops.get_mut(id) {
+                    *sent = true;
+                }
+                let seq = self.alloc_seq();
+                self.last_write_seq_sent = seq;
+                self.peer_pending.insert(seq, (Pending::Op(id), now));
+                self.out.push_back(Output::Send(Message::SyncData {
+                    seq,
+                    offset,
+                    payload,
+                }));
+            }
+            None => {}
+        }
+    }
+
+    fn fail_stop(&mut self, reason: String) {
+        if self.failed.is_some() {
+            return;
+        }
+        tracing::error!(resource = %self.cfg.resource, "{reason}");
+        self.failed = Some(reason.clone());
+        for id in self.ops.ids() {
+            if let Some(Op::ClientWrite { req, .. } | Op::ClientFlush { req, .. }) =
+                self.ops.remove(id)
+            {
+                self.reply(req, Err(ReplyError::Io(reason.clone())));
+            }
+        }
+        self.out.push_back(Output::FailStop { reason });
+    }
+
+    // ----- metadata ------------------------------------------------------
+
+    fn request_meta(&mut self) -> u64 {
+        self.meta_version += 1;
+        if self.meta_in_flight.is_none() {
+            self.emit_meta();
+        }
+        self.meta_version
+    }
+
+    fn emit_meta(&mut self) {
+        let id = MetaWriteId(self.meta_version);
+        self.meta_in_flight = Some((id, self.wanted));
+        self.out.push_back(Output::WriteMeta {
+            id,
+            state: self.wanted,
+        });
+    }
+
+    fn defer(&mut self, version: u64, what: Deferred) {
+        if version <= self.durable_version {
+            self.run_deferred(what);
+        } else {
+            self.deferred.push((version, what));
+        }
+    }
+
+    /// The metadata write `id` completed (or failed: the node stops).
+    pub fn handle_meta_done(&mut self, now: Instant, id: MetaWriteId, result: Result<(), String>) {
+        self.now = now;
+        if self.failed.is_some() {
+            return;
+        }
+        let Some((in_flight, state)) = self.meta_in_flight.take() else {
+            self.fail_stop(format!(
+                "invariant broken: metadata completion {} with no write running",
+                id.0
+            ));
+            return;
+        };
+        if in_flight != id {
+            self.fail_stop(format!(
+                "invariant broken: metadata completion {} while {} runs",
+                id.0, in_flight.0
+            ));
+            return;
+        }
+        if let Err(e) = result {
+            self.fail_stop(format!("metadata write failed: {e}"));
+            return;
+        }
+        self.persisted = state;
+        self.durable_version = id.0;
+        let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|(v, _)| *v <= self.durable_version);
+        self.deferred = later;
+        for (_, what) in ready {
+            self.run_deferred(what);
+        }
+        if self.meta_version > self.durable_version {
+            self.emit_meta();
+        }
+        self.try_finish_all();
+    }
+
+    fn run_deferred(&mut self, what: Deferred) {
+        match what {
+            Deferred::Admin(id, msg) => self.out.push_back(Output::AdminDone {
+                id,
+                result: Ok(msg),
+            }),
+            Deferred::SendState => self.send_state(),
+            Deferred::SyncReady => {
+                if self.sync_target.is_some() && self.conn == ConnectionState::Connected {
+                    self.send_state();
+                    self.out.push_back(Output::Send(Message::SyncReady));
+                }
+            }
+            Deferred::SyncDoneAck(seq) => {
+                if self.conn == ConnectionState::Connected {
+                    self.send_state();
+                    self.out
+                        .push_back(Output::Send(Message::SyncDoneAck { seq }));
+                }
+            }
+            Deferred::StartSync => self.maybe_start_sync(),
+        }
+    }
+
+    fn send_state(&mut self) {
+        if self.conn == ConnectionState::Connected {
+            self.out.push_back(Output::Send(Message::State(NodeState {
+                role: self.wanted.role,
+                disk: self.wanted.disk,
+            })));
+        }
+    }
+
+    /// Records durably that the peer may be missing writes.
+    fn note_peer_missing(&mut self) {
+        if !self.wanted.peer_sync_needed {
+            self.wanted.peer_sync_needed = true;
+            self.request_meta();
+        }
+    }
+
+    // ----- the link ------------------------------------------------------
+
+    /// A new authenticated link to the peer is up (it replaces any old one).
+    pub fn handle_connected(&mut self, now: Instant) {
+        self.now = now;
+        if self.conn != ConnectionState::Disconnected {
+            self.lose_peer("replaced by a new connection".into());
+        }
+        if self.failed.is_some() {
+            self.out.push_back(Output::Disconnect {
+                reason: "this node has failed".into(),
+            });
+            return;
+        }
+        self.epoch += 1;
+        self.conn = ConnectionState::Handshaking;
+        self.handshake_deadline = Some(now + self.cfg.ack_timeout);
+        self.next_seq = 1;
+        self.last_write_seq_sent = 0;
+        self.peer_flushed_below = 0;
+        self.sec_last_seq = 0;
+        self.out.push_back(Output::Send(Message::Hello(Hello {
+            node_name: self.cfg.node_name.clone(),
+            resource: self.cfg.resource.clone(),
+            size_bytes: self.cfg.size_bytes,
+            state: NodeState {
+                role: self.wanted.role,
+                disk: self.wanted.disk,
+            },
+            current_generation: self.wanted.current_generation,
+            peer_sync_needed: self.wanted.peer_sync_needed,
+            unclean_primary: self.unclean_primary,
+        })));
+    }
+
+    /// The link to the peer is gone (the driver noticed; the core may also
+    /// decide it with `Output::Disconnect`).
+    pub fn handle_disconnected(&mut self, now: Instant, reason: &str) {
+        self.now = now;
+        if self.conn != ConnectionState::Disconnected {
+            self.lose_peer(reason.to_string());
+        }
+    }
+
+    fn drop_link(&mut self, reason: String) {
+        tracing::warn!(resource = %self.cfg.resource, "dropping the link: {reason}");
+        self.out.push_back(Output::Disconnect {
+            reason: reason.clone(),
+        });
+        self.lose_peer(reason);
+    }
+
+    fn lose_peer(&mut self, reason: String) {
+        let was_connected = self.conn == ConnectionState::Connected;
+        self.conn = ConnectionState::Disconnected;
+        self.handshake_deadline = None;
+        self.peer = None;
+        self.last_disconnect = Some(reason);
+        if was_connected {
+            self.peer_lost_while_up = true;
+        }
+        // The transfer log: every write sent since the last completed peer
+        // flush may be missing on the peer (a power cut there loses it).
+        let transfer_log_dirty =
+            self.last_write_seq_sent >= self.peer_flushed_below && self.last_write_seq_sent > 0;
+        let mut unconfirmed = false;
+        for id in self.ops.ids() {
+            match self.ops.get_mut(id) {
+                Some(Op::ClientWrite { peer, .. }) | Some(Op::ClientFlush { peer, .. }) => {
+                    if *peer == PeerAck::Waiting {
+                        *peer = PeerAck::NotNeeded;
+                        unconfirmed = true;
+                    }
+                }
+                Some(Op::SyncChunk { sent, .. }) => {
+                    // A chunk still being read is dropped when its read ends.
+                    if *sent || !self.ops.is_active(id) {
+                        self.ops.remove(id);
+                    }
+                }
+                Some(Op::PeerWrite { .. }) | Some(Op::PeerFlush { .. }) => {
+                    // Running ones finish silently (their epoch is stale);
+                    // waiting ones were never acknowledged: drop them.
+                    if !self.ops.is_active(id) {
+                        self.ops.remove(id);
+                    }
+                }
+                None => {}
+            }
+        }
+        self.peer_pending.clear();
+        self.sec_incomplete.clear();
+        self.sec_flushes.clear();
+        self.sync = None;
+        self.sync_target = None;
+        if self.wanted.role == Role::Primary {
+            if transfer_log_dirty || unconfirmed {
+                self.note_peer_missing();
+            }
+            if self.cfg.on_peer_loss == OnPeerLoss::SuspendIo {
+                self.io_suspended = true;
+            }
+        }
+        self.try_finish_all();
+    }
+
+    /// A message from the peer, decoded by the driver.
+    pub fn handle_message(&mut self, now: Instant, msg: Message<P>) {
+        self.now = now;
+        if self.failed.is_some() || self.conn == ConnectionState::Disconnected {
+            return;
+        }
+        let name = msg.name();
+        if let Err(reason) = self.dispatch(msg) {
+            self.drop_link(format!("protocol violation ({name}): {reason}"));
+        }
+    }
+
+    fn dispatch(&mut self, msg: Message<P>) -> Result<(), String> {
+        if self.conn == ConnectionState::Handshaking && !matches!(msg, Message::Hello(_)) {
+            return Err("expected hello first".into());
+        }
+        match msg {
+            Message::Hello(h) => self.on_hello(h),
+            Message::State(s) => {
+                let peer = self.peer.as_mut().ok_or("state before hello")?;
+                peer.state = s;
+                if s.role == Role::Primary && self.wanted.role == Role::Primary {
+                    return Err("both nodes are Primary".into());
+                }
+                self.maybe_start_sync();
+                self.start_ready();
+                Ok(())
+            }
+            Message::Write {
+                seq,
+                offset,
+                payload,
+                fua,
+            } => {
+                let len = payload.len() as u64;
+                self.on_peer_write(
+                    seq,
+                    offset,
+                    len,
+                    DiskOp::Write {
+                        offset,
+                        payload,
+                        fua,
+                    },
+                    0,
+                )
+            }
+            Message::Trim {
+                seq,
+                offset,
+                length,
+            } => self.on_peer_write(seq, offset, length, DiskOp::Trim { offset, length }, 0),
+            Message::WriteZeroes {
+                seq,
+                offset,
+                length,
+                no_hole,
+            } => self.on_peer_write(
+                seq,
+                offset,
+                length,
+                DiskOp::WriteZeroes {
+                    offset,
+                    length,
+                    no_hole,
+                },
+                0,
+            ),
+            Message::SyncData {
+                seq,
+                offset,
+                payload,
+            } => {
+                if self.sync_target.is_none() {
+                    return Err("sync data while no sync runs".into());
+                }
+                let len = payload.len() as u64;
+                self.on_peer_write(
+                    seq,
+                    offset,
+                    len,
+                    DiskOp::Write {
+                        offset,
+                        payload,
+                        fua: false,
+                    },
+                    len,
+                )
+            }
+            Message::Flush { seq } => {
+                self.check_from_primary(seq)?;
+                self.sec_flushes.push_back((seq, false));
+                self.check_sec_flushes();
+                Ok(())
+            }
+            Message::SyncDone { seq } => {
+                self.check_from_primary(seq)?;
+                if self.sync_target.is_none() {
+                    return Err("sync done while no sync runs".into());
+                }
+                self.sec_flushes.push_back((seq, true));
+                self.check_sec_flushes();
+                Ok(())
+            }
+            Message::Ack { seq } => self.on_ack(seq, false),
+            Message::FlushAck { seq } => self.on_ack(seq, true),
+            Message::SyncDoneAck { seq } => {
+                match self.peer_pending.remove(&seq) {
+                    Some((Pending::SyncDone, _)) => {}
+                    _ => return Err(format!("unexpected sync-done-ack {seq}")),
+                }
+                self.sync = None;
+                if let Some(p) = &mut self.peer {
+                    p.state.disk = DiskState::UpToDate;
+                    p.unclean_primary = false;
+                    p.peer_sync_needed = false;
+                }
+                if self.wanted.peer_sync_needed {
+                    self.wanted.peer_sync_needed = false;
+                    self.request_meta();
+                }
+                tracing::info!(resource = %self.cfg.resource, "full sync finished: the peer is UpToDate");
+                Ok(())
+            }
+            Message::SyncStart { total_bytes } => {
+                if self.wanted.role != Role::Secondary || !self.peer_is_primary() {
+                    return Err("sync start but this node is not a secondary of a primary".into());
+                }
+                if total_bytes != self.cfg.size_bytes {
+                    return Err(format!(
+                        "sync of {total_bytes} bytes but the volume has {}",
+                        self.cfg.size_bytes
+                    ));
+                }
+                if self.sync_target.is_some() {
+                    return Err("sync start while a sync runs".into());
+                }
+                self.sync_target = Some(SyncTarget {
+                    done_bytes: 0,
+                    started: self.now,
+                });
+                tracing::info!(resource = %self.cfg.resource, "full sync starting: this node is the target");
+                // Inconsistent (and no longer an unclean primary) must be on
+                // disk before the first chunk overwrites anything.
+                self.wanted.disk = DiskState::Inconsistent;
+                let version = if self.wanted != self.persisted {
+                    self.request_meta()
+                } else {
+                    self.meta_version
+                };
+                self.unclean_primary = false;
+                self.defer(version, Deferred::SyncReady);
+                Ok(())
+            }
+            Message::SyncReady => match &mut self.sync {
+                Some(s) if s.phase == SyncPhase::WaitingReady => {
+                    s.phase = SyncPhase::Sending;
+                    self.pump_sync();
+                    Ok(())
+                }
+                _ => Err("sync ready while no sync waits for it".into()),
+            },
+        }
+    }
+
+    fn peer_is_primary(&self) -> bool {
+        self.peer
+            .as_ref()
+            .is_some_and(|p| p.state.role == Role::Primary)
+    }
+
+    fn check_from_primary(&mut self, seq: u64) -> Result<(), String> {
+        if self.wanted.role != Role::Secondary || !self.peer_is_primary() {
+            return Err(
+                "replicated request but this node is not the secondary of a primary".into(),
+            );
+        }
+        if seq <= self.sec_last_seq {
+            return Err(format!(
+                "sequence {seq} does not follow {}",
+                self.sec_last_seq
+            ));
+        }
+        self.sec_last_seq = seq;
+        Ok(())
+    }
+
+    fn on_hello(&mut self, h: Hello) -> Result<(), String> {
+        if self.conn != ConnectionState::Handshaking {
+            return Err("second hello".into());
+        }
+        if h.resource != self.cfg.resource {
+            return Err(format!(
+                "the peer replicates resource {:?}, not {:?}",
+                h.resource, self.cfg.resource
+            ));
+        }
+        if h.node_name == self.cfg.node_name {
+            return Err(format!("the peer calls itself {:?} too", h.node_name));
+        }
+        if h.size_bytes != self.cfg.size_bytes {
+            return Err(format!(
+                "the peer's volume has {} bytes, this node's {}",
+                h.size_bytes, self.cfg.size_bytes
+            ));
+        }
+        if h.state.role == Role::Primary && self.wanted.role == Role::Primary {
+            return Err("both nodes are Primary: demote one".into());
+        }
+        tracing::info!(
+            resource = %self.cfg.resource,
+            peer = %h.node_name,
+            "connected: peer is {:?}/{:?}",
+            h.state.role,
+            h.state.disk
+        );
+        self.peer = Some(PeerInfo {
+            name: h.node_name,
+            state: h.state,
+            generation: h.current_generation,
+            peer_sync_needed: h.peer_sync_needed,
+            unclean_primary: h.unclean_primary,
+        });
+        self.conn = ConnectionState::Connected;
+        self.handshake_deadline = None;
+        self.io_suspended = false;
+        // Writes that waited on a lost link without the peer's ack are now
+        // covered by the sync that follows.
+        self.maybe_start_sync();
+        self.try_finish_all();
+        Ok(())
+    }
+
+    fn on_peer_write(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        length: u64,
+        op: DiskOp<P>,
+        sync_bytes: u64,
+    ) -> Result<(), String> {
+        self.check_from_primary(seq)?;
+        let fits = offset
+            .checked_add(length)
+            .is_some_and(|end| end <= self.cfg.size_bytes);
+        if !fits {
+            return Err(format!(
+                "write of {length} bytes at {offset} past the end ({} bytes)",
+                self.cfg.size_bytes
+            ));
+        }
+        let id = self.ops.insert(
+            Some(Range::new(offset, length)),
+            Op::PeerWrite {
+                seq,
+                epoch: self.epoch,
+                op,
+                sync_bytes,
+            },
+        );
+        self.sec_incomplete.insert(seq);
+        if self.ops.may_start(id) {
+            self.start_op(id);
+        }
+        Ok(())
+    }
+
+    fn check_sec_flushes(&mut self) {
+        while let Some(&(seq, sync_done)) = self.sec_flushes.front() {
+            if self.sec_incomplete.range(..seq).next().is_some() {
+                break;
+            }
+            self.sec_flushes.pop_front();
+            let id = self.ops.insert(
+                None,
+                Op::PeerFlush {
+                    seq,
+                    epoch: self.epoch,
+                    sync_done,
+                },
+            );
+            self.start_op(id);
+        }
+    }
+
+    fn finish_sync_target(&mut self, seq: u64) {
+        self.sync_target = None;
+        self.wanted.disk = DiskState::UpToDate;
+        self.wanted.role = Role::Secondary;
+        if let Some(p) = &self.peer {
+            self.wanted.current_generation = p.generation;
+        }
+        let v = self.request_meta();
+        tracing::info!(resource = %self.cfg.resource, "full sync finished: this node is UpToDate");
+        self.defer(v, Deferred::SyncDoneAck(seq));
+    }
+
+    fn on_ack(&mut self, seq: u64, flush: bool) -> Result<(), String> {
+        let Some((Pending::Op(id), _)) = self.peer_pending.remove(&seq) else {
+            return Err(format!("acknowledgement of unknown sequence {seq}"));
+        };
+        if flush {
+            self.peer_flushed_below = self.peer_flushed_below.max(seq);
+        }
+        match self.ops.get_mut(id) {
+            Some(Op::ClientWrite { peer, .. }) if !flush => {
+                *peer = PeerAck::Done;
+                self.try_finish(id);
+                self.start_ready();
+                Ok(())
+            }
+            Some(Op::ClientFlush { peer, .. }) if flush => {
+                *peer = PeerAck::Done;
+                self.try_finish(id);
+                Ok(())
+            }
+            Some(Op::SyncChunk { length, sent, .. }) if !flush && *sent => {
+                let length = *length;
+                self.ops.remove(id);
+                if let Some(s) = &mut self.sync {
+                    s.done_bytes += length;
+                    s.in_flight -= 1;
+                }
+                self.start_ready();
+                self.pump_sync();
+                Ok(())
+            }
+            _ => Err(format!("acknowledgement {seq} of the wrong kind")),
+        }
+    }
+
+    // ----- full sync (source side) ----------------------------------------
+
+    fn maybe_start_sync(&mut self) {
+        if self.sync.is_some()
+            || self.conn != ConnectionState::Connected
+            || !self.serves_clients()
+            || self.wanted.disk != DiskState::UpToDate
+        {
+            return;
+        }
+        let Some(peer) = &self.peer else { return };
+        if peer.state.role != Role::Secondary {
+            return;
+        }
+        // A peer that crashed as primary may hold unacknowledged writes this
+        // node never saw: they are overwritten, as the failover requires.
+        let needed = peer.state.disk != DiskState::UpToDate
+            || self.wanted.peer_sync_needed
+            || peer.unclean_primary;
+        if !needed {
+            return;
+        }
+        tracing::info!(
+            resource = %self.cfg.resource,
+            peer = %peer.name,
+            "full sync starting: this node is the source"
+        );
+        self.sync = Some(SyncSource {
+            epoch: self.epoch,
+            phase: SyncPhase::WaitingReady,
+            next_offset: 0,
+            done_bytes: 0,
+            in_flight: 0,
+            started: self.now,
+        });
+        self.out.push_back(Output::Send(Message::SyncStart {
+            total_bytes: self.cfg.size_bytes,
+        }));
+    }
+
+    fn pump_sync(&mut self) {
+        let Some(s) = &self.sync else { return };
+        if s.phase != SyncPhase::Sending {
+            return;
+        }
+        let chunk = self.cfg.sync_chunk_bytes.max(1);
+        let window = self.cfg.sync_window.max(1);
+        loop {
+            let Some(s) = &mut self.sync else { return };
+            if s.in_flight >= window || s.next_offset >= self.cfg.size_bytes {
+                break;
+            }
+            let offset = s.next_offset;
+            let length = chunk.min(self.cfg.size_bytes - offset);
+            s.next_offset += length;
+            s.in_flight += 1;
+            let epoch = s.epoch;
+            let id = self.ops.insert(
+                Some(Range::new(offset, length)),
+                Op::SyncChunk {
+                    offset,
+                    length,
+                    epoch,
+                    sent: false,
+                },
+            );
+            if self.ops.may_start(id) {
+                self.start_op(id);
+            }
+        }
+        let Some(s) = &mut self.sync else { return };
+        if s.in_flight == 0 && s.next_offset >= self.cfg.size_bytes {
+            s.phase = SyncPhase::DoneSent;
+            let seq = self.alloc_seq();
+            self.peer_pending.insert(seq, (Pending::SyncDone, self.now));
+            self.out.push_back(Output::Send(Message::SyncDone { seq }));
+        }
+    }
+
+    // ----- timers and admin ------------------------------------------------
+
+    /// Time passed; acts on expired deadlines.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        if self.failed.is_some() {
+            return;
+        }
+        if self.handshake_deadline.is_some_and(|d| now >= d) {
+            self.drop_link("the peer sent no hello in time".into());
+            return;
+        }
+        if let Some(s) = &self.sync {
+            if s.phase == SyncPhase::WaitingReady && now >= s.started + self.cfg.ack_timeout {
+                self.drop_link("the peer did not answer the sync start in time".into());
+                return;
+            }
+        }
+        let oldest = self.peer_pending.iter().min_by_key(|(_, (_, sent))| *sent);
+        if let Some((&seq, &(_, sent))) = oldest {
+            if now >= sent + self.cfg.ack_timeout {
+                self.drop_link(format!(
+                    "the peer left request {seq} unacknowledged for {:?}",
+                    self.cfg.ack_timeout
+                ));
+            }
+        }
+    }
+
+    /// An operator command; answered with `Output::AdminDone`.
+    pub fn handle_admin(&mut self, now: Instant, id: AdminId, cmd: AdminCommand) {
+        self.now = now;
+        let result = self.admin(id, cmd);
+        if let Err(e) = result {
+            self.out.push_back(Output::AdminDone { id, result: Err(e) });
+        }
+    }
+
+    fn admin(&mut self, id: AdminId, cmd: AdminCommand) -> Result<(), AdminError> {
+        if let Some(f) = &self.failed {
+            return Err(AdminError(format!("this node has failed: {f}")));
+        }
+        match cmd {
+            AdminCommand::Promote {
+                force,
+                new_generation,
+            } => self.promote(id, force, new_generation),
+            AdminCommand::Demote => {
+                if self.wanted.role == Role::Secondary {
+                    self.out.push_back(Output::AdminDone {
+                        id,
+                        result: Ok("already Secondary".into()),
+                    });
+                    return Ok(());
+                }
+                let busy = self.ops.iter().filter(|(_, op)| op.is_client()).count();
+                if busy > 0 {
+                    return Err(AdminError(format!(
+                        "{busy} client requests are in flight; disconnect the clients first"
+                    )));
+                }
+                if self.sync.take().is_some() {
+                    tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+                }
+                self.wanted.role = Role::Secondary;
+                self.io_suspended = false;
+                let v = self.request_meta();
+                self.defer(v, Deferred::SendState);
+                self.defer(v, Deferred::Admin(id, "demoted to Secondary".into()));
+                Ok(())
+            }
+            AdminCommand::ResumeIo => {
+                let msg = if self.io_suspended {
+                    self.io_suspended = false;
+                    self.try_finish_all();
+                    "I/O resumed: writes proceed on this node alone"
+                } else {
+                    "I/O is not suspended"
+                };
+                self.out.push_back(Output::AdminDone {
+                    id,
+                    result: Ok(msg.into()),
+                });
+                Ok(())
+            }
+            AdminCommand::Shutdown => {
+                if self.wanted.role == Role::Primary || self.persisted.role == Role::Primary {
+                    self.wanted.role = Role::Secondary;
+                    let v = self.request_meta();
+                    self.defer(v, Deferred::Admin(id, "stopped cleanly".into()));
+                } else {
+                    self.out.push_back(Output::AdminDone {
+                        id,
+                        result: Ok("stopped cleanly".into()),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn promote(&mut self, id: AdminId, force: bool, new_generation: u64) -> Result<(), AdminError> {
+        if self.wanted.role == Role::Primary {
+            self.out.push_back(Output::AdminDone {
+                id,
+                result: Ok("already Primary".into()),
+            });
+            return Ok(());
+        }
+        if self.conn == ConnectionState::Handshaking {
+            return Err(AdminError(
+                "the link to the peer is being set up; retry in a moment".into(),
+            ));
+        }
+        if let Some(p) = &self.peer {
+            if p.state.role == Role::Primary {
+                return Err(AdminError(format!(
+                    "the peer {} is Primary; demote it first",
+                    p.name
+                )));
+            }
+        }
+        if !force {
+            if self.wanted.disk != DiskState::UpToDate {
+                return Err(AdminError(format!(
+                    "this node's disk is {:?}, not a valid current copy; wait for the sync to \
+                     finish, or pass --force on the node whose data should win",
+                    self.wanted.disk
+                )));
+            }
+            if self.conn == ConnectionState::Disconnected && !self.peer_lost_while_up {
+                return Err(AdminError(
+                    "this node has not seen its peer since it started and cannot tell whether \
+                     the peer moved on; connect the peer, or pass --force"
+                        .into(),
+                ));
+            }
+        }
+        if self.sync_target.is_some() {
+            return Err(AdminError(
+                "this node is the target of a running sync; wait for it to finish".into(),
+            ));
+        }
+        let mut msg = String::from("promoted to Primary");
+        if force && self.wanted.disk != DiskState::UpToDate {
+            msg.push_str(&format!(
+                " (forced: this node's {:?} data is now the current copy)",
+                self.wanted.disk
+            ));
+            self.wanted.disk = DiskState::UpToDate;
+        }
+        if force || self.wanted.current_generation == 0 {
+            self.wanted.history_generations = [
+                self.wanted.current_generation,
+                self.wanted.history_generations[0],
+            ];
+            self.wanted.current_generation = new_generation;
+        }
+        if force {
+            // This node's data wins: whatever the peer holds must be replaced.
+            self.wanted.peer_sync_needed = true;
+        } else if self.unclean_primary {
+            self.wanted.peer_sync_needed = true;
+        }
+        self.unclean_primary = false;
+        self.wanted.role = Role::Primary;
+        let v = self.request_meta();
+        self.defer(v, Deferred::SendState);
+        self.defer(v, Deferred::StartSync);
+        self.defer(v, Deferred::Admin(id, msg));
+        Ok(())
+    }
+}
+
+fn unreachable_flush() -> ! {
+    // ClientWrite never holds a Flush: handle_client files flushes as
+    // ClientFlush. Reaching this is a programming error.
+    panic!("invariant broken: a flush filed as a client write")
+}
