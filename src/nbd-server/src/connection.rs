@@ -204,7 +204,7 @@ fn export_info<V: Volume>(context: &ConnectionContext<V>) -> ExportInfo {
             preferred: 4096,
             maximum: MAX_PAYLOAD_BYTES,
         },
-        refusal: None,
+        refusal: volume.refusal(),
     }
 }
 

@@ -70,6 +70,11 @@ pub trait Volume: Send + Sync + 'static {
     fn alignment(&self) -> u32;
     /// A short human description (shown by `nbdinfo`).
     fn description(&self) -> String;
+    /// Why the volume refuses new clients now (a replicated volume on a
+    /// secondary, say), or `None` when it accepts them. Checked at each handshake.
+    fn refusal(&self) -> Option<String> {
+        None
+    }
     /// Reads `length` bytes at `offset`.
     fn read(
         &self,

@@ -146,6 +146,9 @@ pub struct StoreConfig {
     /// thread hand-offs per read (measured: 4 KiB cold random reads at queue depth 32,
     /// 30–44k IOPS through the ring, 46–60k through the pool, on 2 cores).
     pub buffered_reads_on_pool: bool,
+    /// Serve only the first this-many bytes of the backing store (the rest holds
+    /// pairbd's internal metadata, which requests must never reach). `None`: all.
+    pub data_size_bytes: Option<u64>,
 }
 
 impl StoreConfig {
@@ -167,6 +170,7 @@ impl StoreConfig {
             inline_nowait: true,
             inline_sync_max_bytes: DEFAULT_INLINE_SYNC_MAX_BYTES,
             buffered_reads_on_pool: true,
+            data_size_bytes: None,
         }
     }
 

@@ -83,6 +83,17 @@ pub(crate) fn open_backing(cfg: &StoreConfig) -> Result<Backing, StoreError> {
         }
     }
 
+    let size_bytes = match cfg.data_size_bytes {
+        Some(limit) if limit > size_bytes => {
+            return Err(StoreError::InvalidConfig(format!(
+                "{} is {size_bytes} bytes, smaller than the {limit}-byte data area",
+                path.display()
+            )))
+        }
+        Some(limit) => limit,
+        None => size_bytes,
+    };
+
     let io_align_bytes = if cfg.direct_io {
         direct_io_alignment(path, &file, is_block_device)?
     } else {

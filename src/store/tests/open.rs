@@ -201,3 +201,31 @@ fn auto_picks_io_uring_here_and_overrides_work() {
         assert_eq!(store.engine_kind(), kind, "engine = {choice}");
     }
 }
+
+#[test]
+fn a_data_area_limit_keeps_requests_off_the_tail() {
+    let dir = temp_dir();
+    let cfg = config(&dir, "store", 3 * MIB, EngineChoice::Pool);
+    drop(Store::open(&cfg).expect("create"));
+    let limited = StoreConfig {
+        create_size_bytes: None,
+        data_size_bytes: Some(2 * MIB),
+        ..cfg.clone()
+    };
+    let store = Store::open(&limited).expect("open with a limit");
+    assert_eq!(store.size_bytes(), 2 * MIB);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let err = runtime
+        .block_on(store.write(2 * MIB, pairbd_store::AlignedBuf::zeroed(4096), false))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::OutOfRange { .. }), "{err}");
+    drop(store);
+    let too_big = StoreConfig {
+        data_size_bytes: Some(4 * MIB),
+        ..limited
+    };
+    let err = Store::open(&too_big).unwrap_err();
+    assert!(err.to_string().contains("smaller than"), "{err}");
+}
