@@ -1,1 +1,364 @@
-//! placeholder
+//! pairbd's on-disk metadata: what a node must remember across crashes (role,
+//! disk state, generation identifiers, whether the peer needs a sync), in a
+//! format that is never torn.
+//!
+//! Two 4096-byte slots, each a complete record protected by crc32c and carrying
+//! a write counter. A write goes to the slot that does not hold the newest valid
+//! record, then fdatasync; reading takes the valid slot with the highest
+//! counter. A crash in the middle of a write leaves the other slot, the previous
+//! state, intact. Internal metadata sits in the [`META_RESERVED_BYTES`] right
+//! behind the data area of the backing store; external metadata is a file of
+//! its own.
+
+mod format;
+
+pub use format::{decode_slot, encode_slot, MetaRecord, SlotError, FORMAT_VERSION, SLOT_BYTES};
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use pairbd_repl_core::PersistentState;
+
+/// Bytes reserved at the end of a backing store for internal metadata (room
+/// for bitmaps later).
+pub const META_RESERVED_BYTES: u64 = 1 << 20;
+
+/// Where a node's metadata lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// At the end of the backing store, behind the data area.
+    Internal { backing: PathBuf },
+    /// In a file of its own.
+    External { path: PathBuf },
+}
+
+impl MetaLocation {
+    /// The file that holds the metadata.
+    pub fn path(&self) -> &Path {
+        match self {
+            MetaLocation::Internal { backing } => backing,
+            MetaLocation::External { path } => path,
+        }
+    }
+}
+
+/// Why metadata could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("no pairbd metadata on {path}; run `pairbd create-md` for this node first")]
+    Missing { path: PathBuf },
+    #[error("the metadata on {path} is corrupt (both copies fail their checksum); recreate it with `pairbd create-md --force` (the node then needs a full sync)")]
+    Corrupt { path: PathBuf },
+    #[error("the metadata on {path} has format version {found}; this pairbd reads version {supported} — run a newer pairbd")]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("metadata already exists on {path} (node {node}, resource {resource}); pass --force to overwrite it")]
+    Exists {
+        path: PathBuf,
+        node: String,
+        resource: String,
+    },
+    #[error("{path} is {actual} bytes, too small for {needed} bytes of data and metadata")]
+    TooSmall {
+        path: PathBuf,
+        actual: u64,
+        needed: u64,
+    },
+    #[error("{what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
+    #[error("a metadata write failed earlier; restart the node")]
+    Poisoned,
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MetaError + 'a {
+    move |source| MetaError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The byte offset of slot 0: right behind the data area for internal
+/// metadata (whatever the device's size), at the start of an external file.
+fn slots_offset(
+    location: &MetaLocation,
+    file_len: u64,
+    data_size_bytes: u64,
+) -> Result<u64, MetaError> {
+    match location {
+        MetaLocation::External { .. } => Ok(0),
+        MetaLocation::Internal { backing } => {
+            let needed = data_size_bytes + META_RESERVED_BYTES;
+            if file_len < needed {
+                return Err(MetaError::TooSmall {
+                    path: backing.clone(),
+                    actual: file_len,
+                    needed,
+                });
+            }
+            Ok(data_size_bytes)
+        }
+    }
+}
+
+fn file_len(file: &File, path: &Path) -> Result<u64, MetaError> {
+    let meta = file.metadata().map_err(io("stat", path))?;
+    if meta.file_type().is_block_device() {
+        let mut f = file;
+        f.seek(SeekFrom::End(0)).map_err(io("seek", path))
+    } else {
+        Ok(meta.len())
+    }
+}
+
+/// What reading both slots found.
+enum Found {
+    Record { record: MetaRecord, slot: usize },
+    Missing,
+    Corrupt,
+    Newer(u32),
+}
+
+fn read_slots(file: &File, path: &Path, offset: u64) -> Result<Found, MetaError> {
+    let mut best: Option<(MetaRecord, usize)> = None;
+    let mut all_zero = true;
+    let mut newer = None;
+    for slot in 0..2 {
+        let mut buf = vec![0u8; SLOT_BYTES];
+        let at = offset + (slot * SLOT_BYTES) as u64;
+        // A short file reads as zeroes past its end.
+        let mut filled = 0;
+        while filled < SLOT_BYTES {
+            let n = file
+                .read_at(&mut buf[filled..], at + filled as u64)
+                .map_err(io("read", path))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        if buf.iter().any(|&b| b != 0) {
+            all_zero = false;
+        }
+        match decode_slot(&buf) {
+            Ok(record) => {
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, _)| record.counter > b.counter)
+                {
+                    best = Some((record, slot));
+                }
+            }
+            Err(SlotError::NewerFormat(v)) => newer = Some(v),
+            Err(_) => {}
+        }
+    }
+    Ok(match (best, newer) {
+        (Some((record, slot)), _) => Found::Record { record, slot },
+        (None, Some(v)) => Found::Newer(v),
+        (None, None) if all_zero => Found::Missing,
+        (None, None) => Found::Corrupt,
+    })
+}
+
+/// An open metadata area: the last record, and the means to write the next.
+pub struct MetaStore {
+    file: File,
+    path: PathBuf,
+    offset: u64,
+    record: MetaRecord,
+    /// The slot holding `record`.
+    slot: usize,
+    poisoned: bool,
+}
+
+impl MetaStore {
+    /// Reads and checks the metadata at `location`, for a data area of
+    /// `data_size_bytes` (internal metadata sits right behind it).
+    pub fn open(location: &MetaLocation, data_size_bytes: u64) -> Result<MetaStore, MetaError> {
+        let path = location.path();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    MetaError::Missing {
+                        path: path.to_path_buf(),
+                    }
+                } else {
+                    io("open", path)(e)
+                }
+            })?;
+        let len = file_len(&file, path)?;
+        let offset = slots_offset(location, len, data_size_bytes)?;
+        match read_slots(&file, path, offset)? {
+            Found::Record { record, slot } => Ok(MetaStore {
+                file,
+                path: path.to_path_buf(),
+                offset,
+                record,
+                slot,
+                poisoned: false,
+            }),
+            Found::Missing => Err(MetaError::Missing {
+                path: path.to_path_buf(),
+            }),
+            Found::Corrupt => Err(MetaError::Corrupt {
+                path: path.to_path_buf(),
+            }),
+            Found::Newer(found) => Err(MetaError::NewerFormat {
+                path: path.to_path_buf(),
+                found,
+                supported: FORMAT_VERSION,
+            }),
+        }
+    }
+
+    /// The newest record.
+    pub fn record(&self) -> &MetaRecord {
+        &self.record
+    }
+
+    /// Writes `state` atomically (the other slot, then fdatasync). After a
+    /// failure the store refuses further writes: what is on disk is unknown.
+    pub fn write(&mut self, state: PersistentState) -> Result<(), MetaError> {
+        if self.poisoned {
+            return Err(MetaError::Poisoned);
+        }
+        let mut next = self.record.clone();
+        next.counter += 1;
+        next.state = state;
+        let slot = 1 - self.slot;
+        let result = self.write_slot(slot, &next);
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result?;
+        self.record = next;
+        self.slot = slot;
+        Ok(())
+    }
+
+    fn write_slot(&self, slot: usize, record: &MetaRecord) -> Result<(), MetaError> {
+        let buf = encode_slot(record);
+        let at = self.offset + (slot * SLOT_BYTES) as u64;
+        self.file
+            .write_all_at(&buf, at)
+            .map_err(io("write", &self.path))?;
+        self.file.sync_data().map_err(io("fdatasync", &self.path))
+    }
+}
+
+/// `pairbd create-md`: creates the backing file if missing (or extends a short
+/// regular file), then writes fresh metadata (Secondary, Inconsistent) to both
+/// slots. Refuses to overwrite valid metadata unless `force`.
+pub fn create_md(
+    backing: &Path,
+    location: &MetaLocation,
+    data_size_bytes: u64,
+    node_id: u8,
+    node_name: &str,
+    resource: &str,
+    force: bool,
+) -> Result<MetaRecord, MetaError> {
+    if data_size_bytes == 0 || data_size_bytes % 4096 != 0 {
+        return Err(MetaError::Invalid {
+            what: "size",
+            detail: format!("{data_size_bytes} bytes is not a positive multiple of 4096"),
+        });
+    }
+    let record =
+        MetaRecord::new(data_size_bytes, node_id, node_name, resource).map_err(|detail| {
+            MetaError::Invalid {
+                what: "names",
+                detail,
+            }
+        })?;
+    let internal = matches!(location, MetaLocation::Internal { .. });
+    let needed = data_size_bytes + if internal { META_RESERVED_BYTES } else { 0 };
+    ensure_size(backing, needed)?;
+    let meta_path = location.path();
+    if !internal {
+        ensure_size(meta_path, (2 * SLOT_BYTES) as u64)?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(meta_path)
+        .map_err(io("open", meta_path))?;
+    let len = file_len(&file, meta_path)?;
+    let offset = slots_offset(location, len, data_size_bytes)?;
+    if !force {
+        if let Found::Record { record, .. } = read_slots(&file, meta_path, offset)? {
+            return Err(MetaError::Exists {
+                path: meta_path.to_path_buf(),
+                node: record.node_name,
+                resource: record.resource,
+            });
+        }
+    }
+    let store = MetaStore {
+        file,
+        path: meta_path.to_path_buf(),
+        offset,
+        record: record.clone(),
+        slot: 0,
+        poisoned: false,
+    };
+    let mut second = record.clone();
+    second.counter += 1;
+    store.write_slot(0, &record)?;
+    store.write_slot(1, &second)?;
+    Ok(second)
+}
+
+/// Creates `path` at `len` bytes if missing; extends a shorter regular file;
+/// checks a block device is large enough.
+fn ensure_size(path: &Path, len: u64) -> Result<(), MetaError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("open", path))?;
+    let meta = file.metadata().map_err(io("stat", path))?;
+    if meta.file_type().is_block_device() {
+        let actual = file_len(&file, path)?;
+        if actual < len {
+            return Err(MetaError::TooSmall {
+                path: path.to_path_buf(),
+                actual,
+                needed: len,
+            });
+        }
+        return Ok(());
+    }
+    if !meta.is_file() {
+        return Err(MetaError::Invalid {
+            what: "backing",
+            detail: format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            ),
+        });
+    }
+    if meta.len() < len {
+        file.set_len(len).map_err(io("extend", path))?;
+        file.sync_all().map_err(io("fsync", path))?;
+    }
+    Ok(())
+}
