@@ -1,1 +1,231 @@
-//! placeholder
+//! pairbd's configuration: one TOML file describes a pair; both nodes read the
+//! same file and `--node` (or the hostname) picks the local one.
+//!
+//! ```toml
+//! [resource.mail]
+//! size = "1GiB"
+//! [resource.mail.node.alpha]
+//! id = 1
+//! backing = "alpha.img"
+//! replication = "127.0.0.1:7789"
+//! certificate = "alpha.crt"
+//! key = "alpha.key"
+//! control = "alpha.ctl"
+//! [resource.mail.node.beta]
+//! ...
+//! ```
+//!
+//! Every error names the file, the line and the key (`resource.mail.node.alpha.id`),
+//! and says what is wrong; unknown keys are errors. Relative paths are taken
+//! relative to the configuration file's directory.
+
+mod parse;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use pairbd_nbd_server::ListenAddr;
+
+/// A configuration error, naming where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Something in the file is wrong.
+    #[error("config {path} line {line}: {key}: {message}")]
+    At {
+        path: PathBuf,
+        line: usize,
+        key: String,
+        message: String,
+    },
+    /// A choice outside the file is wrong (node, resource).
+    #[error("config {path}: {message}")]
+    Selection { path: PathBuf, message: String },
+}
+
+/// What a primary does while its peer is away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPeerLoss {
+    /// Keep serving on one node.
+    Continue,
+    /// Hold writes until the peer returns or `resume-io`.
+    SuspendIo,
+}
+
+/// The disk engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// io_uring where the kernel allows it, else the thread pool.
+    Auto,
+    /// io_uring.
+    Uring,
+    /// The thread pool.
+    Pool,
+}
+
+/// Where a node keeps its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// Behind the data area of the backing store.
+    Internal,
+    /// In its own file.
+    External(PathBuf),
+}
+
+/// One node of a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub id: u8,
+    pub backing: PathBuf,
+    pub meta: MetaLocation,
+    pub listen: Vec<ListenAddr>,
+    /// The UDP address this node's QUIC endpoint binds.
+    pub replication: SocketAddr,
+    /// The address the peer dials to reach this node.
+    pub connect: SocketAddr,
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    pub control: PathBuf,
+}
+
+/// One replicated resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceConfig {
+    pub name: String,
+    pub size_bytes: u64,
+    pub export: String,
+    pub on_peer_loss: OnPeerLoss,
+    pub ping_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub sync_chunk_bytes: u64,
+    pub sync_window: usize,
+    pub engine: Engine,
+    pub direct_io: bool,
+    pub nodes: BTreeMap<String, NodeConfig>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub resources: BTreeMap<String, ResourceConfig>,
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Checks configuration text; `path` names it in errors and anchors
+    /// relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        parse::parse(text, path)
+    }
+
+    fn selection(&self, message: String) -> ConfigError {
+        ConfigError::Selection {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .resources
+            .values()
+            .flat_map(|r| r.nodes.keys().cloned())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The local node: `node` if given (it must exist), else the hostname.
+    pub fn select_node(&self, node: Option<&str>) -> Result<&str, ConfigError> {
+        let names = self.node_names();
+        let wanted = match node {
+            Some(n) => n.to_string(),
+            None => hostname().unwrap_or_default(),
+        };
+        match names.iter().find(|n| **n == wanted) {
+            Some(_) => Ok(self
+                .resources
+                .values()
+                .flat_map(|r| r.nodes.keys())
+                .find(|n| **n == wanted)
+                .map(String::as_str)
+                .unwrap_or_default()),
+            None if node.is_some() => Err(self.selection(format!(
+                "no node named {wanted:?}; the nodes are: {}",
+                names.join(", ")
+            ))),
+            None => Err(self.selection(format!(
+                "no node named after this host ({wanted}); pass --node, one of: {}",
+                names.join(", ")
+            ))),
+        }
+    }
+
+    /// The resource named `name`, or the only one.
+    pub fn resource(&self, name: Option<&str>) -> Result<&ResourceConfig, ConfigError> {
+        let names: Vec<&str> = self.resources.keys().map(String::as_str).collect();
+        match name {
+            Some(n) => self.resources.get(n).ok_or_else(|| {
+                self.selection(format!(
+                    "no resource named {n:?}; the resources are: {}",
+                    names.join(", ")
+                ))
+            }),
+            None if self.resources.len() == 1 => {
+                Ok(self.resources.values().next().expect("one resource"))
+            }
+            None => Err(self.selection(format!(
+                "several resources ({}); name one",
+                names.join(", ")
+            ))),
+        }
+    }
+}
+
+impl ResourceConfig {
+    /// The node named `node` in this resource.
+    pub fn local(&self, node: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes.get(node).ok_or_else(|| ConfigError::Selection {
+            path: PathBuf::new(),
+            message: format!("resource {} has no node named {node:?}", self.name),
+        })
+    }
+
+    /// The other node of this resource.
+    pub fn peer(&self, node: &str) -> Result<&NodeConfig, ConfigError> {
+        self.local(node)?;
+        self.nodes
+            .values()
+            .find(|n| n.name != node)
+            .ok_or_else(|| ConfigError::Selection {
+                path: PathBuf::new(),
+                message: format!("resource {} has no peer for {node:?}", self.name),
+            })
+    }
+}
+
+fn hostname() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = text.trim();
+    // The short name: nodes are usually named like hosts without their domain.
+    Some(name.split('.').next().unwrap_or(name).to_string())
+}

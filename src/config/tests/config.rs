@@ -1,0 +1,149 @@
+//! The configuration: a good file, and each kind of mistake named by line and key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pairbd_config::{Config, ConfigError, Engine, ListenAddr, MetaLocation, OnPeerLoss};
+
+const GOOD: &str = r#"[resource.mail]
+size = "1GiB"
+on-peer-loss = "suspend-io"
+ping-timeout = "500ms"
+sync-chunk = "256KiB"
+sync-window = 4
+engine = "pool"
+
+[resource.mail.node.alpha]
+id = 1
+backing = "alpha.img"
+listen = ["unix:alpha.sock", "tcp:127.0.0.1:10809"]
+replication = "127.0.0.1:7789"
+connect = "127.0.0.1:7799"
+certificate = "certs/alpha.crt"
+key = "/etc/pairbd/alpha.key"
+control = "alpha.ctl"
+
+[resource.mail.node.beta]
+id = 2
+backing = "/dev/vdb"
+meta = "beta.meta"
+replication = "127.0.0.1:7790"
+certificate = "beta.crt"
+key = "beta.key"
+control = "beta.ctl"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, Path::new("/etc/pairbd/pairbd.toml"))
+}
+
+fn error(text: &str) -> String {
+    parse(text).expect_err("must be refused").to_string()
+}
+
+#[test]
+fn a_good_file_parses_with_defaults_and_resolved_paths() {
+    let c = parse(GOOD).unwrap();
+    let r = c.resource(None).unwrap();
+    assert_eq!(r.size_bytes, 1 << 30);
+    assert_eq!(r.export, "mail");
+    assert_eq!(r.on_peer_loss, OnPeerLoss::SuspendIo);
+    assert_eq!(r.ping_timeout, Duration::from_millis(500));
+    assert_eq!(r.ack_timeout, Duration::from_secs(5));
+    assert_eq!(r.sync_chunk_bytes, 256 << 10);
+    assert_eq!(r.sync_window, 4);
+    assert_eq!(r.engine, Engine::Pool);
+    let a = r.local("alpha").unwrap();
+    assert_eq!(a.backing, Path::new("/etc/pairbd/alpha.img"));
+    assert_eq!(a.certificate, Path::new("/etc/pairbd/certs/alpha.crt"));
+    assert_eq!(a.key, Path::new("/etc/pairbd/alpha.key"));
+    assert_eq!(
+        a.listen[0],
+        ListenAddr::Unix("/etc/pairbd/alpha.sock".into())
+    );
+    assert_eq!(a.connect.to_string(), "127.0.0.1:7799");
+    assert_eq!(a.meta, MetaLocation::Internal);
+    let b = r.peer("alpha").unwrap();
+    assert_eq!(b.name, "beta");
+    assert_eq!(b.connect, b.replication, "connect defaults to replication");
+    assert_eq!(
+        b.meta,
+        MetaLocation::External("/etc/pairbd/beta.meta".into())
+    );
+    assert_eq!(c.select_node(Some("beta")).unwrap(), "beta");
+}
+
+#[test]
+fn unknown_keys_are_named_with_their_line() {
+    let e = error(&GOOD.replace("backing = \"alpha.img\"", "bakcing = \"alpha.img\""));
+    assert!(e.contains("line 11"), "{e}");
+    assert!(e.contains("bakcing"), "{e}");
+    assert!(e.contains("resource.mail.node.alpha"), "{e}");
+    let e = error(&format!("colour = 1\n{GOOD}"));
+    assert!(e.contains("line 1") && e.contains("colour"), "{e}");
+    let e = error(&GOOD.replace("sync-window = 4", "sync-windows = 4"));
+    assert!(e.contains("line 6") && e.contains("sync-windows"), "{e}");
+}
+
+#[test]
+fn bad_values_name_line_key_and_what_is_allowed() {
+    let e = error(&GOOD.replace("size = \"1GiB\"", "size = \"1 gallon\""));
+    assert!(
+        e.contains("line 2") && e.contains("resource.mail.size"),
+        "{e}"
+    );
+    let e = error(&GOOD.replace("size = \"1GiB\"", "size = 1000"));
+    assert!(e.contains("multiple of 4096"), "{e}");
+    let e = error(&GOOD.replace("\"500ms\"", "\"soon\""));
+    assert!(e.contains("line 4") && e.contains("ping-timeout"), "{e}");
+    let e = error(&GOOD.replace("\"suspend-io\"", "\"panic\""));
+    assert!(
+        e.contains("line 3") && e.contains("\"continue\", \"suspend-io\""),
+        "{e}"
+    );
+    let e = error(&GOOD.replace("engine = \"pool\"", "engine = \"spdk\""));
+    assert!(e.contains("\"auto\", \"uring\", \"pool\""), "{e}");
+    let e = error(&GOOD.replace("\"256KiB\"", "\"1000\""));
+    assert!(e.contains("sync-chunk"), "{e}");
+    let e = error(&GOOD.replace("replication = \"127.0.0.1:7789\"", "replication = \"here\""));
+    assert!(e.contains("line 13") && e.contains("replication"), "{e}");
+    let e = error(&GOOD.replace("\"unix:alpha.sock\"", "\"udp:1\""));
+    assert!(e.contains("listen"), "{e}");
+    let e = error(&GOOD.replace("id = 1", "id = 300"));
+    assert!(e.contains("line 10") && e.contains("0 to 255"), "{e}");
+    let e = error(&GOOD.replace("sync-window = 4", "sync-window = \"four\""));
+    assert!(e.contains("line 6"), "{e}");
+}
+
+#[test]
+fn missing_and_structural_mistakes() {
+    let e = error(&GOOD.replace("size = \"1GiB\"\n", ""));
+    assert!(
+        e.contains("resource.mail.size") && e.contains("missing"),
+        "{e}"
+    );
+    let e = error(&GOOD.replace("key = \"beta.key\"\n", ""));
+    assert!(e.contains("resource.mail.node.beta.key"), "{e}");
+    let e = error(&GOOD.replace("id = 2", "id = 1"));
+    assert!(e.contains("used by both"), "{e}");
+    let one = &GOOD[..GOOD.find("[resource.mail.node.beta]").unwrap()];
+    assert!(error(one).contains("exactly two nodes"));
+    let three = format!("{GOOD}\n[resource.mail.node.gamma]\nid = 3\n");
+    assert!(error(&three).contains("exactly two nodes"));
+    assert!(error("").contains("no [resource.NAME]"));
+    let e = error("[resource.mail\nsize = 1");
+    assert!(e.contains("line 1"), "{e}");
+}
+
+#[test]
+fn node_and_resource_selection_explain_themselves() {
+    let c = parse(GOOD).unwrap();
+    let e = c.select_node(Some("gamma")).unwrap_err().to_string();
+    assert!(e.contains("alpha, beta"), "{e}");
+    let e = c.resource(Some("news")).unwrap_err().to_string();
+    assert!(e.contains("mail"), "{e}");
+    // Unless this machine happens to be called alpha or beta.
+    if let Err(e) = c.select_node(None) {
+        assert!(e.to_string().contains("pass --node"), "{e}");
+    }
+}
