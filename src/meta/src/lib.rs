@@ -332,6 +332,7 @@ fn ensure_size(path: &Path, len: u64) -> Result<(), MetaError> {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o600)
         .open(path)
         .map_err(io("open", path))?;

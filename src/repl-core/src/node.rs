@@ -835,27 +835,24 @@ impl<P: Payload> Node<P> {
             self.last_write_seq_sent >= self.peer_flushed_below && self.last_write_seq_sent > 0;
         let mut unconfirmed = false;
         for id in self.ops.ids() {
-            match self.ops.get_mut(id) {
-                Some(Op::ClientWrite { peer, .. }) | Some(Op::ClientFlush { peer, .. }) => {
-                    if *peer == PeerAck::Waiting {
-                        *peer = PeerAck::NotNeeded;
-                        unconfirmed = true;
-                    }
+            let active = self.ops.is_active(id);
+            let remove = match self.ops.get_mut(id) {
+                Some(Op::ClientWrite { peer, .. }) | Some(Op::ClientFlush { peer, .. })
+                    if *peer == PeerAck::Waiting =>
+                {
+                    *peer = PeerAck::NotNeeded;
+                    unconfirmed = true;
+                    false
                 }
-                Some(Op::SyncChunk { sent, .. }) => {
-                    // A chunk still being read is dropped when its read ends.
-                    if *sent || !self.ops.is_active(id) {
-                        self.ops.remove(id);
-                    }
-                }
-                Some(Op::PeerWrite { .. }) | Some(Op::PeerFlush { .. }) => {
-                    // Running ones finish silently (their epoch is stale);
-                    // waiting ones were never acknowledged: drop them.
-                    if !self.ops.is_active(id) {
-                        self.ops.remove(id);
-                    }
-                }
-                None => {}
+                // A chunk still being read is dropped when its read ends.
+                Some(Op::SyncChunk { sent, .. }) => *sent || !active,
+                // Running ones finish silently (their epoch is stale); waiting
+                // ones were never acknowledged: drop them.
+                Some(Op::PeerWrite { .. }) | Some(Op::PeerFlush { .. }) => !active,
+                _ => false,
+            };
+            if remove {
+                self.ops.remove(id);
             }
         }
         self.peer_pending.clear();

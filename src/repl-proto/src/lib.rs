@@ -77,11 +77,21 @@ pub enum Message<P> {
     State(NodeState),
     /// Primary → secondary: write `payload` at `offset`; `fua`: durable before
     /// the acknowledgement.
-    Write { seq: u64, offset: u64, payload: P, fua: bool },
+    Write {
+        seq: u64,
+        offset: u64,
+        payload: P,
+        fua: bool,
+    },
     /// Primary → secondary: discard (punch a hole; reads back zeroes).
     Trim { seq: u64, offset: u64, length: u64 },
     /// Primary → secondary: write zeroes; `no_hole`: keep it allocated.
-    WriteZeroes { seq: u64, offset: u64, length: u64, no_hole: bool },
+    WriteZeroes {
+        seq: u64,
+        offset: u64,
+        length: u64,
+        no_hole: bool,
+    },
     /// Primary → secondary: make durable every write numbered below `seq`.
     Flush { seq: u64 },
     /// Secondary → primary: the write, trim, write-zeroes or sync chunk `seq`
