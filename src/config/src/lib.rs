@@ -49,6 +49,13 @@ pub enum ConfigError {
     /// A choice outside the file is wrong (node, resource).
     #[error("config {path}: {message}")]
     Selection { path: PathBuf, message: String },
+    /// A node asked of a resource that does not have it.
+    #[error("resource {resource} has no node named {node:?}; its nodes are: {known}")]
+    NoSuchNode {
+        resource: String,
+        node: String,
+        known: String,
+    },
 }
 
 /// What a primary does while its peer is away.
@@ -154,28 +161,37 @@ impl Config {
         names
     }
 
-    /// The local node: `node` if given (it must exist), else the hostname.
+    /// The local node: `node` if given (it must be a node of some resource),
+    /// else the node named like this machine's short hostname.
     pub fn select_node(&self, node: Option<&str>) -> Result<&str, ConfigError> {
-        let names = self.node_names();
-        let wanted = match node {
-            Some(n) => n.to_string(),
-            None => hostname().unwrap_or_default(),
+        self.select_node_for_host(node, hostname)
+    }
+
+    /// [`Config::select_node`] with the hostname lookup passed in, so that
+    /// tests do not depend on the machine's name.
+    fn select_node_for_host(
+        &self,
+        node: Option<&str>,
+        hostname: impl FnOnce() -> Option<String>,
+    ) -> Result<&str, ConfigError> {
+        let (wanted, from_host) = match node {
+            Some(n) => (n.to_string(), false),
+            None => (hostname().unwrap_or_default(), true),
         };
-        match names.iter().find(|n| **n == wanted) {
-            Some(_) => Ok(self
-                .resources
-                .values()
-                .flat_map(|r| r.nodes.keys())
-                .find(|n| **n == wanted)
-                .map(String::as_str)
-                .unwrap_or_default()),
-            None if node.is_some() => Err(self.selection(format!(
-                "no node named {wanted:?}; the nodes are: {}",
-                names.join(", ")
+        let found = self
+            .resources
+            .values()
+            .flat_map(|r| r.nodes.keys())
+            .find(|n| **n == wanted);
+        match found {
+            Some(name) => Ok(name.as_str()),
+            None if from_host => Err(self.selection(format!(
+                "no node named after this host ({wanted}); pass --node one of: {}",
+                self.node_names().join(", ")
             ))),
             None => Err(self.selection(format!(
-                "no node named after this host ({wanted}); pass --node, one of: {}",
-                names.join(", ")
+                "no node named {wanted:?}; the nodes are: {}",
+                self.node_names().join(", ")
             ))),
         }
     }
@@ -190,36 +206,43 @@ impl Config {
                     names.join(", ")
                 ))
             }),
-            None if self.resources.len() == 1 => {
-                Ok(self.resources.values().next().expect("one resource"))
-            }
-            None => Err(self.selection(format!(
-                "several resources ({}); name one",
-                names.join(", ")
-            ))),
+            None => match self.resources.values().next() {
+                Some(only) if self.resources.len() == 1 => Ok(only),
+                _ => Err(self.selection(format!(
+                    "several resources ({}); name one",
+                    names.join(", ")
+                ))),
+            },
         }
     }
 }
 
 impl ResourceConfig {
-    /// The node named `node` in this resource.
-    pub fn local(&self, node: &str) -> Result<&NodeConfig, ConfigError> {
-        self.nodes.get(node).ok_or_else(|| ConfigError::Selection {
-            path: PathBuf::new(),
-            message: format!("resource {} has no node named {node:?}", self.name),
-        })
+    fn no_such_node(&self, node: &str) -> ConfigError {
+        ConfigError::NoSuchNode {
+            resource: self.name.clone(),
+            node: node.to_string(),
+            known: self
+                .nodes
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
     }
 
-    /// The other node of this resource.
+    /// The node named `node` in this resource.
+    pub fn local(&self, node: &str) -> Result<&NodeConfig, ConfigError> {
+        self.nodes.get(node).ok_or_else(|| self.no_such_node(node))
+    }
+
+    /// The other node of this resource (parsing guarantees there are two).
     pub fn peer(&self, node: &str) -> Result<&NodeConfig, ConfigError> {
         self.local(node)?;
         self.nodes
             .values()
             .find(|n| n.name != node)
-            .ok_or_else(|| ConfigError::Selection {
-                path: PathBuf::new(),
-                message: format!("resource {} has no peer for {node:?}", self.name),
-            })
+            .ok_or_else(|| self.no_such_node(node))
     }
 }
 
@@ -228,4 +251,66 @@ fn hostname() -> Option<String> {
     let name = text.trim();
     // The short name: nodes are usually named like hosts without their domain.
     Some(name.split('.').next().unwrap_or(name).to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_NODES: &str = r#"
+[resource.mail]
+size = "1MiB"
+[resource.mail.node.alpha]
+id = 1
+backing = "a.img"
+replication = "127.0.0.1:7789"
+certificate = "a.crt"
+key = "a.key"
+control = "a.ctl"
+[resource.mail.node.beta]
+id = 2
+backing = "b.img"
+replication = "127.0.0.1:7790"
+certificate = "b.crt"
+key = "b.key"
+control = "b.ctl"
+"#;
+
+    fn config() -> Config {
+        Config::parse(TWO_NODES, Path::new("/etc/pairbd/pairbd.toml")).unwrap()
+    }
+
+    #[test]
+    fn the_hostname_picks_the_node_or_the_error_says_what_to_pass() {
+        let c = config();
+        let host = || Some("beta".to_string());
+        assert_eq!(c.select_node_for_host(None, host).unwrap(), "beta");
+        let e = c
+            .select_node_for_host(None, || Some("mx1".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "config /etc/pairbd/pairbd.toml: no node named after this host (mx1); \
+             pass --node one of: alpha, beta"
+        );
+        // An explicit --node is never overridden by the hostname.
+        let e = c
+            .select_node_for_host(Some("gamma"), || Some("alpha".to_string()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no node named \"gamma\""), "{e}");
+    }
+
+    #[test]
+    fn local_and_peer_name_the_resource_and_its_nodes() {
+        let c = config();
+        let r = c.resource(None).unwrap();
+        assert_eq!(r.peer("beta").unwrap().name, "alpha");
+        let e = r.peer("gamma").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "resource mail has no node named \"gamma\"; its nodes are: alpha, beta"
+        );
+    }
 }

@@ -195,7 +195,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
             path: path.to_path_buf(),
             line: ctx.line(offset),
             key: key_at(text, offset),
-            message: e.message().trim().to_string(),
+            message: plain_message(e.message().trim()),
         }
     })?;
     if raw.resource.is_empty() {
@@ -214,6 +214,32 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         path: path.to_path_buf(),
         resources,
     })
+}
+
+/// Rewrites serde's wording (fields, backquotes) in the file's terms (keys),
+/// so that `unknown field `bakcing`` reads `unknown key "bakcing"`.
+fn plain_message(message: &str) -> String {
+    for (prefix, noun) in [
+        ("unknown field `", "key"),
+        ("missing field `", "required key"),
+    ] {
+        if let Some(rest) = message.strip_prefix(prefix) {
+            let Some((name, rest)) = rest.split_once('`') else {
+                break;
+            };
+            let what = if noun == "key" { "unknown" } else { "missing" };
+            let allowed = rest
+                .trim_start_matches(", expected ")
+                .trim_start_matches("one of ")
+                .replace('`', "");
+            return if allowed.is_empty() {
+                format!("{what} {noun} {name:?}")
+            } else {
+                format!("{what} {noun} {name:?}; allowed here: {allowed}")
+            };
+        }
+    }
+    message.to_string()
 }
 
 /// The dotted key nearest before `offset`, for serde errors (which know the

@@ -79,6 +79,10 @@ fn unknown_keys_are_named_with_their_line() {
     assert!(e.contains("line 11"), "{e}");
     assert!(e.contains("bakcing"), "{e}");
     assert!(e.contains("resource.mail.node.alpha"), "{e}");
+    assert!(
+        e.ends_with("resource.mail.node.alpha: unknown key \"bakcing\"; allowed here: id, backing, meta, listen, replication, connect, certificate, key, control"),
+        "{e}"
+    );
     let e = error(&format!("colour = 1\n{GOOD}"));
     assert!(e.contains("line 1") && e.contains("colour"), "{e}");
     let e = error(&GOOD.replace("sync-window = 4", "sync-windows = 4"));

@@ -6,9 +6,15 @@
 //! a write counter. A write goes to the slot that does not hold the newest valid
 //! record, then fdatasync; reading takes the valid slot with the highest
 //! counter. A crash in the middle of a write leaves the other slot, the previous
-//! state, intact. Internal metadata sits in the [`META_RESERVED_BYTES`] right
-//! behind the data area of the backing store; external metadata is a file of
-//! its own.
+//! state, intact.
+//!
+//! Internal metadata occupies the last [`META_RESERVED_BYTES`] of the backing
+//! store (the slots at the start of that area, the rest kept for bitmaps), so
+//! the data area is `[0, backing length - META_RESERVED_BYTES)` and the slots
+//! can be found without knowing the configured size: a changed `size` in the
+//! configuration is then reported as a mismatch instead of being looked for
+//! (and, worse, created) inside the data. External metadata is a file of its
+//! own whose first 8 KiB are the two slots.
 
 mod format;
 
@@ -28,7 +34,7 @@ pub const META_RESERVED_BYTES: u64 = 1 << 20;
 /// Where a node's metadata lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaLocation {
-    /// At the end of the backing store, behind the data area.
+    /// In the last [`META_RESERVED_BYTES`] of the backing store.
     Internal { backing: PathBuf },
     /// In a file of its own.
     External { path: PathBuf },
@@ -56,6 +62,19 @@ pub enum MetaError {
         path: PathBuf,
         found: u32,
         supported: u32,
+    },
+    #[error("the metadata on {path} belongs to node {node} (id {node_id}) of resource {resource}; check --node and the configuration, or run `pairbd create-md --force` to take it over")]
+    Foreign {
+        path: PathBuf,
+        node: String,
+        node_id: u8,
+        resource: String,
+    },
+    #[error("the metadata on {path} describes {recorded} bytes of data but the configuration says {configured}; pairbd cannot resize a resource — restore the old size or recreate both nodes")]
+    SizeMismatch {
+        path: PathBuf,
+        recorded: u64,
+        configured: u64,
     },
     #[error("metadata already exists on {path} (node {node}, resource {resource}); pass --force to overwrite it")]
     Exists {
@@ -90,29 +109,25 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Me
     }
 }
 
-/// The byte offset of slot 0: right behind the data area for internal
-/// metadata (whatever the device's size), at the start of an external file.
-fn slots_offset(
-    location: &MetaLocation,
-    file_len: u64,
-    data_size_bytes: u64,
-) -> Result<u64, MetaError> {
+/// The byte offset of slot 0: the start of the reserved area at the end of the
+/// backing store for internal metadata, the start of an external file.
+fn slots_offset(location: &MetaLocation, file_len: u64) -> Result<u64, MetaError> {
     match location {
         MetaLocation::External { .. } => Ok(0),
         MetaLocation::Internal { backing } => {
-            let needed = data_size_bytes + META_RESERVED_BYTES;
-            if file_len < needed {
-                return Err(MetaError::TooSmall {
+            file_len
+                .checked_sub(META_RESERVED_BYTES)
+                .ok_or_else(|| MetaError::TooSmall {
                     path: backing.clone(),
                     actual: file_len,
-                    needed,
-                });
-            }
-            Ok(data_size_bytes)
+                    needed: META_RESERVED_BYTES,
+                })
         }
     }
 }
 
+/// The length of a regular file, or the size of a block device (whose inode
+/// says 0; seeking to its end asks the driver).
 fn file_len(file: &File, path: &Path) -> Result<u64, MetaError> {
     let meta = file.metadata().map_err(io("stat", path))?;
     if meta.file_type().is_block_device() {
@@ -165,15 +180,19 @@ fn read_slots(file: &File, path: &Path, offset: u64) -> Result<Found, MetaError>
             Err(_) => {}
         }
     }
-    Ok(match (best, newer) {
-        (Some((record, slot)), _) => Found::Record { record, slot },
-        (None, Some(v)) => Found::Newer(v),
+    // A slot a newer pairbd wrote (checksum valid) wins over an older one of
+    // ours: falling back to the older record would resurrect a stale state and
+    // our next write would overwrite the newer one.
+    Ok(match (newer, best) {
+        (Some(v), _) => Found::Newer(v),
+        (None, Some((record, slot))) => Found::Record { record, slot },
         (None, None) if all_zero => Found::Missing,
         (None, None) => Found::Corrupt,
     })
 }
 
 /// An open metadata area: the last record, and the means to write the next.
+#[derive(Debug)]
 pub struct MetaStore {
     file: File,
     path: PathBuf,
@@ -185,9 +204,9 @@ pub struct MetaStore {
 }
 
 impl MetaStore {
-    /// Reads and checks the metadata at `location`, for a data area of
-    /// `data_size_bytes` (internal metadata sits right behind it).
-    pub fn open(location: &MetaLocation, data_size_bytes: u64) -> Result<MetaStore, MetaError> {
+    /// Reads and checks the metadata at `location`. For internal metadata the
+    /// recorded data size must fit in front of the reserved area.
+    pub fn open(location: &MetaLocation) -> Result<MetaStore, MetaError> {
         let path = location.path();
         let file = OpenOptions::new()
             .read(true)
@@ -203,16 +222,26 @@ impl MetaStore {
                 }
             })?;
         let len = file_len(&file, path)?;
-        let offset = slots_offset(location, len, data_size_bytes)?;
+        let offset = slots_offset(location, len)?;
         match read_slots(&file, path, offset)? {
-            Found::Record { record, slot } => Ok(MetaStore {
-                file,
-                path: path.to_path_buf(),
-                offset,
-                record,
-                slot,
-                poisoned: false,
-            }),
+            Found::Record { record, slot } => {
+                let internal = matches!(location, MetaLocation::Internal { .. });
+                if internal && record.data_size_bytes > offset {
+                    return Err(MetaError::TooSmall {
+                        path: path.to_path_buf(),
+                        actual: len,
+                        needed: record.data_size_bytes.saturating_add(META_RESERVED_BYTES),
+                    });
+                }
+                Ok(MetaStore {
+                    file,
+                    path: path.to_path_buf(),
+                    offset,
+                    record,
+                    slot,
+                    poisoned: false,
+                })
+            }
             Found::Missing => Err(MetaError::Missing {
                 path: path.to_path_buf(),
             }),
@@ -232,6 +261,40 @@ impl MetaStore {
         &self.record
     }
 
+    /// The file holding the metadata, for messages.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks that the metadata belongs to this node of this resource and
+    /// describes the configured data size: starting on somebody else's
+    /// metadata would replicate the wrong data.
+    pub fn verify(
+        &self,
+        node_id: u8,
+        node_name: &str,
+        resource: &str,
+        data_size_bytes: u64,
+    ) -> Result<(), MetaError> {
+        let r = &self.record;
+        if r.node_id != node_id || r.node_name != node_name || r.resource != resource {
+            return Err(MetaError::Foreign {
+                path: self.path.clone(),
+                node: r.node_name.clone(),
+                node_id: r.node_id,
+                resource: r.resource.clone(),
+            });
+        }
+        if r.data_size_bytes != data_size_bytes {
+            return Err(MetaError::SizeMismatch {
+                path: self.path.clone(),
+                recorded: r.data_size_bytes,
+                configured: data_size_bytes,
+            });
+        }
+        Ok(())
+    }
+
     /// Writes `state` atomically (the other slot, then fdatasync). After a
     /// failure the store refuses further writes: what is on disk is unknown.
     pub fn write(&mut self, state: PersistentState) -> Result<(), MetaError> {
@@ -239,7 +302,16 @@ impl MetaStore {
             return Err(MetaError::Poisoned);
         }
         let mut next = self.record.clone();
-        next.counter += 1;
+        // A counter at its maximum can only come from a crafted file; refusing
+        // is better than wrapping, which would make the older slot win.
+        next.counter = self
+            .record
+            .counter
+            .checked_add(1)
+            .ok_or_else(|| MetaError::Invalid {
+                what: "write counter",
+                detail: format!("{} has reached its maximum", self.path.display()),
+            })?;
         next.state = state;
         let slot = 1 - self.slot;
         let result = self.write_slot(slot, &next);
@@ -263,8 +335,10 @@ impl MetaStore {
 }
 
 /// `pairbd create-md`: creates the backing file if missing (or extends a short
-/// regular file), then writes fresh metadata (Secondary, Inconsistent) to both
-/// slots. Refuses to overwrite valid metadata unless `force`.
+/// regular file) to `data_size_bytes` (plus [`META_RESERVED_BYTES`] for
+/// internal metadata), then writes fresh metadata (Secondary, Inconsistent) to
+/// both slots. Refuses to overwrite valid metadata, or metadata of a newer
+/// format, unless `force`.
 pub fn create_md(
     backing: &Path,
     location: &MetaLocation,
@@ -288,7 +362,13 @@ pub fn create_md(
             }
         })?;
     let internal = matches!(location, MetaLocation::Internal { .. });
-    let needed = data_size_bytes + if internal { META_RESERVED_BYTES } else { 0 };
+    let reserved = if internal { META_RESERVED_BYTES } else { 0 };
+    let needed = data_size_bytes
+        .checked_add(reserved)
+        .ok_or_else(|| MetaError::Invalid {
+            what: "size",
+            detail: format!("{data_size_bytes} bytes is too large"),
+        })?;
     ensure_size(backing, needed)?;
     let meta_path = location.path();
     if !internal {
@@ -300,14 +380,24 @@ pub fn create_md(
         .open(meta_path)
         .map_err(io("open", meta_path))?;
     let len = file_len(&file, meta_path)?;
-    let offset = slots_offset(location, len, data_size_bytes)?;
+    let offset = slots_offset(location, len)?;
     if !force {
-        if let Found::Record { record, .. } = read_slots(&file, meta_path, offset)? {
-            return Err(MetaError::Exists {
-                path: meta_path.to_path_buf(),
-                node: record.node_name,
-                resource: record.resource,
-            });
+        match read_slots(&file, meta_path, offset)? {
+            Found::Record { record, .. } => {
+                return Err(MetaError::Exists {
+                    path: meta_path.to_path_buf(),
+                    node: record.node_name,
+                    resource: record.resource,
+                })
+            }
+            Found::Newer(found) => {
+                return Err(MetaError::NewerFormat {
+                    path: meta_path.to_path_buf(),
+                    found,
+                    supported: FORMAT_VERSION,
+                })
+            }
+            Found::Missing | Found::Corrupt => {}
         }
     }
     let store = MetaStore {

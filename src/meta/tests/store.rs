@@ -1,6 +1,6 @@
 //! The metadata store on real files: create, reopen, alternate slots, survive
-//! a torn slot, refuse missing, corrupt and existing metadata, and never touch
-//! the data area.
+//! a torn slot, refuse missing, corrupt, newer, foreign, resized and existing
+//! metadata, and never touch the data area.
 
 use std::os::unix::fs::FileExt;
 
@@ -26,7 +26,7 @@ fn create_then_open_then_write_round_trips() {
         std::fs::metadata(&backing).unwrap().len(),
         DATA + META_RESERVED_BYTES
     );
-    let mut m = MetaStore::open(&loc, DATA).unwrap();
+    let mut m = MetaStore::open(&loc).unwrap();
     assert_eq!(m.record(), &rec);
     assert_eq!(m.record().state.disk, DiskState::Inconsistent);
     let mut st = m.record().state;
@@ -35,7 +35,7 @@ fn create_then_open_then_write_round_trips() {
     m.write(st).unwrap();
     st.current_generation = 99;
     m.write(st).unwrap();
-    let m2 = MetaStore::open(&loc, DATA).unwrap();
+    let m2 = MetaStore::open(&loc).unwrap();
     assert_eq!(m2.record().state, st);
     assert_eq!(m2.record().counter, rec.counter + 2);
 }
@@ -45,7 +45,7 @@ fn a_torn_newest_slot_falls_back_to_the_previous_state() {
     let dir = tempfile::tempdir().unwrap();
     let (backing, loc) = internal(&dir);
     create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap();
-    let mut m = MetaStore::open(&loc, DATA).unwrap();
+    let mut m = MetaStore::open(&loc).unwrap();
     let before = m.record().state;
     let mut st = before;
     st.disk = DiskState::UpToDate;
@@ -56,7 +56,7 @@ fn a_torn_newest_slot_falls_back_to_the_previous_state() {
         .write(true)
         .open(&backing)
         .unwrap();
-    let newest = MetaStore::open(&loc, DATA).unwrap().record().counter;
+    let newest = MetaStore::open(&loc).unwrap().record().counter;
     for slot in 0..2u64 {
         let mut buf = vec![0u8; SLOT_BYTES];
         f.read_at(&mut buf, DATA + slot * SLOT_BYTES as u64)
@@ -68,7 +68,7 @@ fn a_torn_newest_slot_falls_back_to_the_previous_state() {
             }
         }
     }
-    let m2 = MetaStore::open(&loc, DATA).unwrap();
+    let m2 = MetaStore::open(&loc).unwrap();
     assert_eq!(
         m2.record().state,
         before,
@@ -88,11 +88,11 @@ fn both_slots_corrupt_or_zero_are_refused_with_advice() {
     f.write_all_at(&[0xFF; 16], DATA + 100).unwrap();
     f.write_all_at(&[0xFF; 16], DATA + SLOT_BYTES as u64 + 100)
         .unwrap();
-    let e = MetaStore::open(&loc, DATA).err().unwrap();
+    let e = MetaStore::open(&loc).err().unwrap();
     assert!(matches!(e, MetaError::Corrupt { .. }), "{e}");
     assert!(e.to_string().contains("create-md"));
     f.write_all_at(&vec![0u8; 2 * SLOT_BYTES], DATA).unwrap();
-    let e = MetaStore::open(&loc, DATA).err().unwrap();
+    let e = MetaStore::open(&loc).err().unwrap();
     assert!(matches!(e, MetaError::Missing { .. }), "{e}");
     assert!(e.to_string().contains("create-md"));
 }
@@ -119,7 +119,7 @@ fn metadata_writes_never_touch_the_data_area() {
         .open(&backing)
         .unwrap();
     f.write_all_at(&pattern, 0).unwrap();
-    let mut m = MetaStore::open(&loc, DATA).unwrap();
+    let mut m = MetaStore::open(&loc).unwrap();
     for g in 0..10 {
         let mut st = m.record().state;
         st.current_generation = g;
@@ -137,19 +137,134 @@ fn external_metadata_and_missing_files() {
     let loc = MetaLocation::External {
         path: dir.path().join("b.meta"),
     };
-    let e = MetaStore::open(&loc, DATA).err().unwrap();
+    let e = MetaStore::open(&loc).err().unwrap();
     assert!(matches!(e, MetaError::Missing { .. }), "{e}");
     create_md(&backing, &loc, DATA, 2, "beta", "mail", false).unwrap();
     assert_eq!(std::fs::metadata(&backing).unwrap().len(), DATA);
-    let m = MetaStore::open(&loc, DATA).unwrap();
+    let m = MetaStore::open(&loc).unwrap();
     assert_eq!(m.record().node_name, "beta");
 }
 
 #[test]
-fn a_too_small_backing_is_refused() {
+fn a_shrunk_backing_is_refused_and_foreign_or_resized_metadata_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let (backing, loc) = internal(&dir);
     create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap();
-    let e = MetaStore::open(&loc, DATA * 2).err().unwrap();
+    let m = MetaStore::open(&loc).unwrap();
+    m.verify(1, "alpha", "mail", DATA).unwrap();
+    let e = m.verify(2, "beta", "mail", DATA).unwrap_err();
+    assert!(matches!(e, MetaError::Foreign { node_id: 1, .. }), "{e}");
+    assert!(
+        e.to_string().contains("node alpha (id 1) of resource mail"),
+        "{e}"
+    );
+    let e = m.verify(1, "alpha", "mail", DATA * 2).unwrap_err();
+    assert!(
+        matches!(e, MetaError::SizeMismatch { recorded: DATA, configured, .. } if configured == DATA * 2),
+        "{e}"
+    );
+    // Moving the metadata to a backing too short for the recorded data size
+    // (here: copying the reserved area onto a smaller file) must not let the
+    // data area overlap the metadata.
+    let small = dir.path().join("small.img");
+    let mut tail = vec![0u8; META_RESERVED_BYTES as usize];
+    std::fs::File::open(&backing)
+        .unwrap()
+        .read_exact_at(&mut tail, DATA)
+        .unwrap();
+    let f = std::fs::File::create(&small).unwrap();
+    f.write_all_at(&tail, DATA / 2).unwrap();
+    let e = MetaStore::open(&MetaLocation::Internal { backing: small })
+        .err()
+        .unwrap();
     assert!(matches!(e, MetaError::TooSmall { .. }), "{e}");
+    // A file shorter than the reserved area cannot hold internal metadata.
+    let tiny = dir.path().join("tiny.img");
+    std::fs::write(&tiny, [0u8; 4096]).unwrap();
+    let e = MetaStore::open(&MetaLocation::Internal { backing: tiny })
+        .err()
+        .unwrap();
+    assert!(matches!(e, MetaError::TooSmall { .. }), "{e}");
+}
+
+#[test]
+fn internal_metadata_sits_in_the_last_mebibyte_of_a_larger_backing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, loc) = internal(&dir);
+    // An existing file larger than needed keeps its size; the metadata goes
+    // to its end, never into the data area in front of it.
+    let len = DATA + 3 * META_RESERVED_BYTES;
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+    create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap();
+    assert_eq!(std::fs::metadata(&backing).unwrap().len(), len);
+    let f = std::fs::File::open(&backing).unwrap();
+    let mut slot = vec![0u8; SLOT_BYTES];
+    f.read_exact_at(&mut slot, len - META_RESERVED_BYTES)
+        .unwrap();
+    assert_eq!(pairbd_meta::decode_slot(&slot).unwrap().node_name, "alpha");
+    let mut front = vec![0u8; (len - META_RESERVED_BYTES) as usize];
+    f.read_exact_at(&mut front, 0).unwrap();
+    assert!(front.iter().all(|&b| b == 0), "the data area was written");
+    assert_eq!(
+        MetaStore::open(&loc).unwrap().record().data_size_bytes,
+        DATA
+    );
+}
+
+#[test]
+fn writes_alternate_between_the_two_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, loc) = internal(&dir);
+    create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap();
+    let f = std::fs::File::open(&backing).unwrap();
+    let counters = || -> [u64; 2] {
+        let mut out = [0u64; 2];
+        for (slot, c) in out.iter_mut().enumerate() {
+            let mut buf = vec![0u8; SLOT_BYTES];
+            f.read_exact_at(&mut buf, DATA + (slot * SLOT_BYTES) as u64)
+                .unwrap();
+            *c = pairbd_meta::decode_slot(&buf).unwrap().counter;
+        }
+        out
+    };
+    let mut m = MetaStore::open(&loc).unwrap();
+    let mut previous = counters();
+    for generation in 1..=4 {
+        let mut st = m.record().state;
+        st.current_generation = generation;
+        m.write(st).unwrap();
+        let now = counters();
+        // Exactly one slot changed, and it now holds the newest counter,
+        // while the other still holds the previous record.
+        let changed: Vec<usize> = (0..2).filter(|&i| now[i] != previous[i]).collect();
+        assert_eq!(changed.len(), 1, "{previous:?} -> {now:?}");
+        assert_eq!(now[changed[0]], previous.iter().max().unwrap() + 1);
+        assert_eq!(now[1 - changed[0]], *previous.iter().max().unwrap());
+        previous = now;
+    }
+}
+
+#[test]
+fn a_slot_of_a_newer_format_is_refused_even_beside_an_older_valid_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, loc) = internal(&dir);
+    create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&backing)
+        .unwrap();
+    let mut slot = vec![0u8; SLOT_BYTES];
+    f.read_exact_at(&mut slot, DATA).unwrap();
+    slot[8..12].copy_from_slice(&7u32.to_le_bytes());
+    let crc = crc32c::crc32c(&slot[..SLOT_BYTES - 4]);
+    slot[SLOT_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&slot, DATA).unwrap();
+    let e = MetaStore::open(&loc).err().unwrap();
+    assert!(matches!(e, MetaError::NewerFormat { found: 7, .. }), "{e}");
+    let e = create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap_err();
+    assert!(matches!(e, MetaError::NewerFormat { .. }), "{e}");
 }
