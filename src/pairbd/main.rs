@@ -3,9 +3,12 @@
 //! This file only parses arguments, sets up logging and the runtime, and hands over to
 //! the subcommand modules; errors reach the user through `anyhow` here, at the edge.
 
+mod admin;
+mod daemon;
 mod serve;
 mod size;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -14,12 +17,32 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "pairbd", version, about, long_about = None)]
 struct Cli {
+    /// The configuration file describing the pair.
+    #[arg(long, global = true, value_name = "FILE", env = "PAIRBD_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name in the configuration [default: the hostname].
+    #[arg(long, global = true, value_name = "NAME", env = "PAIRBD_NODE")]
+    node: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run this node of a replicated pair in the foreground.
+    Daemon(admin::ResourceArg),
+    /// Write a self-signed certificate and key for a node: DIR/NAME.crt, DIR/NAME.key.
+    GenCert(admin::GenCertArgs),
+    /// Create the backing file if missing and write fresh metadata for this node.
+    CreateMd(admin::CreateMdArgs),
+    /// Make this node Primary (--force: also from Inconsistent/Outdated data).
+    Promote(admin::PromoteArgs),
+    /// Make this node Secondary.
+    Demote(admin::ResourceArg),
+    /// Release writes held by on-peer-loss = "suspend-io" (they then go to this node only).
+    ResumeIo(admin::ResourceArg),
+    /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
+    Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
     Serve(serve::ServeArgs),
 }
@@ -27,11 +50,22 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let ctx = admin::Context {
+        config: cli.config,
+        node: cli.node,
+    };
     let result = match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Daemon(args) => admin::daemon(&ctx, args),
+        Command::GenCert(args) => admin::gen_cert(&ctx, args),
+        Command::CreateMd(args) => admin::create_md(&ctx, args),
+        Command::Promote(args) => admin::promote(&ctx, args),
+        Command::Demote(args) => admin::simple(&ctx, args, "demote"),
+        Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
+        Command::Status(args) => admin::status(&ctx, args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             eprintln!("pairbd: error: {error:#}");
             ExitCode::FAILURE

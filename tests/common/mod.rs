@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod pair;
+
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -91,7 +93,22 @@ impl Daemon {
     /// Starts the binary with exactly these arguments and waits for its ready line.
     pub fn spawn(dir: &TestDir, args: &[String], socket: PathBuf, backing: PathBuf) -> Daemon {
         let log = dir.join(&format!("daemon-{}.log", std::process::id()));
-        let log_file = File::create(&log).expect("create the daemon log");
+        Daemon::spawn_logged(args, socket, backing, log)
+    }
+
+    /// Like [`Daemon::spawn`], logging to `log` (appended: a restarted daemon
+    /// keeps one log).
+    pub fn spawn_logged(
+        args: &[String],
+        socket: PathBuf,
+        backing: PathBuf,
+        log: PathBuf,
+    ) -> Daemon {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the daemon log");
         let mut child = Command::new(pairbd_binary())
             .args(args)
             .env(

@@ -1,0 +1,286 @@
+//! The operator's subcommands: `daemon`, `gen-cert`, `create-md`, `promote`,
+//! `demote`, `resume-io` and `status`. Those that talk to a running daemon find
+//! its control socket in the configuration.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use clap::Args;
+use pairbd_config::Config;
+use serde_json::{json, Value};
+
+use crate::daemon;
+
+/// The global options.
+pub struct Context {
+    pub config: Option<PathBuf>,
+    pub node: Option<String>,
+}
+
+impl Context {
+    fn load(&self) -> anyhow::Result<(Config, String)> {
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_CONFIG));
+        let config = Config::load(&path)?;
+        let node = config.select_node(self.node.as_deref())?.to_string();
+        Ok((config, node))
+    }
+}
+
+/// A subcommand that takes an optional resource name.
+#[derive(Debug, Args)]
+pub struct ResourceArg {
+    /// The resource [default: the only one in the configuration].
+    #[arg(value_name = "RESOURCE")]
+    resource: Option<String>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `gen-cert`.
+#[derive(Debug, Args)]
+pub struct GenCertArgs {
+    /// The directory to write NAME.crt and NAME.key into.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Overwrite an existing certificate and key.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Arguments of `create-md`.
+#[derive(Debug, Args)]
+pub struct CreateMdArgs {
+    /// The resource [default: the only one in the configuration].
+    #[arg(value_name = "RESOURCE")]
+    resource: Option<String>,
+    /// Overwrite existing pairbd metadata (this node then needs a full sync).
+    #[arg(long)]
+    force: bool,
+}
+
+/// Arguments of `promote`.
+#[derive(Debug, Args)]
+pub struct PromoteArgs {
+    /// The resource [default: the only one in the configuration].
+    #[arg(value_name = "RESOURCE")]
+    resource: Option<String>,
+    /// Promote even an Inconsistent or Outdated node: its data becomes the
+    /// current copy and the peer is overwritten by a full sync.
+    #[arg(long)]
+    force: bool,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The resource [default: the only one in the configuration].
+    #[arg(value_name = "RESOURCE")]
+    resource: Option<String>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn daemon(ctx: &Context, args: ResourceArg) -> anyhow::Result<ExitCode> {
+    let (config, node) = ctx.load()?;
+    daemon::run(&config, &node, args.resource.as_deref())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gen_cert(ctx: &Context, args: GenCertArgs) -> anyhow::Result<ExitCode> {
+    let Some(name) = ctx.node.clone() else {
+        bail!("gen-cert needs --node NAME: the certificate names the node");
+    };
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        bail!("--node {name:?}: use letters, digits, '-', '_' and '.' only");
+    }
+    let (cert, key) = pairbd_link::generate_certificate(&name)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    let cert_path = args.out.join(format!("{name}.crt"));
+    let key_path = args.out.join(format!("{name}.key"));
+    write_new(&cert_path, cert.as_bytes(), 0o644, args.force)?;
+    write_new(&key_path, key.as_bytes(), 0o600, args.force)?;
+    println!(
+        "wrote {} and {}; give the certificate (not the key) to the peer",
+        cert_path.display(),
+        key_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_new(path: &Path, data: &[u8], mode: u32, force: bool) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(mode);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path).with_context(|| {
+        if path.exists() && !force {
+            format!("{} exists; pass --force to replace it", path.display())
+        } else {
+            format!("cannot write {}", path.display())
+        }
+    })?;
+    file.write_all(data)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+pub fn create_md(ctx: &Context, args: CreateMdArgs) -> anyhow::Result<ExitCode> {
+    let (config, node) = ctx.load()?;
+    let res = config.resource(args.resource.as_deref())?;
+    let local = res.local(&node)?;
+    let location = daemon::meta_location(local);
+    let record = pairbd_meta::create_md(
+        &local.backing,
+        &location,
+        res.size_bytes,
+        local.id,
+        &local.name,
+        &res.name,
+        args.force,
+    )?;
+    println!(
+        "created the metadata of node {} (id {}) of resource {} on {}: {} bytes of data, \
+         Secondary, Inconsistent",
+        record.node_name,
+        record.node_id,
+        record.resource,
+        location.path().display(),
+        record.data_size_bytes
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn control_path(ctx: &Context, resource: Option<&str>) -> anyhow::Result<PathBuf> {
+    let (config, node) = ctx.load()?;
+    let res = config.resource(resource)?;
+    Ok(res.local(&node)?.control.clone())
+}
+
+fn ask(path: &PathBuf, request: Value) -> anyhow::Result<Value> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon::control::request(path, request))
+}
+
+/// Prints an admin answer; a refusal is an error exit with the daemon's reason.
+fn report(answer: &Value, json_out: bool) -> ExitCode {
+    let ok = answer["ok"].as_bool().unwrap_or(false);
+    if json_out {
+        println!("{answer}");
+    } else if ok {
+        println!("{}", answer["message"].as_str().unwrap_or("done"));
+    } else {
+        eprintln!(
+            "pairbd: refused: {}",
+            answer["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+pub fn promote(ctx: &Context, args: PromoteArgs) -> anyhow::Result<ExitCode> {
+    let path = control_path(ctx, args.resource.as_deref())?;
+    let answer = ask(&path, json!({"command": "promote", "force": args.force}))?;
+    Ok(report(&answer, args.json))
+}
+
+pub fn simple(ctx: &Context, args: ResourceArg, command: &str) -> anyhow::Result<ExitCode> {
+    let path = control_path(ctx, args.resource.as_deref())?;
+    let answer = ask(&path, json!({"command": command}))?;
+    Ok(report(&answer, args.json))
+}
+
+pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let path = control_path(ctx, args.resource.as_deref())?;
+    let answer = ask(&path, json!({"command": "status"}))?;
+    if !answer["ok"].as_bool().unwrap_or(false) {
+        return Ok(report(&answer, args.json));
+    }
+    let s = &answer["status"];
+    if args.json {
+        println!("{s}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    print!("{}", human_status(s));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `drbdadm status`-like text.
+fn human_status(s: &Value) -> String {
+    let text = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    let mut out = format!(
+        "{} role:{} disk:{}\n",
+        text(&s["resource"]),
+        text(&s["role"]),
+        text(&s["disk"])
+    );
+    match s["peer"].as_object() {
+        Some(p) => out.push_str(&format!(
+            "  {} connection:{} role:{} disk:{}\n",
+            text(&p["node"]),
+            text(&s["connection"]),
+            text(&p["role"]),
+            text(&p["disk"])
+        )),
+        None => {
+            out.push_str(&format!("  peer connection:{}", text(&s["connection"])));
+            if let Some(r) = s["last_disconnect"].as_str() {
+                out.push_str(&format!(" (last: {r})"));
+            }
+            out.push('\n');
+        }
+    }
+    if let Some(y) = s["sync"].as_object() {
+        let eta = y["eta_secs"]
+            .as_f64()
+            .map(|e| format!(", ETA {e:.0}s"))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "    full sync ({}): {:.1}% done, {:.1} MiB/s{eta}\n",
+            if y["direction"] == "source" {
+                "this node is the source"
+            } else {
+                "this node is the target"
+            },
+            y["percent"].as_f64().unwrap_or(0.0),
+            y["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1048576.0
+        ));
+    }
+    if s["peer_sync_needed"].as_bool() == Some(true) {
+        out.push_str(
+            "  note: writes since the peer left exist on this node only; the peer needs a sync\n",
+        );
+    }
+    if s["io_suspended"].as_bool() == Some(true) {
+        out.push_str("  note: I/O suspended until the peer returns or `pairbd resume-io`\n");
+    }
+    if let Some(f) = s["failed"].as_str() {
+        out.push_str(&format!("  FAILED: {f}\n"));
+    }
+    out
+}

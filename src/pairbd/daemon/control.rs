@@ -1,0 +1,180 @@
+//! The control socket: how `pairbd status`, `promote`, `demote` and
+//! `resume-io` talk to a running daemon.
+//!
+//! A Unix socket; each connection carries one JSON request line and gets one
+//! JSON answer line: `{"command": "status"}`, `{"command": "promote",
+//! "force": false}`, `{"command": "demote"}`, `{"command": "resume-io"}`.
+//! Answers are `{"ok": true, "message": ..., "status": {...}}` or
+//! `{"ok": false, "error": ...}`. A malformed request gets an error answer; it
+//! never disturbs the node.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use pairbd_repl_core::{disk_name, role_name, AdminCommand, OnPeerLoss, Status};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{info, warn};
+
+use super::driver::Driver;
+
+/// Longest request line accepted.
+const MAX_REQUEST_BYTES: u64 = 4096;
+
+/// Status as JSON: the `--json` form of `pairbd status`.
+pub fn status_json(s: &Status, engine: &str) -> Value {
+    json!({
+        "resource": s.resource,
+        "node": s.node_name,
+        "role": role_name(s.role),
+        "disk": disk_name(s.disk),
+        "connection": s.connection.name(),
+        "peer": s.peer.as_ref().map(|p| json!({
+            "node": p.node_name,
+            "role": role_name(p.role),
+            "disk": disk_name(p.disk),
+        })),
+        "sync": s.sync.map(|y| json!({
+            "direction": if y.source { "source" } else { "target" },
+            "percent": (y.percent() * 10.0).round() / 10.0,
+            "done_bytes": y.done_bytes,
+            "total_bytes": y.total_bytes,
+            "rate_bytes_per_sec": y.rate_bytes_per_sec().round(),
+            "eta_secs": y.eta_secs().map(|e| e.round()),
+        })),
+        "peer_sync_needed": s.peer_sync_needed,
+        "io_suspended": s.io_suspended,
+        "on_peer_loss": match s.on_peer_loss {
+            OnPeerLoss::Continue => "continue",
+            OnPeerLoss::SuspendIo => "suspend-io",
+        },
+        "requests_in_flight": s.requests_in_flight,
+        "last_disconnect": s.last_disconnect,
+        "failed": s.failed,
+        "generation": format!("{:016X}", s.current_generation),
+        "engine": engine,
+    })
+}
+
+/// Binds the control socket, replacing a stale one left by a dead daemon.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another daemon answers on the control socket {}; is this node already running?",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))
+}
+
+/// Serves control connections until the task is dropped.
+pub async fn serve(listener: UnixListener, driver: Arc<Driver>, engine: String) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let driver = Arc::clone(&driver);
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(stream, driver, &engine).await {
+                        warn!("control connection: {e:#}");
+                    }
+                });
+            }
+            Err(e) => warn!("control socket accept: {e}"),
+        }
+    }
+}
+
+async fn handle(stream: UnixStream, driver: Arc<Driver>, engine: &str) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST_BYTES))
+        .read_line(&mut line)
+        .await?;
+    let answer = answer(&line, &driver, engine).await;
+    let mut text = answer.to_string();
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    Ok(())
+}
+
+async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
+    let request: Value = match serde_json::from_str(line.trim()) {
+        Ok(v) => v,
+        Err(e) => return json!({"ok": false, "error": format!("malformed request: {e}")}),
+    };
+    let force = request
+        .get("force")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let cmd = match request.get("command").and_then(Value::as_str) {
+        Some("status") => {
+            return json!({"ok": true, "status": status_json(&driver.status(), engine)})
+        }
+        Some("promote") => AdminCommand::Promote {
+            force,
+            new_generation: new_generation(),
+        },
+        Some("demote") => AdminCommand::Demote,
+        Some("resume-io") => AdminCommand::ResumeIo,
+        Some(other) => return json!({"ok": false, "error": format!("unknown command {other:?}")}),
+        None => return json!({"ok": false, "error": "the request names no command"}),
+    };
+    let name = request["command"].as_str().unwrap_or_default().to_string();
+    let result = driver.admin(cmd).await;
+    let status = status_json(&driver.status(), engine);
+    match result {
+        Ok(message) => {
+            info!("{name}{}: {message}", if force { " --force" } else { "" });
+            json!({"ok": true, "message": message, "status": status})
+        }
+        Err(e) => {
+            warn!("{name} refused: {e}");
+            json!({"ok": false, "error": e.to_string(), "status": status})
+        }
+    }
+}
+
+/// A new generation identifier: random enough that two nodes promoted apart
+/// never pick the same one.
+fn new_generation() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        bytes = (t ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    u64::from_le_bytes(bytes) | 1
+}
+
+/// The client side: sends one request, returns the answer.
+pub async fn request(path: &PathBuf, request: Value) -> anyhow::Result<Value> {
+    let stream = UnixStream::connect(path).await.with_context(|| {
+        format!(
+            "cannot reach the daemon on {} (is `pairbd daemon` running for this node?)",
+            path.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut text = request.to_string();
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    write.shutdown().await?;
+    let mut line = String::new();
+    BufReader::new(read).read_line(&mut line).await?;
+    serde_json::from_str(line.trim()).context("malformed answer from the daemon")
+}

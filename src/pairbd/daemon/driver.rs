@@ -1,0 +1,321 @@
+//! The driver: runs what the replication core emits, and feeds it what happens.
+//!
+//! The core (`pairbd_repl_core::Node`) sits behind one mutex. Every input —
+//! a client request, a disk or metadata completion, a peer message, a link
+//! event, a timer, an admin command — takes the lock, calls the core, and
+//! executes its outputs before letting go. Executing never blocks: disk
+//! operations and metadata writes are spawned, messages go into the link's
+//! queue, replies into oneshot channels. Because outputs are executed under the
+//! lock, messages reach the link in exactly the order the core emitted them.
+//!
+//! The queues here are bounded by what feeds them: client requests by the NBD
+//! server's per-connection limits, sync chunks by the sync window, disk and
+//! metadata completions by the operations in flight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use pairbd_meta::MetaStore;
+use pairbd_repl_core::{
+    AdminCommand, AdminError, AdminId, ClientOp, DiskOp, DiskOpId, DiskResult, Message,
+    MetaWriteId, Node, Output, Payload, PersistentState, ReplyError, RequestId, Status,
+};
+use pairbd_store::{AlignedBuf, Store};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, warn};
+
+/// A payload shared by the local store write and the peer message: no copy.
+#[derive(Clone, Debug)]
+pub struct SharedBuf(pub Arc<AlignedBuf>);
+
+impl AsRef<[u8]> for SharedBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_ref()
+    }
+}
+
+impl Payload for SharedBuf {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+}
+
+/// A message as the daemon handles it.
+pub type Msg = Message<SharedBuf>;
+
+/// The current link to the peer, as the driver sees it.
+struct LinkHandle {
+    id: u64,
+    tx: mpsc::UnboundedSender<Msg>,
+    close: Box<dyn Fn(&str) + Send>,
+}
+
+struct Inner {
+    node: Node<SharedBuf>,
+    next_request: u64,
+    replies: HashMap<u64, oneshot::Sender<Result<(), ReplyError>>>,
+    next_admin: u64,
+    admins: HashMap<u64, oneshot::Sender<Result<String, AdminError>>>,
+    link: Option<LinkHandle>,
+    next_link: u64,
+    /// The deadline the timer task sleeps until; it is woken only when the
+    /// core's next deadline comes earlier.
+    armed: Option<Instant>,
+}
+
+/// See the module documentation.
+pub struct Driver {
+    inner: Mutex<Inner>,
+    store: Store,
+    meta: Arc<Mutex<MetaStore>>,
+    timer: Notify,
+    /// Cancelled when the node fail-stops.
+    pub failed: CancellationToken,
+    /// Set when the node fail-stopped, with the reason.
+    pub failure: Mutex<Option<String>>,
+}
+
+impl Driver {
+    pub fn new(node: Node<SharedBuf>, store: Store, meta: MetaStore) -> Arc<Driver> {
+        Arc::new(Driver {
+            inner: Mutex::new(Inner {
+                node,
+                next_request: 1,
+                replies: HashMap::new(),
+                next_admin: 1,
+                admins: HashMap::new(),
+                link: None,
+                next_link: 1,
+                armed: None,
+            }),
+            store,
+            meta: Arc::new(Mutex::new(meta)),
+            timer: Notify::new(),
+            failed: CancellationToken::new(),
+            failure: Mutex::new(None),
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug that already stopped a task;
+        // the core's state is still the last consistent one it left.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs every output the core has, under the lock (see the module doc).
+    fn drive(self: &Arc<Self>, inner: &mut Inner) {
+        while let Some(out) = inner.node.poll() {
+            match out {
+                Output::Disk { id, op } => self.spawn_disk(id, op),
+                Output::WriteMeta { id, state } => self.spawn_meta(id, state),
+                Output::Send(m) => {
+                    if let Some(link) = &inner.link {
+                        // A closed queue means the link is going; the core hears
+                        // of it through link_lost.
+                        let _ = link.tx.send(m);
+                    }
+                }
+                Output::Reply { id, result } => {
+                    if let Some(tx) = inner.replies.remove(&id.0) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Output::Disconnect { reason } => {
+                    if let Some(link) = inner.link.take() {
+                        (link.close)(&reason);
+                    }
+                }
+                Output::AdminDone { id, result } => {
+                    if let Some(tx) = inner.admins.remove(&id.0) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Output::FailStop { reason } => {
+                    error!("fail-stop: {reason}");
+                    *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                    if let Some(link) = inner.link.take() {
+                        (link.close)("node failed");
+                    }
+                    self.failed.cancel();
+                }
+            }
+        }
+        let next = inner.node.poll_timeout();
+        if next.is_some() && inner.armed.is_none_or(|armed| next < Some(armed)) {
+            inner.armed = next;
+            self.timer.notify_one();
+        }
+    }
+
+    fn spawn_disk(self: &Arc<Self>, id: DiskOpId, op: DiskOp<SharedBuf>) {
+        let driver = Arc::clone(self);
+        tokio::spawn(async move {
+            let store = &driver.store;
+            let result = match op {
+                DiskOp::Write {
+                    offset,
+                    payload,
+                    fua,
+                } => store
+                    .write_shared(offset, payload.0, fua)
+                    .await
+                    .map(|()| DiskResult::Done),
+                DiskOp::Trim { offset, length } => store
+                    .discard(offset, length)
+                    .await
+                    .map(|()| DiskResult::Done),
+                DiskOp::WriteZeroes {
+                    offset,
+                    length,
+                    no_hole,
+                } => store
+                    .write_zeroes(offset, length, no_hole, false)
+                    .await
+                    .map(|()| DiskResult::Done),
+                DiskOp::Flush => store.flush().await.map(|()| DiskResult::Done),
+                DiskOp::Read { offset, length } => match usize::try_from(length) {
+                    Ok(len) => store
+                        .read(offset, len)
+                        .await
+                        .map(|b| DiskResult::Read(SharedBuf(Arc::new(b)))),
+                    Err(_) => Ok(DiskResult::Failed(format!("read of {length} bytes"))),
+                },
+            };
+            let result = result.unwrap_or_else(|e| DiskResult::Failed(e.to_string()));
+            let mut inner = driver.lock();
+            inner.node.handle_disk(Instant::now(), id, result);
+            driver.drive(&mut inner);
+        });
+    }
+
+    fn spawn_meta(self: &Arc<Self>, id: MetaWriteId, state: PersistentState) {
+        let driver = Arc::clone(self);
+        tokio::spawn(async move {
+            let meta = Arc::clone(&driver.meta);
+            let result = tokio::task::spawn_blocking(move || {
+                meta.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .write(state)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("metadata writer panicked: {e}")));
+            let mut inner = driver.lock();
+            inner.node.handle_meta_done(Instant::now(), id, result);
+            driver.drive(&mut inner);
+        });
+    }
+
+    /// Hands a client request to the core; resolves with its reply.
+    pub async fn submit(self: &Arc<Self>, op: ClientOp<SharedBuf>) -> Result<(), ReplyError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            let id = inner.next_request;
+            inner.next_request += 1;
+            inner.replies.insert(id, tx);
+            inner.node.handle_client(Instant::now(), RequestId(id), op);
+            self.drive(&mut inner);
+        }
+        rx.await.unwrap_or(Err(ReplyError::Stopping))
+    }
+
+    /// An operator command; resolves when the core answers.
+    pub async fn admin(self: &Arc<Self>, cmd: AdminCommand) -> Result<String, AdminError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut inner = self.lock();
+            let id = inner.next_admin;
+            inner.next_admin += 1;
+            inner.admins.insert(id, tx);
+            inner.node.handle_admin(Instant::now(), AdminId(id), cmd);
+            self.drive(&mut inner);
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(AdminError("the node stopped".into())))
+    }
+
+    pub fn status(&self) -> Status {
+        self.lock().node.status(Instant::now())
+    }
+
+    pub fn serves_clients(&self) -> bool {
+        self.lock().node.serves_clients()
+    }
+
+    /// A new authenticated link: it replaces the current one. Returns its id
+    /// and the receiving end of its outgoing queue.
+    pub fn link_up(
+        self: &Arc<Self>,
+        close: Box<dyn Fn(&str) + Send>,
+    ) -> (u64, mpsc::UnboundedReceiver<Msg>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inner = self.lock();
+        if let Some(old) = inner.link.take() {
+            (old.close)("replaced by a new connection");
+            inner
+                .node
+                .handle_disconnected(Instant::now(), "replaced by a new connection");
+        }
+        let id = inner.next_link;
+        inner.next_link += 1;
+        inner.link = Some(LinkHandle { id, tx, close });
+        inner.node.handle_connected(Instant::now());
+        self.drive(&mut inner);
+        (id, rx)
+    }
+
+    /// Link `id` failed or closed.
+    pub fn link_lost(self: &Arc<Self>, id: u64, reason: &str) {
+        let mut inner = self.lock();
+        if inner.link.as_ref().is_some_and(|l| l.id == id) {
+            if let Some(link) = inner.link.take() {
+                (link.close)(reason);
+            }
+            warn!("replication link lost: {reason}");
+            inner.node.handle_disconnected(Instant::now(), reason);
+            self.drive(&mut inner);
+        }
+    }
+
+    /// A message arrived on link `id`.
+    pub fn message(self: &Arc<Self>, id: u64, msg: Msg) {
+        let mut inner = self.lock();
+        if inner.link.as_ref().is_some_and(|l| l.id == id) {
+            inner.node.handle_message(Instant::now(), msg);
+            self.drive(&mut inner);
+        }
+    }
+
+    /// Runs the core's timers until the node fails.
+    pub async fn run_timers(self: Arc<Self>) {
+        loop {
+            let deadline = {
+                let mut inner = self.lock();
+                inner.armed = inner.node.poll_timeout();
+                inner.armed
+            };
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => {
+                    let mut inner = self.lock();
+                    inner.node.handle_timeout(Instant::now());
+                    self.drive(&mut inner);
+                }
+                _ = self.timer.notified() => {}
+                _ = self.failed.cancelled() => return,
+            }
+        }
+    }
+}

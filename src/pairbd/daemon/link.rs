@@ -1,0 +1,183 @@
+//! The daemon's side of the replication link: binds the QUIC endpoint, dials
+//! (lower node id) or accepts (higher), and pumps frames between a link and
+//! the driver. A link's reader and writer tasks end when it fails; the driver
+//! then tells the core, and the dialer dials again with backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use pairbd_config::{NodeConfig, ResourceConfig};
+use pairbd_link::{Endpoint, Identity, Link, LinkConfig};
+use pairbd_repl_core::Message;
+use pairbd_store::AlignedBuf;
+use tracing::{info, warn};
+
+use super::driver::{Driver, Msg, SharedBuf};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Binds the endpoint and starts dialing or accepting in the background.
+pub fn start(
+    res: &ResourceConfig,
+    local: &NodeConfig,
+    peer: &NodeConfig,
+    driver: Arc<Driver>,
+) -> anyhow::Result<Arc<Endpoint>> {
+    let identity = Identity::load(&local.certificate, &local.key)
+        .with_context(|| format!("cannot load node {}'s certificate and key", local.name))?;
+    let peer_cert = pairbd_link::load_certificate(&peer.certificate)
+        .with_context(|| format!("cannot load the peer {}'s certificate", peer.name))?;
+    let endpoint = Arc::new(
+        Endpoint::bind(LinkConfig {
+            identity,
+            peer_cert,
+            bind: local.replication,
+            ping_timeout: res.ping_timeout,
+        })
+        .with_context(|| format!("cannot bind the replication address {}", local.replication))?,
+    );
+    if local.id < peer.id {
+        tokio::spawn(dial(Arc::clone(&endpoint), peer.connect, driver));
+    } else {
+        tokio::spawn(accept(Arc::clone(&endpoint), driver));
+    }
+    Ok(endpoint)
+}
+
+async fn dial(endpoint: Arc<Endpoint>, addr: std::net::SocketAddr, driver: Arc<Driver>) {
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error = String::new();
+    loop {
+        if driver.failed.is_cancelled() {
+            return;
+        }
+        match endpoint.connect(addr).await {
+            Ok(link) => {
+                info!("replication link to {addr} up");
+                last_error.clear();
+                backoff = BACKOFF_MIN;
+                let closed = run(link, Arc::clone(&driver));
+                closed.await;
+            }
+            Err(e) => {
+                let text = e.to_string();
+                // Say it once, not at every retry.
+                if text != last_error {
+                    warn!("cannot connect to the peer at {addr}: {text}; retrying");
+                    last_error = text;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = driver.failed.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn accept(endpoint: Arc<Endpoint>, driver: Arc<Driver>) {
+    loop {
+        tokio::select! {
+            link = endpoint.accept() => match link {
+                Ok(link) => {
+                    info!("replication link from {} up", link.remote_address());
+                    // Runs in the background; a newer link replaces it.
+                    tokio::spawn(run(link, Arc::clone(&driver)));
+                }
+                Err(e) => {
+                    warn!("replication endpoint stopped accepting: {e}");
+                    return;
+                }
+            },
+            _ = driver.failed.cancelled() => return,
+        }
+    }
+}
+
+/// Runs one link until it fails; returns when it is gone.
+fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()> {
+    let conn = link.handle();
+    let (mut sender, mut receiver) = link.split();
+    let close_conn = conn.clone();
+    let (id, mut outgoing) = driver.link_up(Box::new(move |reason: &str| close_conn.close(reason)));
+    let writer_driver = Arc::clone(&driver);
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = outgoing.recv().await {
+            if let Err(e) = sender.send(&msg).await {
+                writer_driver.link_lost(id, &format!("sending failed: {e}"));
+                return;
+            }
+        }
+    });
+    async move {
+        loop {
+            match receiver.recv(AlignedBuf::for_overwrite).await {
+                Ok(msg) => driver.message(id, share(msg)),
+                Err(e) => {
+                    driver.link_lost(id, &e.to_string());
+                    break;
+                }
+            }
+        }
+        writer.abort();
+        conn.close("link finished");
+    }
+}
+
+/// A received payload becomes shareable (the store writes it without a copy).
+fn share(msg: Message<AlignedBuf>) -> Msg {
+    match msg {
+        Message::Hello(h) => Message::Hello(h),
+        Message::State(s) => Message::State(s),
+        Message::Write {
+            seq,
+            offset,
+            payload,
+            fua,
+        } => Message::Write {
+            seq,
+            offset,
+            payload: SharedBuf(Arc::new(payload)),
+            fua,
+        },
+        Message::Trim {
+            seq,
+            offset,
+            length,
+        } => Message::Trim {
+            seq,
+            offset,
+            length,
+        },
+        Message::WriteZeroes {
+            seq,
+            offset,
+            length,
+            no_hole,
+        } => Message::WriteZeroes {
+            seq,
+            offset,
+            length,
+            no_hole,
+        },
+        Message::Flush { seq } => Message::Flush { seq },
+        Message::Ack { seq } => Message::Ack { seq },
+        Message::FlushAck { seq } => Message::FlushAck { seq },
+        Message::SyncStart { total_bytes } => Message::SyncStart { total_bytes },
+        Message::SyncReady => Message::SyncReady,
+        Message::SyncData {
+            seq,
+            offset,
+            payload,
+        } => Message::SyncData {
+            seq,
+            offset,
+            payload: SharedBuf(Arc::new(payload)),
+        },
+        Message::SyncDone { seq } => Message::SyncDone { seq },
+        Message::SyncDoneAck { seq } => Message::SyncDoneAck { seq },
+    }
+}

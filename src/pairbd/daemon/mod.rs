@@ -1,0 +1,224 @@
+//! `pairbd daemon`: one node of a replicated pair, in the foreground.
+//!
+//! Start-up: read the configuration, open and check the metadata, open the
+//! backing store (its data area), start the replication core behind its
+//! driver, the QUIC link (the lower node id dials, the other accepts), the
+//! NBD server (which refuses clients unless this node is Primary) and the
+//! control socket; then print one `ready` line on stdout. SIGINT/SIGTERM: stop
+//! serving, finish in-flight requests, record a clean stop in the metadata,
+//! flush, exit. A fail-stop of the core exits with an error.
+
+pub mod control;
+pub mod driver;
+mod link;
+pub mod volume;
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use pairbd_config::{Config, Engine, MetaLocation, NodeConfig, ResourceConfig};
+use pairbd_meta::MetaStore;
+use pairbd_nbd_server::{ConnectionLimits, ExportConfig, Server};
+use pairbd_repl_core::{AdminCommand, Node, OnPeerLoss};
+use pairbd_store::{EngineChoice, Store, StoreConfig};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use driver::Driver;
+use volume::ReplicatedVolume;
+
+/// Where `pairbd` looks for its configuration unless told otherwise.
+pub const DEFAULT_CONFIG: &str = "/etc/pairbd/pairbd.toml";
+
+/// The metadata location of a node as the meta crate wants it.
+pub fn meta_location(node: &NodeConfig) -> pairbd_meta::MetaLocation {
+    match &node.meta {
+        MetaLocation::Internal => pairbd_meta::MetaLocation::Internal {
+            backing: node.backing.clone(),
+        },
+        MetaLocation::External(path) => pairbd_meta::MetaLocation::External { path: path.clone() },
+    }
+}
+
+/// Checks that the metadata belongs to this node and resource, at this size.
+pub fn check_record(
+    record: &pairbd_meta::MetaRecord,
+    res: &ResourceConfig,
+    node: &NodeConfig,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    if record.resource != res.name || record.node_name != node.name || record.node_id != node.id {
+        bail!(
+            "the metadata on {} belongs to node {} (id {}) of resource {}, not node {} (id {}) of \
+             resource {}; check --node and the configuration, or run `pairbd create-md --force`",
+            path.display(),
+            record.node_name,
+            record.node_id,
+            record.resource,
+            node.name,
+            node.id,
+            res.name
+        );
+    }
+    if record.data_size_bytes != res.size_bytes {
+        bail!(
+            "the metadata on {} describes {} bytes of data, the configuration {}; pairbd cannot \
+             resize a resource",
+            path.display(),
+            record.data_size_bytes,
+            res.size_bytes
+        );
+    }
+    Ok(())
+}
+
+/// Runs `pairbd daemon` to completion.
+pub fn run(config: &Config, node_name: &str, resource: Option<&str>) -> anyhow::Result<()> {
+    let res = config.resource(resource)?.clone();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("pairbd-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(daemon(res, node_name.to_string()))
+}
+
+async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
+    let local = res.local(&node_name)?.clone();
+    let peer = res.peer(&node_name)?.clone();
+
+    let location = meta_location(&local);
+    let meta = MetaStore::open(&location).with_context(|| {
+        format!(
+            "cannot use the metadata of node {} (run `pairbd create-md --node {} {}` first if \
+             this node is new)",
+            local.name, local.name, res.name
+        )
+    })?;
+    check_record(meta.record(), &res, &local, location.path())?;
+    let persisted = meta.record().state;
+
+    let mut store_cfg = StoreConfig::new(local.backing.clone());
+    store_cfg.engine = match res.engine {
+        Engine::Auto => EngineChoice::Auto,
+        Engine::Uring => EngineChoice::Uring,
+        Engine::Pool => EngineChoice::Pool,
+    };
+    store_cfg.direct_io = res.direct_io;
+    store_cfg.data_size_bytes = Some(res.size_bytes);
+    let store = Store::open(&store_cfg)
+        .with_context(|| format!("cannot open the backing store {}", local.backing.display()))?;
+    let engine = store.engine_kind().to_string();
+
+    let core_cfg = pairbd_repl_core::Config {
+        node_name: local.name.clone(),
+        resource: res.name.clone(),
+        size_bytes: res.size_bytes,
+        on_peer_loss: match res.on_peer_loss {
+            pairbd_config::OnPeerLoss::Continue => OnPeerLoss::Continue,
+            pairbd_config::OnPeerLoss::SuspendIo => OnPeerLoss::SuspendIo,
+        },
+        ack_timeout: res.ack_timeout,
+        sync_chunk_bytes: res.sync_chunk_bytes,
+        sync_window: res.sync_window,
+    };
+    let node = Node::new(core_cfg, persisted, Instant::now());
+    if persisted.role == pairbd_repl_core::Role::Primary {
+        info!("the metadata says Primary: this node stopped uncleanly; it starts as Secondary");
+    }
+    let driver = Driver::new(node, store.clone(), meta);
+    tokio::spawn(Arc::clone(&driver).run_timers());
+
+    let endpoint = link::start(&res, &local, &peer, Arc::clone(&driver))?;
+
+    let volume = Arc::new(ReplicatedVolume {
+        driver: Arc::clone(&driver),
+        resource: res.name.clone(),
+    });
+    let server = Server::bind(
+        Arc::clone(&volume),
+        ExportConfig {
+            name: res.export.clone(),
+        },
+        &local.listen,
+        ConnectionLimits::default(),
+    )
+    .await?;
+    let addresses: Vec<String> = server
+        .local_addresses()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+
+    let control = control::bind(&local.control)?;
+    let control_task = tokio::spawn(control::serve(control, Arc::clone(&driver), engine.clone()));
+
+    let status = driver.status();
+    {
+        let mut stdout = std::io::stdout().lock();
+        writeln!(
+            stdout,
+            "pairbd daemon: ready: resource {}, node {}, {} / {}, {} engine, replication {}, \
+             nbd on {}, control {}",
+            res.name,
+            local.name,
+            pairbd_repl_core::role_name(status.role),
+            pairbd_repl_core::disk_name(status.disk),
+            engine,
+            endpoint
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            if addresses.is_empty() {
+                "nothing".to_string()
+            } else {
+                addresses.join(" ")
+            },
+            local.control.display()
+        )?;
+        stdout.flush()?;
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
+    let trigger = shutdown.clone();
+    let failed = driver.failed.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT: finishing in-flight requests, then stopping"),
+            _ = terminate.recv() => info!("SIGTERM: finishing in-flight requests, then stopping"),
+            _ = failed.cancelled() => error!("the node failed: stopping"),
+        }
+        trigger.cancel();
+    });
+    server.run(shutdown).await;
+    control_task.abort();
+    let _ = std::fs::remove_file(&local.control);
+
+    if let Some(reason) = driver
+        .failure
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
+        endpoint.close();
+        bail!("node {} failed: {reason}", local.name);
+    }
+    // A clean stop: the metadata records it, so this node comes back without
+    // the suspicion an unclean primary carries.
+    match driver.admin(AdminCommand::Shutdown).await {
+        Ok(_) => {}
+        Err(e) => error!("recording the clean stop failed: {e}"),
+    }
+    store
+        .flush()
+        .await
+        .context("the final flush of the backing store failed")?;
+    endpoint.close();
+    info!("stopped");
+    Ok(())
+}

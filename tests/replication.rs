@@ -1,0 +1,293 @@
+//! Two real `pairbd daemon` processes replicating over real QUIC on loopback,
+//! driven by real NBD clients and the real CLI: the data lands on both stores
+//! byte for byte, syncs fill a fresh or returning secondary, wrong
+//! certificates and bad frames change nothing, and a killed peer is noticed.
+
+mod common;
+
+use std::process::Command;
+use std::time::Instant;
+
+use common::pair::{self, PairFiles};
+use common::{require_tool, run_ok, write_random_file, TestDir};
+
+const SIZE: u64 = 64 << 20;
+
+fn nbdcopy_in(files: &PairFiles, node: &str, src: &std::path::Path) {
+    run_ok(Command::new("nbdcopy").arg(src).arg(files.uri(node)));
+}
+
+fn qemu_io(files: &PairFiles, node: &str, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(files.uri(node));
+    let out = run_ok(&mut c);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("failed"), "qemu-io: {text}");
+}
+
+fn log_of(files: &PairFiles, node: &str) -> String {
+    std::fs::read_to_string(files.dir.join(format!("{node}.log"))).unwrap_or_default()
+}
+
+/// Polls a node's log until it contains `needle` (bounded like `wait_for`).
+fn wait_for_log(files: &PairFiles, node: &str, needle: &str) {
+    let start = Instant::now();
+    while !log_of(files, node).contains(needle) {
+        assert!(
+            start.elapsed() < pair::WAIT_LIMIT,
+            "{node}'s log never said {needle:?}:\n{}",
+            log_of(files, node)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn writes_on_the_primary_reach_both_stores_byte_for_byte() {
+    require_tool("nbdcopy");
+    require_tool("qemu-io");
+    let dir = TestDir::new("repl-writes");
+    let files = pair::setup(&dir, SIZE, "");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    // The secondary refuses NBD clients, naming its role.
+    let out = Command::new("nbdinfo")
+        .arg(files.uri("beta"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the secondary accepted a client");
+
+    let src = dir.join("src.img");
+    write_random_file(&src, 48 << 20, 7);
+    nbdcopy_in(&files, "alpha", &src);
+    qemu_io(
+        &files,
+        "alpha",
+        &[
+            "write -f -P 0x5a 1048576 65536",
+            "write -z 2097152 131072",
+            "discard 4194304 1048576",
+            "write -P 0x33 50331648 12288",
+            "flush",
+        ],
+    );
+    let st = files.status("alpha");
+    assert_eq!(st["peer_sync_needed"], false, "{st}");
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    files.assert_data_equal();
+    // And what the client wrote is what both stores hold.
+    let alpha = std::fs::read(files.backing("alpha")).unwrap();
+    let source = std::fs::read(&src).unwrap();
+    assert!(alpha[8 << 20..48 << 20] == source[8 << 20..48 << 20]);
+    assert!(alpha[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0x5a));
+    assert!(alpha[2 << 20..(2 << 20) + 131072].iter().all(|&x| x == 0));
+    assert!(alpha[4 << 20..5 << 20].iter().all(|&x| x == 0));
+    assert!(alpha[48 << 20..(48 << 20) + 12288]
+        .iter()
+        .all(|&x| x == 0x33));
+}
+
+#[test]
+fn a_written_volume_syncs_fully_and_again_after_the_secondary_was_away() {
+    require_tool("nbdcopy");
+    let dir = TestDir::new("repl-sync");
+    let files = pair::setup(&dir, SIZE, "sync-chunk = \"256KiB\"\n");
+    // Alpha alone: forced primary of a fresh pair, written before beta exists.
+    let a = files.start("alpha");
+    files.promote("alpha", true);
+    let src = dir.join("src.img");
+    write_random_file(&src, SIZE as usize, 11);
+    nbdcopy_in(&files, "alpha", &src);
+    let st = files.status("alpha");
+    assert_eq!(st["connection"], "Disconnected");
+    assert_eq!(st["peer_sync_needed"], true, "{st}");
+
+    let b = files.start("beta");
+    files.wait_in_sync();
+    assert!(log_of(&files, "beta").contains("full sync finished: this node is UpToDate"));
+    assert_eq!(files.status("alpha")["peer_sync_needed"], false);
+
+    // Beta dies; alpha keeps serving alone and remembers the peer needs a sync.
+    b.kill();
+    files.wait_for("alpha", "the peer gone", |s| {
+        s["connection"] == "Disconnected"
+    });
+    let more = dir.join("more.img");
+    write_random_file(&more, 8 << 20, 12);
+    run_ok(Command::new("nbdcopy").arg(&more).arg(files.uri("alpha")));
+    let (st, _) = files.wait_for("alpha", "peer-sync-needed", |s| {
+        s["peer_sync_needed"] == true
+    });
+    assert!(st["peer"].is_null());
+
+    let b = files.start("beta");
+    files.wait_in_sync();
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    files.assert_data_equal();
+    let alpha = std::fs::read(files.backing("alpha")).unwrap();
+    assert!(alpha[..8 << 20] == std::fs::read(&more).unwrap()[..]);
+}
+
+#[test]
+fn a_peer_with_the_wrong_certificate_is_refused_and_nothing_changes() {
+    let dir = TestDir::new("repl-wrong-cert");
+    let files = pair::setup(&dir, SIZE, "");
+    // An impostor beta: same name, its own key; it trusts alpha's real cert.
+    run_ok(Command::new(common::pairbd_binary()).args([
+        "gen-cert",
+        "--node",
+        "beta",
+        "--out",
+        &dir.join("impostor").display().to_string(),
+    ]));
+    let before_a = std::fs::read(files.backing("alpha")).unwrap();
+    let before_b = std::fs::read(files.backing("beta")).unwrap();
+    let a = files.start("alpha");
+    let real = std::fs::read_to_string(&files.config).unwrap();
+    let fake = real
+        .replace("certs/beta.crt", "impostor/beta.crt")
+        .replace("certs/beta.key", "impostor/beta.key");
+    std::fs::write(&files.config, fake).unwrap();
+    let b = files.start("beta");
+    std::fs::write(&files.config, real).unwrap();
+    // Alpha dials and refuses the impostor's certificate; the impostor
+    // refuses nothing it has not seen, and gets no connection either.
+    wait_for_log(&files, "alpha", "cannot connect to the peer");
+    wait_for_log(&files, "beta", "refused a replication connection");
+    assert_eq!(files.status("alpha")["connection"], "Disconnected");
+    assert_eq!(files.status("beta")["connection"], "Disconnected");
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    assert!(std::fs::read(files.backing("alpha")).unwrap() == before_a);
+    assert!(std::fs::read(files.backing("beta")).unwrap() == before_b);
+}
+
+#[test]
+fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
+    use pairbd_link::{Endpoint, Identity, LinkConfig};
+    let dir = TestDir::new("repl-garbage");
+    let files = pair::setup(&dir, SIZE, "");
+    let before = std::fs::read(files.backing("beta")).unwrap();
+    let b = files.start("beta");
+    let beta_addr: std::net::SocketAddr = files.replication[1].parse().unwrap();
+    // Plain UDP garbage, small and large.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for n in [1usize, 17, 1200, 1500, 60000] {
+        let junk: Vec<u8> = (0..n).map(|i| (i * 31 + n) as u8).collect();
+        udp.send_to(&junk, beta_addr).unwrap();
+    }
+    // Authenticated as alpha, but sending bad frames.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let certs = dir.join("certs");
+        let identity = Identity::load(&certs.join("alpha.crt"), &certs.join("alpha.key")).unwrap();
+        let peer_cert = pairbd_link::load_certificate(&certs.join("beta.crt")).unwrap();
+        let endpoint = Endpoint::bind(LinkConfig {
+            identity,
+            peer_cert,
+            bind: "127.0.0.1:0".parse().unwrap(),
+            ping_timeout: std::time::Duration::from_secs(1),
+        })
+        .unwrap();
+        // 1: garbage bytes.
+        let link = endpoint.connect(beta_addr).await.unwrap();
+        let (mut tx, mut rx) = link.split();
+        tx.send_raw(&[0xEE; 200]).await.unwrap();
+        assert!(
+            rx.recv(|n| vec![0u8; n]).await.is_err() || rx.recv(|n| vec![0u8; n]).await.is_err()
+        );
+        // 2: a well-formed header announcing a payload far over the limit.
+        let link = endpoint.connect(beta_addr).await.unwrap();
+        let (mut tx, mut rx) = link.split();
+        let mut head =
+            pairbd_repl_proto::encode_frame::<Vec<u8>>(&pairbd_repl_proto::Message::Flush {
+                seq: 1,
+            })
+            .header;
+        head[5] = 3; // a write
+        head[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        head[32..40].copy_from_slice(&u64::from(u32::MAX).to_le_bytes());
+        let crc = crc32c_of(&head[..40]);
+        head[40..44].copy_from_slice(&crc.to_le_bytes());
+        tx.send_raw(&head).await.unwrap();
+        let mut ended = false;
+        for _ in 0..3 {
+            if rx.recv(|n| vec![0u8; n]).await.is_err() {
+                ended = true;
+                break;
+            }
+        }
+        assert!(ended, "beta kept a connection that sent an oversized frame");
+        endpoint.close();
+    });
+    wait_for_log(&files, "beta", "(limit 33554432)");
+    assert_eq!(files.status("beta")["disk"], "Inconsistent");
+    // The real alpha still connects afterwards.
+    let a = files.start("alpha");
+    files.wait_for("beta", "connected to the real alpha", |s| {
+        s["connection"] == "Connected"
+    });
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    assert!(std::fs::read(files.backing("beta")).unwrap() == before);
+}
+
+/// crc32c (Castagnoli), bitwise: the test builds one header by hand.
+fn crc32c_of(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn a_killed_peer_is_noticed_on_either_side() {
+    let dir = TestDir::new("repl-kill");
+    let files = pair::setup(&dir, SIZE, "");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    // The secondary dies.
+    let killed = Instant::now();
+    b.kill();
+    let (_, took) = files.wait_for("alpha", "the lost secondary", |s| {
+        s["connection"] == "Disconnected"
+    });
+    eprintln!(
+        "primary noticed the killed secondary after {:?} (ping timeout 1s)",
+        killed.elapsed().max(took)
+    );
+    let b = files.start("beta");
+    files.wait_in_sync();
+    // The primary dies.
+    let killed = Instant::now();
+    a.kill();
+    files.wait_for("beta", "the lost primary", |s| {
+        s["connection"] == "Disconnected"
+    });
+    eprintln!(
+        "secondary noticed the killed primary after {:?} (ping timeout 1s)",
+        killed.elapsed()
+    );
+    assert!(b.stop().success());
+}
