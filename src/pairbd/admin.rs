@@ -123,6 +123,11 @@ pub fn gen_cert(ctx: &Context, args: GenCertArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Writes a private key readable by its owner only; refuses to replace one.
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    write_new(path, data, 0o600, false)
+}
+
 fn write_new(path: &Path, data: &[u8], mode: u32, force: bool) -> anyhow::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).mode(mode);

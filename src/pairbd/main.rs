@@ -5,6 +5,7 @@
 
 mod admin;
 mod daemon;
+mod demo;
 mod serve;
 mod size;
 
@@ -45,6 +46,8 @@ enum Command {
     Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
     Serve(serve::ServeArgs),
+    /// Run a replicated pair on local files (both nodes on this machine), for trying pairbd out.
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Demote(args) => admin::simple(&ctx, args, "demote"),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
         Command::Status(args) => admin::status(&ctx, args),
+        Command::Demo(args) => demo::run(args),
     };
     match result {
         Ok(code) => code,
