@@ -19,6 +19,7 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -217,6 +218,9 @@ class Target:
     def describe(self):
         return self.description
 
+    def cleanup(self):
+        """Remove whatever the target made besides its backing file."""
+
 
 class RawTarget(Target):
     name = "raw"
@@ -376,10 +380,105 @@ class QemuNbdTarget(NbdServerTarget):
                               "--shared=8", "-t", self.backing])]
 
 
-# Future: the replicated pair ("pairbd-pair") is another NbdServerTarget whose
-# commands() returns [("secondary", [...]), ("primary", [...])] listening on
-# loopback/Unix sockets only; give it a second backing file in preflight().
-TARGETS = {cls.name: cls for cls in (PairbdTarget, PairbdPoolTarget, NbdkitTarget, QemuNbdTarget,
+class PairbdPairTarget(PairbdTarget):
+    """The replicated pair: two `pairbd daemon`s on this machine (loopback QUIC,
+    Unix sockets), alpha Primary serving the bench socket, beta its secondary.
+    The first start syncs beta fully from alpha (pairbd cannot know the two
+    copies start equal); later starts find both UpToDate and only promote."""
+    name = "pairbd-pair"
+    description = "pairbd daemon pair (replicated, protocol C, both nodes on this machine)"
+
+    def __init__(self, args, workdir):
+        super().__init__(args, workdir)
+        self.pdir = os.path.join(workdir, "pairbd-pair.d")
+        self.config = os.path.join(self.pdir, "pairbd.toml")
+        self.secondary = os.path.join(self.pdir, "beta.img")
+
+    def cli(self, node, *argv, check=True):
+        r = subprocess.run([self.args.pairbd, "--config", self.config, "--node", node, *argv],
+                           capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise BenchError(f"{self.name}: pairbd {' '.join(argv)} on {node} failed: "
+                             f"{r.stderr.strip() or r.stdout.strip()}")
+        return r
+
+    def setup_once(self):
+        if os.path.exists(self.config):
+            return
+        os.makedirs(self.pdir, exist_ok=True)
+        for node in ("alpha", "beta"):
+            subprocess.run([self.args.pairbd, "gen-cert", "--node", node, "--out", self.pdir],
+                           check=True, capture_output=True)
+        ports = []
+        for _ in range(2):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind(("127.0.0.1", 0))
+                ports.append(u.getsockname()[1])
+        subprocess.run(["cp", "--reflink=auto", self.backing, self.secondary], check=True)
+        text = f"[resource.{EXPORT}]\nsize = {self.args.size_bytes}\n"
+        backings = {"alpha": self.backing, "beta": self.secondary}
+        listen = {"alpha": f'["unix:{self.sock}"]', "beta": "[]"}
+        for i, node in enumerate(("alpha", "beta")):
+            text += (f"\n[resource.{EXPORT}.node.{node}]\nid = {i + 1}\n"
+                     f'backing = "{backings[node]}"\nmeta = "{node}.meta"\n'
+                     f"listen = {listen[node]}\nreplication = \"127.0.0.1:{ports[i]}\"\n"
+                     f'certificate = "{node}.crt"\nkey = "{node}.key"\n'
+                     f'control = "{node}.ctl"\n')
+        with open(self.config, "w") as f:
+            f.write(text)
+        for node in ("alpha", "beta"):
+            self.cli(node, "create-md", EXPORT)
+
+    def commands(self):
+        return [(node, [self.args.pairbd, "--config", self.config, "--node", node, "daemon"])
+                for node in ("beta", "alpha")]
+
+    def wait_ready(self):
+        # Both daemons print a ready line; clients are accepted only once
+        # alpha is Primary, which start() arranges next.
+        deadline = time.monotonic() + self.args.start_timeout
+        while not all("ready" in _read(lp) for _, _, lp in self.procs):
+            for lbl, p, lp in self.procs:
+                if exited(p):
+                    raise BenchError(f"{self.name}: '{lbl}' exited during start-up "
+                                     f"({exit_description(p)}; see {lp}):\n{tail(lp)}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: daemons not ready after "
+                                 f"{self.args.start_timeout}s")
+            time.sleep(0.1)
+
+    def start(self, run_tag, logdir):
+        self.setup_once()
+        env = super().start(run_tag, logdir)
+        deadline = time.monotonic() + max(self.args.start_timeout, 600)
+        promoted = False
+        while True:
+            st = json.loads(self.cli("alpha", "status", "--json").stdout)
+            if st["connection"] == "Connected" and not promoted:
+                force = st["disk"] != "UpToDate"
+                if st["role"] != "Primary":
+                    self.cli("alpha", "promote", *(["--force"] if force else []))
+                promoted = True
+            elif (promoted and st["role"] == "Primary" and st["sync"] is None
+                  and (st["peer"] or {}).get("disk") == "UpToDate"):
+                return env
+            if time.monotonic() > deadline:
+                raise BenchError(f"{self.name}: not in sync in time: {st}")
+            time.sleep(0.2)
+
+    def stop(self):
+        stats = super().stop()
+        # The bench reads alpha's peak memory as "pairbd".
+        if "alpha_vmhwm_kib" in stats:
+            stats["pairbd_vmhwm_kib"] = stats["alpha_vmhwm_kib"]
+        return stats
+
+    def cleanup(self):
+        shutil.rmtree(self.pdir, ignore_errors=True)
+
+
+TARGETS = {cls.name: cls for cls in (PairbdTarget, PairbdPoolTarget, PairbdPairTarget, NbdkitTarget,
+                                     QemuNbdTarget,
                                      RawTarget)}
 # Unreplicated NBD servers: "vs best of" compares against the better of these.
 NBD_PEERS = ("nbdkit", "qemu-nbd")
@@ -836,6 +935,8 @@ def main(argv):
         for t in targets:
             try:
                 t.stop()
+                if not args.keep_workdir:
+                    t.cleanup()
             except Exception as e:  # keep cleaning
                 log(f"cleanup: {t.name}: {e}")
         if not args.keep_workdir:
