@@ -291,3 +291,74 @@ fn a_killed_peer_is_noticed_on_either_side() {
     );
     assert!(b.stop().success());
 }
+
+#[test]
+fn a_frozen_secondary_is_dropped_and_resynced_when_it_thaws() {
+    require_tool("qemu-io");
+    let dir = TestDir::new("repl-frozen");
+    let files = pair::setup(&dir, SIZE, "");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    // SIGSTOP: the peer's socket stays open but nothing answers.
+    common::signal(b.pid(), "STOP");
+    qemu_io(&files, "alpha", &["write -P 0x77 0 1048576", "flush"]);
+    let (st, _) = files.wait_for("alpha", "the frozen peer dropped", |s| {
+        s["connection"] == "Disconnected" && s["peer_sync_needed"] == true
+    });
+    assert!(st["last_disconnect"].is_string(), "{st}");
+    common::signal(b.pid(), "CONT");
+    files.wait_in_sync();
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    files.assert_data_equal();
+    let beta = std::fs::read(files.backing("beta")).unwrap();
+    assert!(beta[..1 << 20].iter().all(|&x| x == 0x77));
+}
+
+#[test]
+fn suspend_io_holds_writes_until_resume_io() {
+    require_tool("qemu-io");
+    let dir = TestDir::new("repl-suspend");
+    let files = pair::setup(&dir, SIZE, "on-peer-loss = \"suspend-io\"\n");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    b.kill();
+    files.wait_for("alpha", "the peer gone", |s| {
+        s["connection"] == "Disconnected"
+    });
+    let mut writer = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 65536 4096",
+            &files.uri("alpha"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (st, _) = files.wait_for("alpha", "a held write", |s| {
+        s["io_suspended"] == true && s["requests_in_flight"].as_u64() >= Some(1)
+    });
+    assert_eq!(st["role"], "Primary");
+    assert!(
+        writer.try_wait().unwrap().is_none(),
+        "the write was answered while suspended"
+    );
+    let out = files.cli("alpha", &["resume-io"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = writer.wait().unwrap();
+    assert!(status.success());
+    let st = files.status("alpha");
+    assert_eq!(st["io_suspended"], false);
+    assert_eq!(st["peer_sync_needed"], true);
+    assert!(a.stop().success());
+}
