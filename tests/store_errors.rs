@@ -245,3 +245,49 @@ fn a_failed_flush_poisons_the_store_until_the_daemon_restarts() {
     drop(client);
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn a_store_error_on_the_primary_fail_stops_it_and_the_peer_notices() {
+    let _lock = exclusive_lock();
+    let dir = TestDir::new("pair-store-error");
+    let disk = FailingDisk::start(&dir);
+    // Alpha's data lives on the failing disk (metadata beside it, so that the
+    // failure hits the data path first).
+    let alpha_extra = format!(
+        "backing = \"{}\"\nmeta = \"alpha.meta\"",
+        disk.disk().display()
+    );
+    let files = common::pair::setup_with(&dir, 32 << 20, "", &[&alpha_extra, ""]);
+    let mut a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    let (mut client, _) = RawClient::open(&files.socket("alpha"), "mail");
+    client.write_ok(0, &[0x11; 4096]);
+    disk.fail(true);
+    let errno = client.write_at(0, 8192, &[0x22; 4096]);
+    assert_eq!(
+        errno,
+        NbdError::Io.errno(),
+        "the failed write was not reported as EIO"
+    );
+    drop(client);
+    // The primary stops by itself, saying why.
+    let deadline = Instant::now() + common::pair::WAIT_LIMIT;
+    while a.is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "alpha kept running after a store error"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(a.log_text().contains("fail-stop"), "{}", a.log_text());
+    disk.fail(false);
+    files.wait_for("beta", "the failed primary gone", |s| {
+        s["connection"] == "Disconnected"
+    });
+    // Beta keeps what was acknowledged.
+    assert!(b.stop().success());
+    let beta = std::fs::read(files.backing("beta")).unwrap();
+    assert!(beta[..4096].iter().all(|&x| x == 0x11));
+}

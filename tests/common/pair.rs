@@ -36,6 +36,17 @@ pub fn free_udp_port() -> u16 {
 /// Writes certificates, the configuration and both nodes' metadata.
 /// `resource_extra` is appended to the `[resource.mail]` table.
 pub fn setup(dir: &TestDir, size_bytes: u64, resource_extra: &str) -> PairFiles {
+    setup_with(dir, size_bytes, resource_extra, &["", ""])
+}
+
+/// Like [`setup`], with extra keys for each node's table (keys given here
+/// replace the defaults, e.g. `backing` or `meta`).
+pub fn setup_with(
+    dir: &TestDir,
+    size_bytes: u64,
+    resource_extra: &str,
+    node_extra: &[&str; 2],
+) -> PairFiles {
     let certs = dir.join("certs");
     for node in NODES {
         run_ok(Command::new(pairbd_binary()).args([
@@ -56,7 +67,7 @@ pub fn setup(dir: &TestDir, size_bytes: u64, resource_extra: &str) -> PairFiles 
         size_bytes,
         replication,
     };
-    files.write_config(resource_extra, &["", ""]);
+    files.write_config(resource_extra, node_extra);
     for node in NODES {
         run_ok(Command::new(pairbd_binary()).args([
             "create-md",
@@ -84,11 +95,14 @@ impl PairFiles {
                     .any(|l| l.trim_start().starts_with(key))
             };
             text.push_str(&format!(
-                "\n[resource.mail.node.{node}]\nid = {}\nbacking = \"{node}.img\"\n\
+                "\n[resource.mail.node.{node}]\nid = {}\n\
                  listen = [\"unix:{node}.sock\"]\nreplication = \"{}\"\ncontrol = \"{node}.ctl\"\n",
                 i + 1,
                 self.replication[i],
             ));
+            if !has("backing") {
+                text.push_str(&format!("backing = \"{node}.img\"\n"));
+            }
             if !has("certificate") {
                 text.push_str(&format!("certificate = \"certs/{node}.crt\"\n"));
             }
