@@ -138,19 +138,26 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         driver: Arc::clone(&driver),
         resource: res.name.clone(),
     });
-    let server = Server::bind(
-        Arc::clone(&volume),
-        ExportConfig {
-            name: res.export.clone(),
-        },
-        &local.listen,
-        ConnectionLimits::default(),
-    )
-    .await?;
+    // A node without listen addresses serves no clients (it can still replicate).
+    let server = if local.listen.is_empty() {
+        None
+    } else {
+        Some(
+            Server::bind(
+                Arc::clone(&volume),
+                ExportConfig {
+                    name: res.export.clone(),
+                },
+                &local.listen,
+                ConnectionLimits::default(),
+            )
+            .await?,
+        )
+    };
     let addresses: Vec<String> = server
-        .local_addresses()
         .iter()
-        .map(ToString::to_string)
+        .flat_map(|s| s.local_addresses())
+        .map(|a| a.to_string())
         .collect();
 
     let control = control::bind(&local.control)?;
@@ -195,7 +202,10 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         }
         trigger.cancel();
     });
-    server.run(shutdown).await;
+    match server {
+        Some(server) => server.run(shutdown).await,
+        None => shutdown.cancelled().await,
+    }
     control_task.abort();
     let _ = std::fs::remove_file(&local.control);
 
