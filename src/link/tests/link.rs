@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
-use pairbd_link::{generate_certificate, Endpoint, Identity, LinkConfig, LinkError};
-use pairbd_repl_proto::{DiskState, Message, NodeState, Role};
+use pairbd_link::{generate_certificate, Endpoint, FrameReceiver, Identity, LinkConfig, LinkError};
+use pairbd_repl_proto::{
+    encode_to_vec, DiskState, FrameError, Hello, Message, NodeState, Role, HEADER_LEN,
+    MAX_DATA_PAYLOAD,
+};
 
 fn identity(name: &str) -> Identity {
     let (cert, key) = generate_certificate(name).unwrap();
@@ -25,55 +28,196 @@ fn endpoint(me: &Identity, peer: &Identity, ping: Duration) -> Endpoint {
 /// A failure guard, not a synchronisation: generous, and only hit on a bug.
 const GUARD: Duration = Duration::from_secs(20);
 
+/// One message of every kind.
+fn every_kind(base: u64) -> Vec<Message<Vec<u8>>> {
+    vec![
+        Message::Hello(Hello {
+            node_name: "alpha".into(),
+            resource: "mail".into(),
+            size_bytes: 1 << 30,
+            state: NodeState {
+                role: Role::Secondary,
+                disk: DiskState::Outdated,
+            },
+            current_generation: base,
+            peer_sync_needed: true,
+            unclean_primary: false,
+        }),
+        Message::State(NodeState {
+            role: Role::Primary,
+            disk: DiskState::UpToDate,
+        }),
+        Message::Write {
+            seq: base + 1,
+            offset: 4096,
+            payload: vec![5u8; 65536],
+            fua: true,
+        },
+        Message::Trim {
+            seq: base + 2,
+            offset: 0,
+            length: 1 << 20,
+        },
+        Message::WriteZeroes {
+            seq: base + 3,
+            offset: 8192,
+            length: 4096,
+            no_hole: true,
+        },
+        Message::Flush { seq: base + 4 },
+        Message::Ack { seq: base + 1 },
+        Message::FlushAck { seq: base + 4 },
+        Message::SyncStart {
+            total_bytes: 1 << 30,
+        },
+        Message::SyncReady,
+        // A full-size chunk: the stream windows must let it through whole.
+        Message::SyncData {
+            seq: base + 5,
+            offset: 1 << 20,
+            payload: (0..MAX_DATA_PAYLOAD).map(|i| i as u8).collect(),
+        },
+        Message::SyncDone { seq: base + 6 },
+        Message::SyncDoneAck { seq: base + 6 },
+    ]
+}
+
+async fn receive_all(rx: &mut FrameReceiver, expected: &[Message<Vec<u8>>]) {
+    for want in expected {
+        let got = rx.recv(|n| vec![0u8; n]).await.unwrap();
+        assert!(
+            &got == want,
+            "got a {}, wanted a {}",
+            got.name(),
+            want.name()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frames_cross_both_ways() {
+async fn every_kind_crosses_both_ways() {
     let (a, b) = (identity("alpha"), identity("beta"));
-    let ea = endpoint(&a, &b, Duration::from_secs(1));
-    let eb = endpoint(&b, &a, Duration::from_secs(1));
+    let ea = endpoint(&a, &b, Duration::from_secs(2));
+    let eb = endpoint(&b, &a, Duration::from_secs(2));
     let addr = eb.local_addr().unwrap();
     let accept = tokio::spawn(async move {
         let link = eb.accept().await.unwrap();
         let (mut tx, mut rx) = link.split();
-        let m = rx.recv(|n| vec![0u8; n]).await.unwrap();
-        assert_eq!(
-            m,
-            Message::Write {
-                seq: 1,
-                offset: 4096,
-                payload: vec![5u8; 65536],
-                fua: true
-            }
-        );
-        tx.send(&Message::<Vec<u8>>::Ack { seq: 1 }).await.unwrap();
-        let m = rx.recv(|n| vec![0u8; n]).await.unwrap();
-        assert_eq!(
-            m,
-            Message::State(NodeState {
-                role: Role::Primary,
-                disk: DiskState::UpToDate
-            })
-        );
+        receive_all(&mut rx, &every_kind(100)).await;
+        for m in every_kind(200) {
+            tx.send(&m).await.unwrap();
+        }
+        // A batch arrives as the same frames in the same order.
+        receive_all(&mut rx, &every_kind(300)).await;
         (eb, tx, rx)
     });
     let link = ea.connect(addr).await.unwrap();
+    assert_eq!(link.remote_address(), addr);
     let (mut tx, mut rx) = link.split();
-    tx.send(&Message::Write {
-        seq: 1,
-        offset: 4096,
-        payload: vec![5u8; 65536],
-        fua: true,
-    })
-    .await
-    .unwrap();
-    let ack: Message<Vec<u8>> = rx.recv(|n| vec![0u8; n]).await.unwrap();
-    assert_eq!(ack, Message::Ack { seq: 1 });
-    tx.send(&Message::<Vec<u8>>::State(NodeState {
-        role: Role::Primary,
-        disk: DiskState::UpToDate,
-    }))
-    .await
-    .unwrap();
+    for m in every_kind(100) {
+        tx.send(&m).await.unwrap();
+    }
+    receive_all(&mut rx, &every_kind(200)).await;
+    tx.send_batch(&every_kind(300)).await.unwrap();
     tokio::time::timeout(GUARD, accept).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsendable_message_is_refused_before_it_is_sent() {
+    let (a, b) = (identity("alpha"), identity("beta"));
+    let ea = endpoint(&a, &b, Duration::from_secs(2));
+    let eb = endpoint(&b, &a, Duration::from_secs(2));
+    let addr = eb.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let link = eb.accept().await.unwrap();
+        let (_tx, mut rx) = link.split();
+        let m: Message<Vec<u8>> = rx.recv(|n| vec![0u8; n]).await.unwrap();
+        (eb, m)
+    });
+    let link = ea.connect(addr).await.unwrap();
+    let (mut tx, _rx) = link.split();
+    let empty = Message::Write {
+        seq: 1,
+        offset: 0,
+        payload: Vec::new(),
+        fua: false,
+    };
+    let e = tx.send(&empty).await.unwrap_err();
+    assert!(
+        matches!(e, LinkError::Unsendable { kind: "write", .. }),
+        "{e}"
+    );
+    // Nothing of it reached the stream: the next frame is the first one seen.
+    tx.send(&Message::<Vec<u8>>::Flush { seq: 2 })
+        .await
+        .unwrap();
+    let (_eb, m) = tokio::time::timeout(GUARD, accept).await.unwrap().unwrap();
+    assert_eq!(m, Message::Flush { seq: 2 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_link_tells_the_peer_why() {
+    let (a, b) = (identity("alpha"), identity("beta"));
+    let ea = endpoint(&a, &b, Duration::from_secs(2));
+    let eb = endpoint(&b, &a, Duration::from_secs(2));
+    let addr = eb.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        let link = eb.accept().await.unwrap();
+        // The handshake measured at least one round trip.
+        assert!(link.rtt() > Duration::ZERO);
+        let closed = link.closed();
+        link.close("demoted by the operator");
+        let local = tokio::time::timeout(GUARD, closed).await.unwrap();
+        (eb, local)
+    });
+    let link = ea.connect(addr).await.unwrap();
+    let handle = link.handle();
+    let (mut tx, mut rx) = link.split();
+    tx.send(&Message::<Vec<u8>>::SyncReady).await.unwrap();
+    let reason = tokio::time::timeout(GUARD, handle.closed()).await.unwrap();
+    assert!(reason.contains("demoted by the operator"), "{reason}");
+    let next = rx
+        .recv(|n| vec![0u8; n])
+        .await
+        .map(|_: Message<Vec<u8>>| ());
+    assert!(matches!(next, Err(LinkError::Connection(_))), "{next:?}");
+    let (_eb, local) = tokio::time::timeout(GUARD, accept).await.unwrap().unwrap();
+    assert!(!local.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_with_a_bad_payload_crc_is_an_error_for_the_receiver() {
+    let (a, b) = (identity("alpha"), identity("beta"));
+    let ea = endpoint(&a, &b, Duration::from_secs(2));
+    let eb = endpoint(&b, &a, Duration::from_secs(2));
+    let addr = eb.local_addr().unwrap();
+    let receiver = tokio::spawn(async move {
+        let link = eb.accept().await.unwrap();
+        let (_tx, mut rx) = link.split();
+        let r = rx.recv(|n| vec![0u8; n]).await;
+        (eb, r.map(|_: Message<Vec<u8>>| ()))
+    });
+    let link = ea.connect(addr).await.unwrap();
+    let (mut tx, _rx) = link.split();
+    let mut frame = encode_to_vec(&Message::Write {
+        seq: 1,
+        offset: 0,
+        payload: vec![1u8; 4096],
+        fua: false,
+    });
+    frame[HEADER_LEN + 10] ^= 0x20;
+    tx.send_raw(&frame).await.unwrap();
+    let (_eb, r) = tokio::time::timeout(GUARD, receiver)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            r,
+            Err(LinkError::Frame(FrameError::PayloadChecksum { seq: 1, .. }))
+        ),
+        "{r:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -185,4 +329,32 @@ async fn a_vanished_peer_is_noticed() {
         .await
         .expect("loss noticed");
     eprintln!("loss noticed after {:?}: {reason}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_opens_no_stream_does_not_block_accept() {
+    let (a, b) = (identity("alpha"), identity("beta"));
+    let ping = Duration::from_millis(300);
+    let ea = endpoint(&a, &b, ping);
+    let eb = endpoint(&b, &a, ping);
+    let addr = eb.local_addr().unwrap();
+    let accepted = tokio::spawn(async move {
+        let link = eb.accept().await.unwrap();
+        let (_tx, mut rx) = link.split();
+        let m: Message<Vec<u8>> = rx.recv(|n| vec![0u8; n]).await.unwrap();
+        (eb, m)
+    });
+    // Authenticated, but silent: its stream is never announced to beta.
+    let silent = ea.connect(addr).await.unwrap();
+    let silent_closed = silent.closed();
+    let reason = tokio::time::timeout(GUARD, silent_closed).await.unwrap();
+    assert!(reason.contains("no stream opened"), "{reason}");
+    let link = ea.connect(addr).await.unwrap();
+    let (mut tx, _rx) = link.split();
+    tx.send(&Message::<Vec<u8>>::Ack { seq: 4 }).await.unwrap();
+    let (_eb, m) = tokio::time::timeout(GUARD, accepted)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m, Message::Ack { seq: 4 });
 }

@@ -1,6 +1,12 @@
 //! The frame codec: a fixed 48-byte little-endian header (zerocopy) and the
 //! payload beside it. Data payloads pass through untouched (their crc32c is
 //! checked); control payloads are postcard.
+//!
+//! Header layout (all little-endian): magic u32, version u8, kind u8, flags
+//! u16, payload_len u32, payload_crc u32, seq u64, offset u64, length u64,
+//! header_crc u32 (crc32c of the 40 bytes before it), reserved u32 (zero).
+//! A field a kind does not use must be zero, so every message has exactly one
+//! encoding and a corrupted or foreign frame is refused rather than guessed at.
 
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
@@ -40,7 +46,9 @@ struct RawHeader {
 }
 
 const _: () = assert!(std::mem::size_of::<RawHeader>() == HEADER_LEN);
+/// The header crc covers every byte before its own field.
 const CRC_COVERS: usize = 40;
+const _: () = assert!(std::mem::offset_of!(RawHeader, header_crc) == CRC_COVERS);
 
 /// Message kinds on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +96,29 @@ impl Kind {
 
     fn is_control(self) -> bool {
         matches!(self, Kind::Hello | Kind::State)
+    }
+
+    /// Which of seq, offset and length the kind carries; the others must be 0.
+    fn uses(self) -> (bool, bool, bool) {
+        match self {
+            Kind::Hello | Kind::State | Kind::SyncReady => (false, false, false),
+            Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::SyncData => (true, true, true),
+            Kind::Flush | Kind::Ack | Kind::FlushAck | Kind::SyncDone | Kind::SyncDoneAck => {
+                (true, false, false)
+            }
+            Kind::SyncStart => (false, false, true),
+        }
+    }
+
+    /// The largest payload the kind may carry.
+    fn payload_limit(self) -> u32 {
+        if self.is_data() {
+            MAX_DATA_PAYLOAD
+        } else if self.is_control() {
+            MAX_CONTROL_PAYLOAD
+        } else {
+            0
+        }
     }
 
     fn allowed_flags(self) -> u16 {
@@ -168,6 +199,24 @@ pub enum FrameError {
         length: u64,
         payload_len: u32,
     },
+    #[error("{kind} frame: range at offset {offset} of {length} bytes overflows u64")]
+    RangeOverflow {
+        kind: &'static str,
+        offset: u64,
+        length: u64,
+    },
+    #[error("{kind} frame: the unused {field} field is {value}, not 0")]
+    UnusedField {
+        kind: &'static str,
+        field: &'static str,
+        value: u64,
+    },
+    #[error("{kind} frame: the header announces {expected} payload bytes, {got} were given")]
+    PayloadSize {
+        kind: &'static str,
+        expected: usize,
+        got: usize,
+    },
     #[error("payload checksum mismatch on {kind} frame {seq}")]
     PayloadChecksum { kind: &'static str, seq: u64 },
     #[error("malformed {kind} payload: {detail}")]
@@ -176,12 +225,17 @@ pub enum FrameError {
     Incomplete { needed: usize },
 }
 
-/// Checks a header.
+/// Checks a header: every field is valid for its kind, so the payload that
+/// follows can be allocated (`payload_len`, bounded by the kind's limit) and
+/// read before [`decode_frame`] checks its crc.
 pub fn decode_header(bytes: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError> {
-    let raw = RawHeader::ref_from_bytes(&bytes[..]).map_err(|_| FrameError::HeaderChecksum)?;
+    // Same size, alignment 1: checked at compile time, no error path.
+    let raw: RawHeader = zerocopy::transmute!(*bytes);
     if raw.magic.get() != MAGIC {
         return Err(FrameError::BadMagic(raw.magic.get()));
     }
+    // The version is judged before the crc: a newer peer may checksum
+    // differently, and "unsupported version" is the message that helps.
     if raw.version != PROTOCOL_VERSION {
         return Err(FrameError::UnsupportedVersion {
             got: raw.version,
@@ -201,13 +255,7 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError
         return Err(FrameError::BadFlags { kind: name, flags });
     }
     let payload_len = raw.payload_len.get();
-    let limit = if kind.is_data() {
-        MAX_DATA_PAYLOAD
-    } else if kind.is_control() {
-        MAX_CONTROL_PAYLOAD
-    } else {
-        0
-    };
+    let limit = kind.payload_limit();
     if payload_len > limit {
         return Err(FrameError::Oversized {
             kind: name,
@@ -215,7 +263,21 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError
             limit,
         });
     }
-    let length = raw.length.get();
+    let (seq, offset, length) = (raw.seq.get(), raw.offset.get(), raw.length.get());
+    let (uses_seq, uses_offset, uses_length) = kind.uses();
+    for (used, field, value) in [
+        (uses_seq, "seq", seq),
+        (uses_offset, "offset", offset),
+        (uses_length, "length", length),
+    ] {
+        if !used && value != 0 {
+            return Err(FrameError::UnusedField {
+                kind: name,
+                field,
+                value,
+            });
+        }
+    }
     if kind.is_data() && (payload_len == 0 || length != u64::from(payload_len)) {
         return Err(FrameError::InconsistentLength {
             kind: name,
@@ -223,11 +285,20 @@ pub fn decode_header(bytes: &[u8; HEADER_LEN]) -> Result<FrameHeader, FrameError
             payload_len,
         });
     }
+    // A range past u64::MAX cannot be a place on any disk; the core checks
+    // the device size, this only keeps its arithmetic from overflowing.
+    if uses_offset && offset.checked_add(length).is_none() {
+        return Err(FrameError::RangeOverflow {
+            kind: name,
+            offset,
+            length,
+        });
+    }
     Ok(FrameHeader {
         kind,
         flags,
-        seq: raw.seq.get(),
-        offset: raw.offset.get(),
+        seq,
+        offset,
         length,
         payload_len,
         payload_crc: raw.payload_crc.get(),
@@ -252,10 +323,10 @@ fn control<T: serde::de::DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T
 pub fn decode_frame<P: AsRef<[u8]>>(h: &FrameHeader, payload: P) -> Result<Message<P>, FrameError> {
     let bytes = payload.as_ref();
     if bytes.len() != h.payload_len() {
-        return Err(FrameError::InconsistentLength {
+        return Err(FrameError::PayloadSize {
             kind: h.kind_name(),
-            length: bytes.len() as u64,
-            payload_len: h.payload_len,
+            expected: h.payload_len(),
+            got: bytes.len(),
         });
     }
     if crc32c::crc32c(bytes) != h.payload_crc {
@@ -311,16 +382,49 @@ pub struct EncodedFrame {
 }
 
 /// Encodes a message's header (and control payload).
+///
+/// The caller keeps a message within the protocol's limits (a data payload
+/// of 1..=[`MAX_DATA_PAYLOAD`] bytes, a range within u64). A message outside
+/// them still encodes, but into a frame the peer refuses; use
+/// [`try_encode_frame`] to learn that before sending.
 pub fn encode_frame<P: AsRef<[u8]>>(msg: &Message<P>) -> EncodedFrame {
+    encode(msg).0
+}
+
+/// Encodes a message, or says why the peer's decoder would refuse it.
+pub fn try_encode_frame<P: AsRef<[u8]>>(msg: &Message<P>) -> Result<EncodedFrame, FrameError> {
+    let (frame, problem) = encode(msg);
+    if let Some(e) = problem {
+        return Err(e);
+    }
+    // The peer checks this header with `decode_header`; checking it here
+    // first means a message it would refuse is never sent.
+    decode_header(&frame.header)?;
+    Ok(frame)
+}
+
+/// The frame, and the control payload's serialisation error if any (then
+/// the control payload is empty).
+fn encode<P: AsRef<[u8]>>(msg: &Message<P>) -> (EncodedFrame, Option<FrameError>) {
+    let mut problem = None;
+    let mut serialise = |kind: Kind, r: postcard::Result<Vec<u8>>| {
+        r.unwrap_or_else(|e| {
+            problem = Some(FrameError::Control {
+                kind: kind_name(kind),
+                detail: e.to_string(),
+            });
+            Vec::new()
+        })
+    };
     let mut control = Vec::new();
     let mut data: Option<&[u8]> = None;
     let (kind, seq, offset, length, flags) = match msg {
         Message::Hello(h) => {
-            control = postcard::to_stdvec(h).unwrap_or_default();
+            control = serialise(Kind::Hello, postcard::to_stdvec(h));
             (Kind::Hello, 0, 0, 0, 0)
         }
         Message::State(s) => {
-            control = postcard::to_stdvec(s).unwrap_or_default();
+            control = serialise(Kind::State, postcard::to_stdvec(s));
             (Kind::State, 0, 0, 0, 0)
         }
         Message::Write {
@@ -374,12 +478,15 @@ pub fn encode_frame<P: AsRef<[u8]>>(msg: &Message<P>) -> EncodedFrame {
         Message::SyncDoneAck { seq } => (Kind::SyncDoneAck, *seq, 0, 0, 0),
     };
     let body: &[u8] = data.unwrap_or(&control);
+    // Saturate rather than truncate: u32::MAX is over every limit, so an
+    // impossible size is refused instead of passing as a smaller one.
+    let payload_len = u32::try_from(body.len()).unwrap_or(u32::MAX);
     let mut raw = RawHeader {
         magic: U32::new(MAGIC),
         version: PROTOCOL_VERSION,
         kind: kind as u8,
         flags: U16::new(flags),
-        payload_len: U32::new(body.len() as u32),
+        payload_len: U32::new(payload_len),
         payload_crc: U32::new(crc32c::crc32c(body)),
         seq: U64::new(seq),
         offset: U64::new(offset),
@@ -389,20 +496,17 @@ pub fn encode_frame<P: AsRef<[u8]>>(msg: &Message<P>) -> EncodedFrame {
     };
     let crc = crc32c::crc32c(&raw.as_bytes()[..CRC_COVERS]);
     raw.header_crc = U32::new(crc);
-    let mut header = [0u8; HEADER_LEN];
-    header.copy_from_slice(raw.as_bytes());
-    EncodedFrame { header, control }
+    let header: [u8; HEADER_LEN] = zerocopy::transmute!(raw);
+    (EncodedFrame { header, control }, problem)
 }
 
 /// Encodes a whole frame into one buffer (tests, fuzzing, corpora).
 pub fn encode_to_vec<P: AsRef<[u8]>>(msg: &Message<P>) -> Vec<u8> {
     let f = encode_frame(msg);
     let mut out = f.header.to_vec();
-    match msg {
-        Message::Write { payload, .. } | Message::SyncData { payload, .. } => {
-            out.extend_from_slice(payload.as_ref())
-        }
-        _ => out.extend_from_slice(&f.control),
+    match msg.data_payload() {
+        Some(payload) => out.extend_from_slice(payload.as_ref()),
+        None => out.extend_from_slice(&f.control),
     }
     out
 }

@@ -112,6 +112,15 @@ pub enum Message<P> {
 }
 
 impl<P> Message<P> {
+    /// The data payload of a write or sync chunk (sent beside the header as
+    /// it is); `None` for every other kind.
+    pub fn data_payload(&self) -> Option<&P> {
+        match self {
+            Message::Write { payload, .. } | Message::SyncData { payload, .. } => Some(payload),
+            _ => None,
+        }
+    }
+
     /// The message's name, for logs.
     pub fn name(&self) -> &'static str {
         match self {

@@ -121,6 +121,21 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         b"GET / HTTP/1.1\r\nHost: pairbd\r\n\r\n".to_vec(),
     ));
     out.push(("empty", Vec::new()));
+    out.push((
+        "range-overflow",
+        encode_to_vec::<Vec<u8>>(&Message::WriteZeroes {
+            seq: 8,
+            offset: u64::MAX,
+            length: 1,
+            no_hole: false,
+        }),
+    ));
+    // An ack whose unused offset field is set, header crc resealed.
+    let mut unused = out[7].1.clone();
+    unused[24] = 1;
+    let crc = crc32c::crc32c(&unused[..40]);
+    unused[40..44].copy_from_slice(&crc.to_le_bytes());
+    out.push(("unused-field", unused));
     out
 }
 
@@ -146,6 +161,24 @@ fn the_corpus_replays_without_panics() {
         count += 1;
     }
     assert!(count >= seeds().len(), "only {count} corpus files");
+}
+
+#[test]
+fn the_broken_seeds_are_refused() {
+    let broken = [
+        "truncated",
+        "bad-payload-crc",
+        "huge-length-bad-crc",
+        "garbage",
+        "empty",
+        "range-overflow",
+        "unused-field",
+    ];
+    for (name, bytes) in seeds() {
+        if broken.contains(&name) {
+            assert!(decode_all(&bytes).is_err(), "{name} accepted");
+        }
+    }
 }
 
 #[test]
