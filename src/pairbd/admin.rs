@@ -1,5 +1,5 @@
 //! The operator's subcommands: `daemon`, `gen-cert`, `create-md`, `promote`,
-//! `demote`, `resume-io` and `status`. Those that talk to a running daemon find
+//! `demote`, `connect`, `resume-io` and `status`. Those that talk to a running daemon find
 //! its control socket in the configuration.
 
 use std::io::Write;
@@ -73,6 +73,21 @@ pub struct PromoteArgs {
     resource: Option<String>,
     /// Promote even an Inconsistent or Outdated node: its data becomes the
     /// current copy and the peer is overwritten by a full sync.
+    #[arg(long)]
+    force: bool,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `demote`.
+#[derive(Debug, Args)]
+pub struct DemoteArgs {
+    /// The resource [default: the only one in the configuration].
+    #[arg(value_name = "RESOURCE")]
+    resource: Option<String>,
+    /// Cut attached NBD clients off (their in-flight requests fail) instead
+    /// of refusing.
     #[arg(long)]
     force: bool,
     /// Print the answer as JSON.
@@ -214,6 +229,12 @@ pub fn promote(ctx: &Context, args: PromoteArgs) -> anyhow::Result<ExitCode> {
     Ok(report(&answer, args.json))
 }
 
+pub fn demote(ctx: &Context, args: DemoteArgs) -> anyhow::Result<ExitCode> {
+    let path = control_path(ctx, args.resource.as_deref())?;
+    let answer = ask(&path, json!({"command": "demote", "force": args.force}))?;
+    Ok(report(&answer, args.json))
+}
+
 pub fn simple(ctx: &Context, args: ResourceArg, command: &str) -> anyhow::Result<ExitCode> {
     let path = control_path(ctx, args.resource.as_deref())?;
     let answer = ask(&path, json!({"command": command}))?;
@@ -259,6 +280,35 @@ fn human_status(s: &Value) -> String {
             }
             out.push('\n');
         }
+    }
+    if let Some(g) = s["generations"].as_object() {
+        out.push_str(&format!(
+            "  generations: current {} bitmap {} history {}\n",
+            text(&g["current"]),
+            text(&g["bitmap"]),
+            g["history"]
+                .as_array()
+                .map(|h| h.iter().map(text).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(clients) = s["clients"].as_array() {
+        for c in clients {
+            out.push_str(&format!(
+                "  client #{} {} export {}\n",
+                c["id"],
+                text(&c["address"]),
+                text(&c["export"])
+            ));
+        }
+    }
+    if s["connection"] == "StandAlone" {
+        out.push_str(
+            "  StandAlone: no link to the peer until `pairbd connect` (see docs/OPERATIONS.md)\n",
+        );
+    }
+    if s["demoting"].as_bool() == Some(true) {
+        out.push_str("  demoting: waiting for client requests in flight to finish\n");
     }
     if let Some(y) = s["sync"].as_object() {
         let eta = y["eta_secs"]

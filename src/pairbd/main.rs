@@ -38,8 +38,10 @@ enum Command {
     CreateMd(admin::CreateMdArgs),
     /// Make this node Primary (--force: also from Inconsistent/Outdated data).
     Promote(admin::PromoteArgs),
-    /// Make this node Secondary.
-    Demote(admin::ResourceArg),
+    /// Make this node Secondary (refused while NBD clients are attached, unless --force).
+    Demote(admin::DemoteArgs),
+    /// Leave StandAlone (after a split brain or unrelated data) and try the peer again.
+    Connect(admin::ResourceArg),
     /// Release writes held by on-peer-loss = "suspend-io" (they then go to this node only).
     ResumeIo(admin::ResourceArg),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
@@ -63,7 +65,8 @@ fn main() -> ExitCode {
         Command::GenCert(args) => admin::gen_cert(&ctx, args),
         Command::CreateMd(args) => admin::create_md(&ctx, args),
         Command::Promote(args) => admin::promote(&ctx, args),
-        Command::Demote(args) => admin::simple(&ctx, args, "demote"),
+        Command::Demote(args) => admin::demote(&ctx, args),
+        Command::Connect(args) => admin::simple(&ctx, args, "connect"),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),

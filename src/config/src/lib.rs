@@ -67,6 +67,16 @@ pub enum OnPeerLoss {
     SuspendIo,
 }
 
+/// What a node that crashed as Primary does when it starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterCrash {
+    /// Start as Secondary and wait for an operator or cluster manager.
+    Secondary,
+    /// Become Primary again once the peer connects as a Secondary without
+    /// newer data (never while the peer is away).
+    ResumePrimary,
+}
+
 /// The disk engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -111,6 +121,7 @@ pub struct ResourceConfig {
     pub size_bytes: u64,
     pub export: String,
     pub on_peer_loss: OnPeerLoss,
+    pub after_crash: AfterCrash,
     pub ping_timeout: Duration,
     pub ack_timeout: Duration,
     pub sync_chunk_bytes: u64,

@@ -10,7 +10,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig, OnPeerLoss, ResourceConfig,
+    AfterCrash, Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig, OnPeerLoss,
+    ResourceConfig,
 };
 
 #[derive(Deserialize)]
@@ -33,6 +34,7 @@ struct RawResource {
     size: Option<Spanned<SizeValue>>,
     export: Option<String>,
     on_peer_loss: Option<Spanned<String>>,
+    after_crash: Option<Spanned<String>>,
     ping_timeout: Option<Spanned<String>>,
     ack_timeout: Option<Spanned<String>>,
     sync_chunk: Option<Spanned<SizeValue>>,
@@ -325,6 +327,16 @@ fn resource(
             ("suspend-io", OnPeerLoss::SuspendIo),
         ],
     )?;
+    let after_crash = choice(
+        ctx,
+        &raw.after_crash,
+        &format!("{key}.after-crash"),
+        AfterCrash::Secondary,
+        &[
+            ("secondary", AfterCrash::Secondary),
+            ("resume-primary", AfterCrash::ResumePrimary),
+        ],
+    )?;
     let engine = choice(
         ctx,
         &raw.engine,
@@ -382,6 +394,7 @@ fn resource(
         size_bytes,
         export: raw.export.clone().unwrap_or_else(|| name.to_string()),
         on_peer_loss,
+        after_crash,
         ping_timeout,
         ack_timeout,
         sync_chunk_bytes,

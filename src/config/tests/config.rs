@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use pairbd_config::{Config, ConfigError, Engine, ListenAddr, MetaLocation, OnPeerLoss};
+use pairbd_config::{
+    AfterCrash, Config, ConfigError, Engine, ListenAddr, MetaLocation, OnPeerLoss,
+};
 
 const GOOD: &str = r#"[resource.mail]
 size = "1GiB"
@@ -53,6 +55,7 @@ fn a_good_file_parses_with_defaults_and_resolved_paths() {
     assert_eq!(r.sync_chunk_bytes, 256 << 10);
     assert_eq!(r.sync_window, 4);
     assert_eq!(r.engine, Engine::Pool);
+    assert_eq!(r.after_crash, AfterCrash::Secondary);
     let a = r.local("alpha").unwrap();
     assert_eq!(a.backing, Path::new("/etc/pairbd/alpha.img"));
     assert_eq!(a.certificate, Path::new("/etc/pairbd/certs/alpha.crt"));
@@ -150,4 +153,23 @@ fn node_and_resource_selection_explain_themselves() {
     if let Err(e) = c.select_node(None) {
         assert!(e.to_string().contains("pass --node"), "{e}");
     }
+}
+
+#[test]
+fn after_crash_takes_its_two_values_and_names_a_typo() {
+    let c = parse(&GOOD.replace(
+        "engine = \"pool\"",
+        "engine = \"pool\"\nafter-crash = \"resume-primary\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        c.resource(None).unwrap().after_crash,
+        AfterCrash::ResumePrimary
+    );
+    let e = error(&GOOD.replace(
+        "engine = \"pool\"",
+        "engine = \"pool\"\nafter-crash = \"primary\"",
+    ));
+    assert!(e.contains("line 8"), "{e}");
+    assert!(e.contains("after-crash"), "{e}");
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pairbd_link::{generate_certificate, Endpoint, FrameReceiver, Identity, LinkConfig, LinkError};
 use pairbd_repl_proto::{
-    encode_to_vec, DiskState, FrameError, Hello, Message, NodeState, Role, HEADER_LEN,
+    encode_to_vec, DiskState, FrameError, Generations, Hello, Message, NodeState, Role, HEADER_LEN,
     MAX_DATA_PAYLOAD,
 };
 
@@ -38,14 +38,19 @@ fn every_kind(base: u64) -> Vec<Message<Vec<u8>>> {
             state: NodeState {
                 role: Role::Secondary,
                 disk: DiskState::Outdated,
+                generations: Generations {
+                    current: base,
+                    bitmap: 0,
+                    history: [0, 0],
+                },
             },
-            current_generation: base,
             peer_sync_needed: true,
             unclean_primary: false,
         }),
         Message::State(NodeState {
             role: Role::Primary,
             disk: DiskState::UpToDate,
+            generations: Generations::default(),
         }),
         Message::Write {
             seq: base + 1,
@@ -79,6 +84,8 @@ fn every_kind(base: u64) -> Vec<Message<Vec<u8>>> {
         },
         Message::SyncDone { seq: base + 6 },
         Message::SyncDoneAck { seq: base + 6 },
+        Message::Ping { seq: base + 7 },
+        Message::Pong { seq: base + 7 },
     ]
 }
 

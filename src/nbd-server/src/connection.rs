@@ -28,6 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::clients::{ClientInfo, Clients};
 use crate::volume::{Volume, VolumeError};
 
 /// The largest READ or WRITE payload a client may send (advertised as the maximum
@@ -79,6 +80,7 @@ pub(crate) struct ConnectionContext<V> {
     pub volume: Arc<V>,
     pub limits: ConnectionLimits,
     pub shutdown: CancellationToken,
+    pub clients: Clients,
 }
 
 /// A reply on its way to the writer half. The permits travel with it so that the
@@ -120,8 +122,18 @@ where
         Ok(Ok(leftover)) => leftover,
     };
     info!(conn = context.id, peer = %context.peer, export = %context.export_name, "client attached");
+    let kill = CancellationToken::new();
+    let _attached = context.clients.attach(
+        ClientInfo {
+            id: context.id,
+            peer: context.peer.clone(),
+            export: context.export_name.clone(),
+            since: std::time::SystemTime::now(),
+        },
+        kill.clone(),
+    );
     let reader = BufReader::with_capacity(256 * 1024, std::io::Cursor::new(leftover).chain(reader));
-    let outcome = transmit(&context, &limits, reader, writer).await;
+    let outcome = transmit(&context, &limits, reader, writer, kill).await;
     info!(conn = context.id, peer = %context.peer, outcome, "client detached");
 }
 
@@ -214,6 +226,7 @@ async fn transmit<R, W, V>(
     limits: &ConnectionLimits,
     mut reader: R,
     writer: W,
+    kill: CancellationToken,
 ) -> &'static str
 where
     R: AsyncRead + Unpin + Send,
@@ -229,6 +242,16 @@ where
     // Cancelled by server shutdown, and by a reply writer when the socket breaks.
     let stop_reading = context.shutdown.child_token();
     let replies = Arc::new(ReplySink::new(writer, stop_reading.clone()));
+    // An operator's cut (`demote --force`): stop reading, drop the replies
+    // still owed, close the socket.
+    let cut = {
+        let replies = Arc::clone(&replies);
+        let kill = kill.clone();
+        tokio::spawn(async move {
+            kill.cancelled().await;
+            replies.kill().await;
+        })
+    };
     let requests = Arc::new(Semaphore::new(limits.max_in_flight_requests));
     let bytes = Arc::new(Semaphore::new(limits.max_in_flight_bytes));
 
@@ -389,12 +412,21 @@ where
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
     tokio::select! {
+        _ = kill.cancelled() => {
+            info!(conn = context.id, peer = %context.peer, "disconnected by the operator");
+        }
         _ = requests.acquire_many(all) => replies.close().await,
         _ = shutdown_deadline => {
             warn!(conn = context.id, peer = %context.peer,
                   "shutdown: the client did not take all its replies in time; dropping the connection");
         }
     }
+    if kill.is_cancelled() {
+        // The cut task closes the socket (it may wait for a reply being
+        // written); let it run.
+        return "disconnected by the operator";
+    }
+    cut.abort();
     ending
 }
 
@@ -525,6 +557,15 @@ impl<W: AsyncWrite + Unpin + Send> ReplySink<W> {
                 self.stop_reading.cancel();
             }
         }
+    }
+
+    /// Cuts the connection off: later replies are dropped, the reader stops,
+    /// the write side closes.
+    async fn kill(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+        self.stop_reading.cancel();
+        let mut writer = self.writer.lock().await;
+        let _ = writer.get_mut().shutdown().await;
     }
 
     /// Closes the write side once every reply is out.

@@ -12,11 +12,13 @@
 //!   is reached the connection stops reading from its socket (backpressure).
 //! - Bad bytes on one connection close that connection only.
 
+mod clients;
 mod connection;
 mod listen;
 mod server;
 mod volume;
 
+pub use clients::{ClientInfo, Clients};
 pub use connection::ConnectionLimits;
 pub use listen::{ListenAddr, ListenAddrError};
 pub use server::{ExportConfig, Server, ServerError};

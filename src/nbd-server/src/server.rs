@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::clients::Clients;
 use crate::connection::{self, ConnectionContext, ConnectionLimits};
 use crate::listen::{ListenAddr, Listener};
 use crate::volume::Volume;
@@ -43,6 +44,7 @@ pub struct Server<V> {
     export: ExportConfig,
     limits: ConnectionLimits,
     listeners: Vec<(ListenAddr, Listener)>,
+    clients: Clients,
 }
 
 impl<V: Volume> Server<V> {
@@ -78,6 +80,7 @@ impl<V: Volume> Server<V> {
             export,
             limits,
             listeners,
+            clients: Clients::default(),
         })
     }
 
@@ -87,6 +90,11 @@ impl<V: Volume> Server<V> {
             .iter()
             .map(|(address, _)| address.clone())
             .collect()
+    }
+
+    /// The registry of attached clients (valid before and during `run`).
+    pub fn clients(&self) -> Clients {
+        self.clients.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then waits for every connection to answer
@@ -105,6 +113,7 @@ impl<V: Volume> Server<V> {
                 connections: connections.clone(),
                 next_id: Arc::clone(&next_id),
                 slots: Arc::clone(&slots),
+                clients: self.clients.clone(),
             };
             accept_loops.spawn(accept_loop(address, listener, state));
         }
@@ -124,6 +133,7 @@ struct AcceptState<V> {
     next_id: Arc<AtomicU64>,
     /// One permit per connection held; accepting waits for a free one.
     slots: Arc<Semaphore>,
+    clients: Clients,
 }
 
 impl<V: Volume> AcceptState<V> {
@@ -135,6 +145,7 @@ impl<V: Volume> AcceptState<V> {
             volume: Arc::clone(&self.volume),
             limits: self.limits.clone(),
             shutdown: self.shutdown.clone(),
+            clients: self.clients.clone(),
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! A Unix socket; each connection carries one JSON request line and gets one
 //! JSON answer line: `{"command": "status"}`, `{"command": "promote",
-//! "force": false}`, `{"command": "demote"}`, `{"command": "resume-io"}`.
+//! "force": false}`, `{"command": "demote", "force": false}`,
+//! `{"command": "resume-io"}`, `{"command": "connect"}`.
 //! Answers are `{"ok": true, "message": ..., "status": {...}}` or
 //! `{"ok": false, "error": ...}`. A malformed request gets an error answer; it
 //! never disturbs the node.
@@ -12,7 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use pairbd_repl_core::{disk_name, role_name, AdminCommand, OnPeerLoss, Status};
+use pairbd_nbd_server::ClientInfo;
+use pairbd_repl_core::{disk_name, role_name, AdminCommand, Generations, OnPeerLoss, Status};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -23,8 +25,34 @@ use super::driver::Driver;
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 4096;
 
+fn generations_json(g: &Generations) -> Value {
+    json!({
+        "current": format!("{:016X}", g.current),
+        "bitmap": format!("{:016X}", g.bitmap),
+        "history": [format!("{:016X}", g.history[0]), format!("{:016X}", g.history[1])],
+    })
+}
+
+fn client_json(c: &ClientInfo) -> Value {
+    json!({
+        "id": c.id,
+        "address": c.peer,
+        "export": c.export,
+        "since_unix": c.since.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    })
+}
+
+/// Names attached clients for a refusal: "#3 127.0.0.1:4711 (export mail)".
+fn describe_clients(clients: &[ClientInfo]) -> String {
+    clients
+        .iter()
+        .map(|c| format!("#{} {} (export {})", c.id, c.peer, c.export))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Status as JSON: the `--json` form of `pairbd status`.
-pub fn status_json(s: &Status, engine: &str) -> Value {
+pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
     json!({
         "resource": s.resource,
         "node": s.node_name,
@@ -35,6 +63,7 @@ pub fn status_json(s: &Status, engine: &str) -> Value {
             "node": p.node_name,
             "role": role_name(p.role),
             "disk": disk_name(p.disk),
+            "generations": generations_json(&p.generations),
         })),
         "sync": s.sync.map(|y| json!({
             "direction": if y.source { "source" } else { "target" },
@@ -53,7 +82,10 @@ pub fn status_json(s: &Status, engine: &str) -> Value {
         "requests_in_flight": s.requests_in_flight,
         "last_disconnect": s.last_disconnect,
         "failed": s.failed,
-        "generation": format!("{:016X}", s.current_generation),
+        "generation": format!("{:016X}", s.generations.current),
+        "generations": generations_json(&s.generations),
+        "demoting": s.demoting,
+        "clients": clients.iter().map(client_json).collect::<Vec<_>>(),
         "engine": engine,
     })
 }
@@ -118,20 +150,46 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         .unwrap_or(false);
     let cmd = match request.get("command").and_then(Value::as_str) {
         Some("status") => {
-            return json!({"ok": true, "status": status_json(&driver.status(), engine)})
+            return json!({"ok": true, "status": status_json(&driver.status(), engine, &driver.attached_clients())})
         }
         Some("promote") => AdminCommand::Promote {
             force,
-            new_generation: new_generation(),
+            new_generation: random_u64(),
         },
-        Some("demote") => AdminCommand::Demote,
+        Some("demote") => {
+            let clients = driver.attached_clients();
+            if !clients.is_empty() {
+                if !force {
+                    return json!({
+                        "ok": false,
+                        "error": format!(
+                            "{} NBD client(s) attached: {}; unmount and detach them first (or \
+                             pass --force, which cuts them off and fails their in-flight requests)",
+                            clients.len(),
+                            describe_clients(&clients)
+                        ),
+                        "status": status_json(&driver.status(), engine, &clients),
+                    });
+                }
+                if let Some(registry) = driver.clients.get() {
+                    let cut = registry.disconnect_all();
+                    warn!("demote --force: cutting off {}", describe_clients(&cut));
+                }
+            }
+            AdminCommand::Demote { force }
+        }
         Some("resume-io") => AdminCommand::ResumeIo,
+        Some("connect") => AdminCommand::Connect,
         Some(other) => return json!({"ok": false, "error": format!("unknown command {other:?}")}),
         None => return json!({"ok": false, "error": "the request names no command"}),
     };
     let name = request["command"].as_str().unwrap_or_default().to_string();
+    let connect = cmd == AdminCommand::Connect;
     let result = driver.admin(cmd).await;
-    let status = status_json(&driver.status(), engine);
+    if connect && result.is_ok() {
+        driver.reconnect.notify_one();
+    }
+    let status = status_json(&driver.status(), engine, &driver.attached_clients());
     match result {
         Ok(message) => {
             info!("{name}{}: {message}", if force { " --force" } else { "" });
@@ -144,9 +202,9 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
     }
 }
 
-/// A new generation identifier: random enough that two nodes promoted apart
-/// never pick the same one.
-fn new_generation() -> u64 {
+/// A random number: new generation identifiers (and their generator's seed)
+/// must differ between the nodes and between restarts.
+pub fn random_u64() -> u64 {
     let mut bytes = [0u8; 8];
     if std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))

@@ -13,10 +13,11 @@
 //! metadata completions by the operations in flight.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use pairbd_meta::MetaStore;
+use pairbd_nbd_server::Clients;
 use pairbd_repl_core::{
     AdminCommand, AdminError, AdminId, ClientOp, DiskOp, DiskOpId, DiskResult, Message,
     MetaWriteId, Node, Output, Payload, PersistentState, ReplyError, RequestId, Status,
@@ -75,6 +76,10 @@ pub struct Driver {
     pub failed: CancellationToken,
     /// Set when the node fail-stopped, with the reason.
     pub failure: Mutex<Option<String>>,
+    /// The NBD server's attached clients (unset on a node that serves none).
+    pub clients: OnceLock<Clients>,
+    /// Woken when the node may dial its peer again (it left StandAlone).
+    pub reconnect: Notify,
 }
 
 impl Driver {
@@ -95,6 +100,8 @@ impl Driver {
             timer: Notify::new(),
             failed: CancellationToken::new(),
             failure: Mutex::new(None),
+            clients: OnceLock::new(),
+            reconnect: Notify::new(),
         })
     }
 
@@ -247,6 +254,16 @@ impl Driver {
 
     pub fn serves_clients(&self) -> bool {
         self.lock().node.serves_clients()
+    }
+
+    /// Whether the node refuses to link with its peer (split brain).
+    pub fn is_standalone(&self) -> bool {
+        self.lock().node.is_standalone()
+    }
+
+    /// The attached NBD clients.
+    pub fn attached_clients(&self) -> Vec<pairbd_nbd_server::ClientInfo> {
+        self.clients.get().map(|c| c.list()).unwrap_or_default()
     }
 
     /// A new authenticated link: it replaces the current one. Returns its id

@@ -53,6 +53,15 @@ async fn dial(endpoint: Arc<Endpoint>, addr: std::net::SocketAddr, driver: Arc<D
         if driver.failed.is_cancelled() {
             return;
         }
+        if driver.is_standalone() {
+            // Split brain: no link until the operator says `pairbd connect`.
+            tokio::select! {
+                _ = driver.reconnect.notified() => {}
+                _ = driver.failed.cancelled() => return,
+            }
+            backoff = BACKOFF_MIN;
+            continue;
+        }
         match endpoint.connect(addr).await {
             Ok(link) => {
                 info!("replication link to {addr} up");
@@ -179,5 +188,7 @@ fn share(msg: Message<AlignedBuf>) -> Msg {
         },
         Message::SyncDone { seq } => Message::SyncDone { seq },
         Message::SyncDoneAck { seq } => Message::SyncDoneAck { seq },
+        Message::Ping { seq } => Message::Ping { seq },
+        Message::Pong { seq } => Message::Pong { seq },
     }
 }

@@ -21,7 +21,7 @@ use anyhow::{bail, Context};
 use pairbd_config::{Config, Engine, MetaLocation, NodeConfig, ResourceConfig};
 use pairbd_meta::MetaStore;
 use pairbd_nbd_server::{ConnectionLimits, ExportConfig, Server};
-use pairbd_repl_core::{AdminCommand, Node, OnPeerLoss};
+use pairbd_repl_core::{AdminCommand, AfterCrash, Node, OnPeerLoss};
 use pairbd_store::{EngineChoice, Store, StoreConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -124,6 +124,12 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         ack_timeout: res.ack_timeout,
         sync_chunk_bytes: res.sync_chunk_bytes,
         sync_window: res.sync_window,
+        probe_timeout: res.ping_timeout,
+        generation_seed: control::random_u64(),
+        after_crash: match res.after_crash {
+            pairbd_config::AfterCrash::Secondary => AfterCrash::Secondary,
+            pairbd_config::AfterCrash::ResumePrimary => AfterCrash::ResumePrimary,
+        },
     };
     let node = Node::new(core_cfg, persisted, Instant::now());
     if persisted.role == pairbd_repl_core::Role::Primary {
@@ -154,6 +160,9 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
             .await?,
         )
     };
+    if let Some(server) = &server {
+        let _ = driver.clients.set(server.clients());
+    }
     let addresses: Vec<String> = server
         .iter()
         .flat_map(|s| s.local_addresses())

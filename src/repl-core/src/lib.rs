@@ -11,12 +11,14 @@
 //! client or to the peer depends on metadata the driver has not yet reported
 //! durable.
 
+pub mod generations;
 mod node;
 mod ops;
 mod status;
 
+pub use generations::Verdict;
 pub use node::Node;
-pub use pairbd_repl_proto::{DiskState, Hello, Message, NodeState, Role};
+pub use pairbd_repl_proto::{DiskState, Generations, Hello, Message, NodeState, Role};
 pub use status::{disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus};
 
 use std::sync::Arc;
@@ -52,6 +54,22 @@ impl PersistentState {
             history_generations: [0, 0],
             peer_sync_needed: false,
         }
+    }
+
+    /// The generation identifiers as the wire carries them.
+    pub fn generations(&self) -> Generations {
+        Generations {
+            current: self.current_generation,
+            bitmap: self.bitmap_generation,
+            history: self.history_generations,
+        }
+    }
+
+    /// Sets the generation identifiers.
+    pub fn set_generations(&mut self, g: Generations) {
+        self.current_generation = g.current;
+        self.bitmap_generation = g.bitmap;
+        self.history_generations = g.history;
     }
 }
 
@@ -105,6 +123,27 @@ pub struct Config {
     pub sync_chunk_bytes: u64,
     /// Full-sync chunks in flight at once.
     pub sync_window: usize,
+    /// How long a promotion waits for a peer that looks connected and
+    /// Primary to answer a probe before it counts the peer as lost.
+    pub probe_timeout: Duration,
+    /// Seeds the generator of new generation identifiers (the driver passes
+    /// real randomness).
+    pub generation_seed: u64,
+    /// What a node that stopped as Primary without a clean demotion does.
+    pub after_crash: AfterCrash,
+}
+
+/// What a node that crashed as Primary does when it starts again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterCrash {
+    /// Start as Secondary and wait for an operator (or cluster manager) to
+    /// promote a node: the default, as DRBD does.
+    #[default]
+    Secondary,
+    /// Start as Secondary, and become Primary again by itself once the peer
+    /// connects, is Secondary and holds no newer data (it never resumes while
+    /// the peer is away: it cannot tell whether the peer took over).
+    ResumePrimary,
 }
 
 /// The driver's token for a client request, echoed in its reply.
@@ -194,8 +233,13 @@ pub enum AdminCommand {
     /// UpToDate (the fresh-pair and last-resort case). `new_generation` is a
     /// random identifier from the driver, used if a new generation begins.
     Promote { force: bool, new_generation: u64 },
-    /// Become secondary (the driver has already disconnected clients).
-    Demote,
+    /// Become secondary. Refused while client requests are in flight unless
+    /// `force`: then requests not yet started fail, running ones finish, and
+    /// the demotion completes when none is left (the driver has already cut
+    /// the clients off).
+    Demote { force: bool },
+    /// Leave StandAlone (after a split brain) and try the peer again.
+    Connect,
     /// Release writes held by `on-peer-loss = "suspend-io"`.
     ResumeIo,
     /// Clean shutdown: record that this node stopped cleanly.

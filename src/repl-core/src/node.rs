@@ -17,12 +17,13 @@ use std::time::Instant;
 
 use pairbd_repl_proto::Hello;
 
+use crate::generations::{self, GenerationSource, Verdict};
 use crate::ops::{OpTable, Range};
 use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus};
 use crate::{
-    AdminCommand, AdminError, AdminId, ClientOp, Config, DiskOp, DiskOpId, DiskResult, DiskState,
-    Message, MetaWriteId, NodeState, OnPeerLoss, Output, Payload, PersistentState, ReplyError,
-    RequestId, Role,
+    AdminCommand, AdminError, AdminId, AfterCrash, ClientOp, Config, DiskOp, DiskOpId, DiskResult,
+    DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output, Payload, PersistentState,
+    ReplyError, RequestId, Role,
 };
 
 /// Whether a request still needs the peer's acknowledgement.
@@ -98,9 +99,20 @@ enum Deferred {
 struct PeerInfo {
     name: String,
     state: NodeState,
-    generation: u64,
     peer_sync_needed: bool,
     unclean_primary: bool,
+    /// The generations said the peer's data is older than this node's.
+    behind: bool,
+}
+
+/// A promotion waiting for a peer that looks connected and Primary to
+/// answer a probe.
+struct Probe {
+    admin: AdminId,
+    force: bool,
+    new_generation: u64,
+    seq: u64,
+    deadline: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +171,10 @@ pub struct Node<P> {
     sync_target: Option<SyncTarget>,
     io_suspended: bool,
     failed: Option<String>,
+    probe: Option<Probe>,
+    next_ping: u64,
+    demoting: Option<AdminId>,
+    gen_source: GenerationSource,
     now: Instant,
     out: VecDeque<Output<P>>,
 }
@@ -168,6 +184,7 @@ impl<P: Payload> Node<P> {
     /// metadata says Primary stopped uncleanly; it comes back Secondary.
     pub fn new(cfg: Config, persisted: PersistentState, now: Instant) -> Node<P> {
         let unclean_primary = persisted.role == Role::Primary;
+        let cfg_seed = cfg.generation_seed;
         let mut wanted = persisted;
         wanted.role = Role::Secondary;
         Node {
@@ -197,6 +214,10 @@ impl<P: Payload> Node<P> {
             sync_target: None,
             io_suspended: false,
             failed: None,
+            probe: None,
+            next_ping: 1,
+            demoting: None,
+            gen_source: GenerationSource::new(cfg_seed),
             now,
             out: VecDeque::new(),
         }
@@ -226,7 +247,8 @@ impl<P: Payload> Node<P> {
             .as_ref()
             .filter(|s| s.phase == SyncPhase::WaitingReady)
             .map(|s| s.started + self.cfg.ack_timeout);
-        [ack, self.handshake_deadline, ready]
+        let probe = self.probe.as_ref().map(|p| p.deadline);
+        [ack, self.handshake_deadline, ready, probe]
             .into_iter()
             .flatten()
             .min()
@@ -235,8 +257,22 @@ impl<P: Payload> Node<P> {
     /// Whether this node serves clients now (Primary, durably).
     pub fn serves_clients(&self) -> bool {
         self.failed.is_none()
+            && self.demoting.is_none()
             && self.wanted.role == Role::Primary
             && self.persisted.role == Role::Primary
+    }
+
+    /// Whether the node refuses to link with its peer until `Connect`.
+    pub fn is_standalone(&self) -> bool {
+        self.conn == ConnectionState::StandAlone
+    }
+
+    fn my_state(&self) -> NodeState {
+        NodeState {
+            role: self.wanted.role,
+            disk: self.wanted.disk,
+            generations: self.wanted.generations(),
+        }
     }
 
     /// The role as status reports it.
@@ -286,6 +322,7 @@ impl<P: Payload> Node<P> {
                 node_name: p.name.clone(),
                 role: p.state.role,
                 disk: p.state.disk,
+                generations: p.state.generations,
             }),
             sync,
             peer_sync_needed: self.wanted.peer_sync_needed,
@@ -294,7 +331,8 @@ impl<P: Payload> Node<P> {
             requests_in_flight: self.ops.iter().filter(|(_, op)| op.is_client()).count(),
             last_disconnect: self.last_disconnect.clone(),
             failed: self.failed.clone(),
-            current_generation: self.wanted.current_generation,
+            generations: self.wanted.generations(),
+            demoting: self.demoting.is_some(),
         }
     }
 
@@ -472,7 +510,7 @@ impl<P: Payload> Node<P> {
             self.out.push_back(Output::Send(m));
         }
         if note_missing {
-            self.note_peer_missing();
+            self.note_unreplicated_write();
         }
     }
 
@@ -523,6 +561,7 @@ impl<P: Payload> Node<P> {
         if let Some(req) = done {
             self.ops.remove(id);
             self.reply(req, Ok(()));
+            self.check_demote();
         }
     }
 
@@ -753,10 +792,8 @@ impl<P: Payload> Node<P> {
 
     fn send_state(&mut self) {
         if self.conn == ConnectionState::Connected {
-            self.out.push_back(Output::Send(Message::State(NodeState {
-                role: self.wanted.role,
-                disk: self.wanted.disk,
-            })));
+            let state = self.my_state();
+            self.out.push_back(Output::Send(Message::State(state)));
         }
     }
 
@@ -768,11 +805,52 @@ impl<P: Payload> Node<P> {
         }
     }
 
+    /// A write is about to be acknowledged without the peer: the data leaves
+    /// the line of history the peer is on. The first such write begins a new
+    /// generation (in the same metadata write that records the sync owed,
+    /// which the reply waits for).
+    fn note_unreplicated_write(&mut self) {
+        let rotate = self.wanted.role == Role::Primary && self.wanted.bitmap_generation == 0;
+        if rotate {
+            self.begin_generation();
+        }
+        if rotate || !self.wanted.peer_sync_needed {
+            self.wanted.peer_sync_needed = true;
+            self.request_meta();
+        }
+    }
+
+    /// Begins a new generation: the current one becomes the bitmap one (or,
+    /// if this node already left its peer's line, history).
+    fn begin_generation(&mut self) {
+        let mut g = self.wanted.generations();
+        if g.bitmap == 0 {
+            g.bitmap = g.current;
+        } else if g.current != 0 {
+            g.history = [g.current, g.history[0]];
+        }
+        g.current = self.gen_source.next_id();
+        tracing::info!(
+            resource = %self.cfg.resource,
+            "new data generation {:016X} (left {:016X})",
+            g.current,
+            g.bitmap
+        );
+        self.wanted.set_generations(g);
+    }
+
     // ----- the link ------------------------------------------------------
 
     /// A new authenticated link to the peer is up (it replaces any old one).
     pub fn handle_connected(&mut self, now: Instant) {
         self.now = now;
+        if self.conn == ConnectionState::StandAlone {
+            let why = self.last_disconnect.clone().unwrap_or_default();
+            self.out.push_back(Output::Disconnect {
+                reason: format!("this node is StandAlone ({why}); `pairbd connect` retries"),
+            });
+            return;
+        }
         if self.conn != ConnectionState::Disconnected {
             self.lose_peer("replaced by a new connection".into());
         }
@@ -793,11 +871,7 @@ impl<P: Payload> Node<P> {
             node_name: self.cfg.node_name.clone(),
             resource: self.cfg.resource.clone(),
             size_bytes: self.cfg.size_bytes,
-            state: NodeState {
-                role: self.wanted.role,
-                disk: self.wanted.disk,
-            },
-            current_generation: self.wanted.current_generation,
+            state: self.my_state(),
             peer_sync_needed: self.wanted.peer_sync_needed,
             unclean_primary: self.unclean_primary,
         })));
@@ -807,7 +881,10 @@ impl<P: Payload> Node<P> {
     /// decide it with `Output::Disconnect`).
     pub fn handle_disconnected(&mut self, now: Instant, reason: &str) {
         self.now = now;
-        if self.conn != ConnectionState::Disconnected {
+        if !matches!(
+            self.conn,
+            ConnectionState::Disconnected | ConnectionState::StandAlone
+        ) {
             self.lose_peer(reason.to_string());
         }
     }
@@ -861,7 +938,9 @@ impl<P: Payload> Node<P> {
         self.sync = None;
         self.sync_target = None;
         if self.wanted.role == Role::Primary {
-            if transfer_log_dirty || unconfirmed {
+            if unconfirmed {
+                self.note_unreplicated_write();
+            } else if transfer_log_dirty {
                 self.note_peer_missing();
             }
             if self.cfg.on_peer_loss == OnPeerLoss::SuspendIo {
@@ -869,12 +948,26 @@ impl<P: Payload> Node<P> {
             }
         }
         self.try_finish_all();
+        // A promotion that waited for the peer's answer goes on without it.
+        if let Some(p) = self.probe.take() {
+            if let Err(e) = self.promote(p.admin, p.force, p.new_generation) {
+                self.out.push_back(Output::AdminDone {
+                    id: p.admin,
+                    result: Err(e),
+                });
+            }
+        }
     }
 
     /// A message from the peer, decoded by the driver.
     pub fn handle_message(&mut self, now: Instant, msg: Message<P>) {
         self.now = now;
-        if self.failed.is_some() || self.conn == ConnectionState::Disconnected {
+        if self.failed.is_some()
+            || matches!(
+                self.conn,
+                ConnectionState::Disconnected | ConnectionState::StandAlone
+            )
+        {
             return;
         }
         let name = msg.name();
@@ -894,6 +987,11 @@ impl<P: Payload> Node<P> {
                 peer.state = s;
                 if s.role == Role::Primary && self.wanted.role == Role::Primary {
                     return Err("both nodes are Primary".into());
+                }
+                if s.role == Role::Primary {
+                    // The peer's promotion ends any probe and any claim of
+                    // this node to be ahead of it (it was checked at hello).
+                    peer.behind = false;
                 }
                 self.maybe_start_sync();
                 self.start_ready();
@@ -975,6 +1073,18 @@ impl<P: Payload> Node<P> {
                 self.check_sec_flushes();
                 Ok(())
             }
+            Message::Ping { seq } => {
+                self.out.push_back(Output::Send(Message::Pong { seq }));
+                Ok(())
+            }
+            Message::Pong { seq } => {
+                if self.probe.as_ref().is_some_and(|p| p.seq == seq) {
+                    if let Some(p) = self.probe.take() {
+                        self.probe_answered(p);
+                    }
+                }
+                Ok(())
+            }
             Message::Ack { seq } => self.on_ack(seq, false),
             Message::FlushAck { seq } => self.on_ack(seq, true),
             Message::SyncDoneAck { seq } => {
@@ -988,9 +1098,20 @@ impl<P: Payload> Node<P> {
                     p.unclean_primary = false;
                     p.peer_sync_needed = false;
                 }
-                if self.wanted.peer_sync_needed {
-                    self.wanted.peer_sync_needed = false;
+                let before = self.wanted;
+                self.wanted.peer_sync_needed = false;
+                if self.wanted.bitmap_generation != 0 {
+                    // The peer is on this node's line again.
+                    let mut g = self.wanted.generations();
+                    g.history = [g.bitmap, g.history[0]];
+                    g.bitmap = 0;
+                    self.wanted.set_generations(g);
+                }
+                if self.wanted != before {
                     self.request_meta();
+                }
+                if let Some(p) = &mut self.peer {
+                    p.behind = false;
                 }
                 tracing::info!(resource = %self.cfg.resource, "full sync finished: the peer is UpToDate");
                 Ok(())
@@ -1077,26 +1198,87 @@ impl<P: Payload> Node<P> {
                 h.size_bytes, self.cfg.size_bytes
             ));
         }
+        let mine = self.wanted.generations();
+        let theirs = h.state.generations;
+        let verdict = generations::compare(self.wanted.disk, mine, h.state.disk, theirs);
+        let both = format!(
+            "this node {} has generations {}, the peer {} has {}",
+            self.cfg.node_name,
+            generations::describe(mine),
+            h.node_name,
+            generations::describe(theirs)
+        );
+        match verdict {
+            Verdict::SplitBrain | Verdict::Unrelated => {
+                let what = if verdict == Verdict::SplitBrain {
+                    "split brain: both nodes changed the data while apart"
+                } else {
+                    "unrelated data: the two copies share no history"
+                };
+                let reason = format!("{what} ({both}); staying StandAlone, no data changed");
+                tracing::error!(resource = %self.cfg.resource, "{reason}");
+                self.drop_link(reason);
+                self.conn = ConnectionState::StandAlone;
+                return Ok(());
+            }
+            _ => {}
+        }
         if h.state.role == Role::Primary && self.wanted.role == Role::Primary {
             return Err("both nodes are Primary: demote one".into());
+        }
+        if verdict == Verdict::Behind && self.wanted.role == Role::Primary {
+            return Err(format!(
+                "the peer {} holds newer data but this node is Primary ({both}); demote this \
+                 node and it will sync from the peer",
+                h.node_name
+            ));
+        }
+        if verdict == Verdict::Ahead && h.state.role == Role::Primary {
+            return Err(format!(
+                "the peer {} is Primary but this node holds newer data ({both}); demote the peer",
+                h.node_name
+            ));
         }
         tracing::info!(
             resource = %self.cfg.resource,
             peer = %h.node_name,
-            "connected: peer is {:?}/{:?}",
+            "connected: peer is {:?}/{:?}, data {:?}",
             h.state.role,
-            h.state.disk
+            h.state.disk,
+            verdict
         );
+        let mut state = h.state;
+        if verdict == Verdict::Ahead && state.disk == DiskState::UpToDate {
+            state.disk = DiskState::Outdated;
+        }
         self.peer = Some(PeerInfo {
             name: h.node_name,
-            state: h.state,
-            generation: h.current_generation,
+            state,
             peer_sync_needed: h.peer_sync_needed,
             unclean_primary: h.unclean_primary,
+            behind: verdict == Verdict::Ahead,
         });
         self.conn = ConnectionState::Connected;
         self.handshake_deadline = None;
         self.io_suspended = false;
+        if verdict == Verdict::Behind && self.wanted.disk == DiskState::UpToDate {
+            // The peer moved on without this node: not a valid current copy
+            // any more, even after a restart.
+            tracing::warn!(resource = %self.cfg.resource, "the peer holds newer data: this node is Outdated ({both})");
+            self.wanted.disk = DiskState::Outdated;
+            let v = self.request_meta();
+            self.defer(v, Deferred::SendState);
+        }
+        if self.unclean_primary
+            && self.cfg.after_crash == AfterCrash::ResumePrimary
+            && matches!(verdict, Verdict::Same | Verdict::Ahead)
+            && self.wanted.disk == DiskState::UpToDate
+            && state.role == Role::Secondary
+        {
+            tracing::info!(resource = %self.cfg.resource, "after-crash = resume-primary: the peer is Secondary with no newer data; becoming Primary again");
+            let g = self.gen_source.next_id();
+            self.become_primary(None, false, g);
+        }
         // Writes that waited on a lost link without the peer's ack are now
         // covered by the sync that follows.
         self.maybe_start_sync();
@@ -1161,7 +1343,18 @@ impl<P: Payload> Node<P> {
         self.wanted.disk = DiskState::UpToDate;
         self.wanted.role = Role::Secondary;
         if let Some(p) = &self.peer {
-            self.wanted.current_generation = p.generation;
+            let source = p.state.generations;
+            let mut g = self.wanted.generations();
+            if g.current != source.current {
+                g.history = if g.current != 0 {
+                    [g.current, g.history[0]]
+                } else {
+                    source.history
+                };
+                g.current = source.current;
+            }
+            g.bitmap = 0;
+            self.wanted.set_generations(g);
         }
         let v = self.request_meta();
         tracing::info!(resource = %self.cfg.resource, "full sync finished: this node is UpToDate");
@@ -1220,7 +1413,8 @@ impl<P: Payload> Node<P> {
         // node never saw: they are overwritten, as the failover requires.
         let needed = peer.state.disk != DiskState::UpToDate
             || self.wanted.peer_sync_needed
-            || peer.unclean_primary;
+            || peer.unclean_primary
+            || peer.behind;
         if !needed {
             return;
         }
@@ -1293,6 +1487,14 @@ impl<P: Payload> Node<P> {
             self.drop_link("the peer sent no hello in time".into());
             return;
         }
+        if self.probe.as_ref().is_some_and(|p| now >= p.deadline) {
+            // Silence counts as loss: lose_peer resumes the promotion.
+            self.drop_link(format!(
+                "the peer did not answer a probe within {:?}",
+                self.cfg.probe_timeout
+            ));
+            return;
+        }
         if let Some(s) = &self.sync {
             if s.phase == SyncPhase::WaitingReady && now >= s.started + self.cfg.ack_timeout {
                 self.drop_link("the peer did not answer the sync start in time".into());
@@ -1328,7 +1530,7 @@ impl<P: Payload> Node<P> {
                 force,
                 new_generation,
             } => self.promote(id, force, new_generation),
-            AdminCommand::Demote => {
+            AdminCommand::Demote { force } => {
                 if self.wanted.role == Role::Secondary {
                     self.out.push_back(Output::AdminDone {
                         id,
@@ -1336,20 +1538,51 @@ impl<P: Payload> Node<P> {
                     });
                     return Ok(());
                 }
+                if self.demoting.is_some() {
+                    return Err(AdminError(
+                        "a demotion is already waiting for client requests to finish".into(),
+                    ));
+                }
                 let busy = self.ops.iter().filter(|(_, op)| op.is_client()).count();
-                if busy > 0 {
+                if busy > 0 && !force {
                     return Err(AdminError(format!(
-                        "{busy} client requests are in flight; disconnect the clients first"
+                        "{busy} client requests are in flight; disconnect the clients first, \
+                         or pass --force"
                     )));
                 }
-                if self.sync.take().is_some() {
-                    tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+                self.demoting = Some(id);
+                if force {
+                    // Requests not started yet (held by suspend-io or the
+                    // overlap rule) fail; running ones finish first.
+                    for op_id in self.ops.ids() {
+                        if self.ops.is_active(op_id) {
+                            continue;
+                        }
+                        if let Some(Op::ClientWrite { .. } | Op::ClientFlush { .. }) =
+                            self.ops.get(op_id)
+                        {
+                            if let Some(Op::ClientWrite { req, .. } | Op::ClientFlush { req, .. }) =
+                                self.ops.remove(op_id)
+                            {
+                                self.reply(req, Err(ReplyError::NotPrimary));
+                            }
+                        }
+                    }
                 }
-                self.wanted.role = Role::Secondary;
-                self.io_suspended = false;
-                let v = self.request_meta();
-                self.defer(v, Deferred::SendState);
-                self.defer(v, Deferred::Admin(id, "demoted to Secondary".into()));
+                self.check_demote();
+                Ok(())
+            }
+            AdminCommand::Connect => {
+                let msg = if self.conn == ConnectionState::StandAlone {
+                    self.conn = ConnectionState::Disconnected;
+                    "left StandAlone: connecting to the peer"
+                } else {
+                    "not StandAlone"
+                };
+                self.out.push_back(Output::AdminDone {
+                    id,
+                    result: Ok(msg.into()),
+                });
                 Ok(())
             }
             AdminCommand::ResumeIo => {
@@ -1382,6 +1615,23 @@ impl<P: Payload> Node<P> {
         }
     }
 
+    /// Completes a demotion once no client request is left.
+    fn check_demote(&mut self) {
+        let Some(id) = self.demoting else { return };
+        if self.ops.iter().any(|(_, op)| op.is_client()) {
+            return;
+        }
+        self.demoting = None;
+        if self.sync.take().is_some() {
+            tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+        }
+        self.wanted.role = Role::Secondary;
+        self.io_suspended = false;
+        let v = self.request_meta();
+        self.defer(v, Deferred::SendState);
+        self.defer(v, Deferred::Admin(id, "demoted to Secondary".into()));
+    }
+
     fn promote(&mut self, id: AdminId, force: bool, new_generation: u64) -> Result<(), AdminError> {
         if self.wanted.role == Role::Primary {
             self.out.push_back(Output::AdminDone {
@@ -1390,40 +1640,110 @@ impl<P: Payload> Node<P> {
             });
             return Ok(());
         }
+        if self.probe.is_some() {
+            return Err(AdminError(
+                "a promotion is already waiting for the peer's answer".into(),
+            ));
+        }
         if self.conn == ConnectionState::Handshaking {
             return Err(AdminError(
                 "the link to the peer is being set up; retry in a moment".into(),
             ));
         }
-        if let Some(p) = &self.peer {
-            if p.state.role == Role::Primary {
-                return Err(AdminError(format!(
-                    "the peer {} is Primary; demote it first",
-                    p.name
-                )));
-            }
+        if self.conn == ConnectionState::Connected && self.peer_is_primary() {
+            // It looks alive; ask. Silence within the probe timeout counts as
+            // loss (handle_timeout), an answer as a refusal (probe_answered).
+            let seq = self.next_ping;
+            self.next_ping += 1;
+            self.out.push_back(Output::Send(Message::Ping { seq }));
+            self.probe = Some(Probe {
+                admin: id,
+                force,
+                new_generation,
+                seq,
+                deadline: self.now + self.cfg.probe_timeout,
+            });
+            return Ok(());
         }
-        if !force {
-            if self.wanted.disk != DiskState::UpToDate {
-                return Err(AdminError(format!(
-                    "this node's disk is {:?}, not a valid current copy; wait for the sync to \
-                     finish, or pass --force on the node whose data should win",
-                    self.wanted.disk
-                )));
-            }
-            if self.conn == ConnectionState::Disconnected && !self.peer_lost_while_up {
-                return Err(AdminError(
-                    "this node has not seen its peer since it started and cannot tell whether \
-                     the peer moved on; connect the peer, or pass --force"
-                        .into(),
-                ));
-            }
+        self.check_promotable(force)?;
+        self.become_primary(Some(id), force, new_generation);
+        Ok(())
+    }
+
+    fn probe_answered(&mut self, p: Probe) {
+        let result = if self.peer_is_primary() {
+            let name = self
+                .peer
+                .as_ref()
+                .map(|p| p.name.clone())
+                .unwrap_or_default();
+            Err(AdminError(format!(
+                "the peer {name} is Primary and answered a probe: two Primaries would fork the \
+                 data; demote {name} first (`pairbd demote` there), then promote this node"
+            )))
+        } else {
+            self.check_promotable(p.force)
+        };
+        match result {
+            Ok(()) => self.become_primary(Some(p.admin), p.force, p.new_generation),
+            Err(e) => self.out.push_back(Output::AdminDone {
+                id: p.admin,
+                result: Err(e),
+            }),
         }
+    }
+
+    /// The refusals of a promotion that no probe can change.
+    fn check_promotable(&self, force: bool) -> Result<(), AdminError> {
         if self.sync_target.is_some() {
             return Err(AdminError(
-                "this node is the target of a running sync; wait for it to finish".into(),
+                "this node is the target of a running sync: its data is Inconsistent until the \
+                 sync ends; wait for it (`pairbd status` shows the progress)"
+                    .into(),
             ));
         }
+        if self.demoting.is_some() {
+            return Err(AdminError("a demotion is running".into()));
+        }
+        if force {
+            return Ok(());
+        }
+        let peer_name = self
+            .peer
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| "the peer".into());
+        match self.wanted.disk {
+            DiskState::UpToDate => {}
+            DiskState::Inconsistent => {
+                return Err(AdminError(
+                    "this node's disk is Inconsistent (never synced, or a sync into it did not \
+                     finish): it holds no valid copy. Promote the node with the good data; on a \
+                     new pair, or if this node's data must win anyway, pass --force"
+                        .into(),
+                ))
+            }
+            DiskState::Outdated => {
+                return Err(AdminError(format!(
+                    "this node's disk is Outdated: {peer_name} moved on without it. Promote \
+                     {peer_name} (this node then syncs from it), or pass --force to make this \
+                     node's older data the current copy"
+                )))
+            }
+        }
+        if self.conn != ConnectionState::Connected && !self.peer_lost_while_up {
+            return Err(AdminError(format!(
+                "this node started without its peer and cannot tell whether {peer_name} was \
+                 promoted and wrote meanwhile; bring {peer_name} up (they connect and compare \
+                 generations), or pass --force if {peer_name} is gone for good"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The promotion itself, once allowed. `admin`: who to answer (none for
+    /// the automatic resumption after a crash).
+    fn become_primary(&mut self, admin: Option<AdminId>, force: bool, new_generation: u64) {
         let mut msg = String::from("promoted to Primary");
         if force && self.wanted.disk != DiskState::UpToDate {
             msg.push_str(&format!(
@@ -1432,17 +1752,30 @@ impl<P: Payload> Node<P> {
             ));
             self.wanted.disk = DiskState::UpToDate;
         }
-        if force || self.wanted.current_generation == 0 {
-            self.wanted.history_generations = [
-                self.wanted.current_generation,
-                self.wanted.history_generations[0],
-            ];
-            self.wanted.current_generation = new_generation;
+        let current = self.wanted.current_generation;
+        let connected_in_sync = self.conn == ConnectionState::Connected
+            && self.peer.as_ref().is_some_and(|p| {
+                p.state.generations.current == current
+                    && p.state.disk == DiskState::UpToDate
+                    && !p.behind
+            });
+        if self.wanted.current_generation == 0 || (force && !connected_in_sync) {
+            // A forced promotion without a peer on the same line starts a new
+            // generation at once: this node's data wins from here on.
+            let mut g = self.wanted.generations();
+            if g.current != 0 {
+                if g.bitmap == 0 {
+                    g.bitmap = g.current;
+                } else {
+                    g.history = [g.current, g.history[0]];
+                }
+            }
+            g.current = new_generation.max(1);
+            self.wanted.set_generations(g);
+            msg.push_str(&format!(", new generation {:016X}", g.current));
         }
-        if force {
+        if (force && !connected_in_sync) || self.unclean_primary {
             // This node's data wins: whatever the peer holds must be replaced.
-            self.wanted.peer_sync_needed = true;
-        } else if self.unclean_primary {
             self.wanted.peer_sync_needed = true;
         }
         self.unclean_primary = false;
@@ -1450,8 +1783,9 @@ impl<P: Payload> Node<P> {
         let v = self.request_meta();
         self.defer(v, Deferred::SendState);
         self.defer(v, Deferred::StartSync);
-        self.defer(v, Deferred::Admin(id, msg));
-        Ok(())
+        if let Some(id) = admin {
+            self.defer(v, Deferred::Admin(id, msg));
+        }
     }
 }
 

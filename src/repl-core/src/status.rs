@@ -1,7 +1,7 @@
 //! The node's state as `pairbd status` reports it: plain data, computed from
 //! the core on demand.
 
-use crate::{DiskState, OnPeerLoss, Role};
+use crate::{DiskState, Generations, OnPeerLoss, Role};
 
 /// The state of the replication link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -12,6 +12,9 @@ pub enum ConnectionState {
     Handshaking,
     /// The peer is known and replicating.
     Connected,
+    /// The nodes' data diverged (split brain) or is unrelated: no link is
+    /// made until the operator says so (`pairbd connect`).
+    StandAlone,
 }
 
 impl ConnectionState {
@@ -21,6 +24,7 @@ impl ConnectionState {
             ConnectionState::Disconnected => "Disconnected",
             ConnectionState::Handshaking => "Handshaking",
             ConnectionState::Connected => "Connected",
+            ConnectionState::StandAlone => "StandAlone",
         }
     }
 }
@@ -34,6 +38,8 @@ pub struct PeerStatus {
     pub role: Role,
     /// The peer's disk state.
     pub disk: DiskState,
+    /// The peer's generation identifiers.
+    pub generations: Generations,
 }
 
 /// A running full sync.
@@ -104,8 +110,10 @@ pub struct Status {
     pub last_disconnect: Option<String>,
     /// Set once the node failed: it stopped and writes nothing more.
     pub failed: Option<String>,
-    /// The current generation identifier.
-    pub current_generation: u64,
+    /// This node's generation identifiers.
+    pub generations: Generations,
+    /// A demotion waits for client requests to finish.
+    pub demoting: bool,
 }
 
 /// Display names for roles and disk states (DRBD's spelling).

@@ -428,7 +428,7 @@ fn promotion_is_refused_while_the_peer_is_primary() {
         .unwrap_err();
     assert!(e.contains("Primary"), "{e}");
     // After a demotion of alpha, beta (UpToDate, connected) may promote.
-    p.admin(A, AdminCommand::Demote).unwrap();
+    p.admin(A, AdminCommand::Demote { force: false }).unwrap();
     p.admin(
         B,
         AdminCommand::Promote {
@@ -451,7 +451,7 @@ fn demotion_is_refused_with_requests_in_flight() {
     let id = pairbd_repl_core::AdminId(500);
     p.nodes[A]
         .node
-        .handle_admin(p.now, id, AdminCommand::Demote);
+        .handle_admin(p.now, id, AdminCommand::Demote { force: false });
     p.drain();
     let r = p.nodes[A].admin.remove(&id).unwrap();
     assert!(r.unwrap_err().contains("in flight"));

@@ -67,6 +67,8 @@ pub enum Kind {
     SyncData = 11,
     SyncDone = 12,
     SyncDoneAck = 13,
+    Ping = 14,
+    Pong = 15,
 }
 
 impl Kind {
@@ -86,6 +88,8 @@ impl Kind {
             11 => SyncData,
             12 => SyncDone,
             13 => SyncDoneAck,
+            14 => Ping,
+            15 => Pong,
             _ => return None,
         })
     }
@@ -103,9 +107,13 @@ impl Kind {
         match self {
             Kind::Hello | Kind::State | Kind::SyncReady => (false, false, false),
             Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::SyncData => (true, true, true),
-            Kind::Flush | Kind::Ack | Kind::FlushAck | Kind::SyncDone | Kind::SyncDoneAck => {
-                (true, false, false)
-            }
+            Kind::Flush
+            | Kind::Ack
+            | Kind::FlushAck
+            | Kind::SyncDone
+            | Kind::SyncDoneAck
+            | Kind::Ping
+            | Kind::Pong => (true, false, false),
             Kind::SyncStart => (false, false, true),
         }
     }
@@ -169,6 +177,8 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::SyncData => "sync-data",
         Kind::SyncDone => "sync-done",
         Kind::SyncDoneAck => "sync-done-ack",
+        Kind::Ping => "ping",
+        Kind::Pong => "pong",
     }
 }
 
@@ -370,6 +380,8 @@ pub fn decode_frame<P: AsRef<[u8]>>(h: &FrameHeader, payload: P) -> Result<Messa
         },
         Kind::SyncDone => Message::SyncDone { seq },
         Kind::SyncDoneAck => Message::SyncDoneAck { seq },
+        Kind::Ping => Message::Ping { seq },
+        Kind::Pong => Message::Pong { seq },
     })
 }
 
@@ -476,6 +488,8 @@ fn encode<P: AsRef<[u8]>>(msg: &Message<P>) -> (EncodedFrame, Option<FrameError>
         }
         Message::SyncDone { seq } => (Kind::SyncDone, *seq, 0, 0, 0),
         Message::SyncDoneAck { seq } => (Kind::SyncDoneAck, *seq, 0, 0, 0),
+        Message::Ping { seq } => (Kind::Ping, *seq, 0, 0, 0),
+        Message::Pong { seq } => (Kind::Pong, *seq, 0, 0, 0),
     };
     let body: &[u8] = data.unwrap_or(&control);
     // Saturate rather than truncate: u32::MAX is over every limit, so an

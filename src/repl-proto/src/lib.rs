@@ -44,10 +44,8 @@ pub struct Hello {
     pub resource: String,
     /// The usable size of the sender's data area, in bytes.
     pub size_bytes: u64,
-    /// The sender's role and disk state.
+    /// The sender's role, disk state and generation identifiers.
     pub state: NodeState,
-    /// The sender's current generation identifier.
-    pub current_generation: u64,
     /// The sender, as primary, holds writes its peer may be missing and owes
     /// it a sync.
     pub peer_sync_needed: bool,
@@ -56,13 +54,30 @@ pub struct Hello {
     pub unclean_primary: bool,
 }
 
-/// A node's role and disk state, sent on every change.
+/// A node's role, disk state and generation identifiers, sent on every change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeState {
     /// Primary or secondary.
     pub role: Role,
     /// The quality of the node's data.
     pub disk: DiskState,
+    /// Which line of history the node's data belongs to.
+    pub generations: Generations,
+}
+
+/// DRBD's generation identifiers: random numbers that name a line of history
+/// of the data. Two nodes whose current identifiers match hold the same data
+/// (up to what a sync repairs); a node whose bitmap or history identifier is
+/// the other's current one moved on from it. 0 means none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Generations {
+    /// The generation the node's data belongs to now.
+    pub current: u64,
+    /// The generation the node's data left when it began the current one
+    /// without its peer (0 once the peer has caught up).
+    pub bitmap: u64,
+    /// Older generations, newest first.
+    pub history: [u64; 2],
 }
 
 /// One replication message. `P` is the caller's payload buffer type.
@@ -109,6 +124,11 @@ pub enum Message<P> {
     SyncDone { seq: u64 },
     /// Secondary → primary: the sync is durable and UpToDate is on disk.
     SyncDoneAck { seq: u64 },
+    /// Either way: are you there? Answered with `Pong` carrying the same `seq`
+    /// (a promotion probes a peer that looks connected and Primary).
+    Ping { seq: u64 },
+    /// The answer to `Ping`.
+    Pong { seq: u64 },
 }
 
 impl<P> Message<P> {
@@ -137,6 +157,8 @@ impl<P> Message<P> {
             Message::SyncData { .. } => "sync-data",
             Message::SyncDone { .. } => "sync-done",
             Message::SyncDoneAck { .. } => "sync-done-ack",
+            Message::Ping { .. } => "ping",
+            Message::Pong { .. } => "pong",
         }
     }
 }

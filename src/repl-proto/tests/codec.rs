@@ -12,8 +12,12 @@ fn hello() -> Hello {
         state: NodeState {
             role: Role::Primary,
             disk: DiskState::UpToDate,
+            generations: Generations {
+                current: 0xABCDEF,
+                bitmap: 0x1234,
+                history: [0x55, 0],
+            },
         },
-        current_generation: 0xABCDEF,
         peer_sync_needed: true,
         unclean_primary: false,
     }
@@ -25,6 +29,7 @@ fn all_messages() -> Vec<Message<Vec<u8>>> {
         Message::State(NodeState {
             role: Role::Secondary,
             disk: DiskState::Inconsistent,
+            generations: Generations::default(),
         }),
         Message::Write {
             seq: 1,
@@ -63,6 +68,8 @@ fn all_messages() -> Vec<Message<Vec<u8>>> {
         },
         Message::SyncDone { seq: 7 },
         Message::SyncDoneAck { seq: 7 },
+        Message::Ping { seq: 8 },
+        Message::Pong { seq: 8 },
     ]
 }
 
@@ -152,6 +159,7 @@ fn malformed_frames_are_named() {
     let state = encode_to_vec::<Vec<u8>>(&Message::State(NodeState {
         role: Role::Primary,
         disk: DiskState::Outdated,
+        generations: Generations::default(),
     }));
     let mut b = state.clone();
     b.push(0);
@@ -297,6 +305,7 @@ fn a_malformed_control_payload_is_named() {
     let mut b = encode_to_vec::<Vec<u8>>(&Message::State(NodeState {
         role: Role::Primary,
         disk: DiskState::UpToDate,
+        generations: Generations::default(),
     }));
     b.truncate(HEADER_LEN);
     b.extend_from_slice(&garbage);
@@ -349,29 +358,33 @@ fn any_message() -> impl Strategy<Value = Message<Vec<u8>>> {
         Just(DiskState::Outdated),
         Just(DiskState::UpToDate)
     ];
-    let state = (role, disk).prop_map(|(role, disk)| NodeState { role, disk });
+    let state = (role, disk, any::<[u64; 4]>()).prop_map(|(role, disk, g)| NodeState {
+        role,
+        disk,
+        generations: Generations {
+            current: g[0],
+            bitmap: g[1],
+            history: [g[2], g[3]],
+        },
+    });
     let hello = (
         ".{0,40}",
         ".{0,40}",
         any::<u64>(),
         state.clone(),
-        any::<u64>(),
         any::<bool>(),
         any::<bool>(),
     )
-        .prop_map(
-            |(node_name, resource, size_bytes, state, gen, sync, unclean)| {
-                Message::Hello(Hello {
-                    node_name,
-                    resource,
-                    size_bytes,
-                    state,
-                    current_generation: gen,
-                    peer_sync_needed: sync,
-                    unclean_primary: unclean,
-                })
-            },
-        );
+        .prop_map(|(node_name, resource, size_bytes, state, sync, unclean)| {
+            Message::Hello(Hello {
+                node_name,
+                resource,
+                size_bytes,
+                state,
+                peer_sync_needed: sync,
+                unclean_primary: unclean,
+            })
+        });
     prop_oneof![
         hello,
         state.prop_map(Message::State),
@@ -412,6 +425,8 @@ fn any_message() -> impl Strategy<Value = Message<Vec<u8>>> {
         }),
         any::<u64>().prop_map(|seq| Message::SyncDone { seq }),
         any::<u64>().prop_map(|seq| Message::SyncDoneAck { seq }),
+        any::<u64>().prop_map(|seq| Message::Ping { seq }),
+        any::<u64>().prop_map(|seq| Message::Pong { seq }),
     ]
 }
 

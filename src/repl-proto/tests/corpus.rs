@@ -21,8 +21,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         state: NodeState {
             role: Role::Secondary,
             disk: DiskState::UpToDate,
+            generations: Generations::default(),
         },
-        current_generation: 42,
         peer_sync_needed: false,
         unclean_primary: true,
     };
@@ -33,6 +33,7 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             encode_to_vec::<Vec<u8>>(&Message::State(NodeState {
                 role: Role::Primary,
                 disk: DiskState::UpToDate,
+                generations: Generations::default(),
             })),
         ),
         (

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use pairbd_repl_core::{
-    AdminCommand, AdminId, ClientOp, Config, DiskOp, DiskOpId, DiskResult, Message, MetaWriteId,
-    Node, OnPeerLoss, Output, PersistentState, ReplyError, RequestId,
+    AdminCommand, AdminId, AfterCrash, ClientOp, Config, DiskOp, DiskOpId, DiskResult, Message,
+    MetaWriteId, Node, OnPeerLoss, Output, PersistentState, ReplyError, RequestId,
 };
 
 pub const SIZE: u64 = 1 << 20;
@@ -72,8 +72,15 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         ack_timeout: Duration::from_secs(5),
         sync_chunk_bytes: 64 * 1024,
         sync_window: 4,
+        probe_timeout: Duration::from_secs(1),
+        // Every node (and every restart) draws its own identifiers, as the
+        // daemon's random seed makes sure.
+        generation_seed: SEEDS.fetch_add(0x1234_5678_9ABC, std::sync::atomic::Ordering::Relaxed),
+        after_crash: AfterCrash::Secondary,
     }
 }
+
+static SEEDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Sim {
     fn new(cfg: Config, meta: PersistentState, now: Instant) -> Sim {
@@ -341,6 +348,14 @@ impl Pair {
     /// The daemon of node `i` crashes and restarts (its page cache survives,
     /// its unfinished disk and metadata writes are lost) while the link is down.
     pub fn restart(&mut self, i: usize) {
+        self.restart_with(
+            i,
+            config(if i == 0 { "alpha" } else { "beta" }, OnPeerLoss::Continue),
+        );
+    }
+
+    /// `restart` with a configuration of the test's choosing.
+    pub fn restart_with(&mut self, i: usize, cfg: Config) {
         if self.link_up {
             self.cut_link("peer restarted");
         }
@@ -348,8 +363,7 @@ impl Pair {
         s.disk_queue.clear();
         s.meta_queue.clear();
         s.inbox.clear();
-        let policy = if i == 0 { "alpha" } else { "beta" };
-        s.node = Node::new(config(policy, OnPeerLoss::Continue), s.meta, self.now);
+        s.node = Node::new(cfg, s.meta, self.now);
         s.failed = None;
     }
 
