@@ -881,11 +881,10 @@ impl<P: Payload> Node<P> {
     /// decide it with `Output::Disconnect`).
     pub fn handle_disconnected(&mut self, now: Instant, reason: &str) {
         self.now = now;
-        if !matches!(
-            self.conn,
-            ConnectionState::Disconnected | ConnectionState::StandAlone
-        ) {
-            self.lose_peer(reason.to_string());
+        match self.conn {
+            ConnectionState::Disconnected => {}
+            ConnectionState::StandAlone => self.handshake_deadline = None,
+            _ => self.lose_peer(reason.to_string()),
         }
     }
 
@@ -1217,8 +1216,14 @@ impl<P: Payload> Node<P> {
                 };
                 let reason = format!("{what} ({both}); staying StandAlone, no data changed");
                 tracing::error!(resource = %self.cfg.resource, "{reason}");
-                self.drop_link(reason);
+                // The link stays open for a moment so that the peer reads this
+                // node's hello and comes to the same verdict; then it closes.
+                // Nothing is exchanged meanwhile (StandAlone ignores messages).
                 self.conn = ConnectionState::StandAlone;
+                self.peer = None;
+                self.last_disconnect = Some(reason);
+                self.handshake_deadline = Some(self.now + self.cfg.probe_timeout);
+                self.start_ready();
                 return Ok(());
             }
             _ => {}
@@ -1484,6 +1489,12 @@ impl<P: Payload> Node<P> {
             return;
         }
         if self.handshake_deadline.is_some_and(|d| now >= d) {
+            if self.conn == ConnectionState::StandAlone {
+                self.handshake_deadline = None;
+                let reason = self.last_disconnect.clone().unwrap_or_default();
+                self.out.push_back(Output::Disconnect { reason });
+                return;
+            }
             self.drop_link("the peer sent no hello in time".into());
             return;
         }
@@ -1575,6 +1586,11 @@ impl<P: Payload> Node<P> {
             AdminCommand::Connect => {
                 let msg = if self.conn == ConnectionState::StandAlone {
                     self.conn = ConnectionState::Disconnected;
+                    if self.handshake_deadline.take().is_some() {
+                        self.out.push_back(Output::Disconnect {
+                            reason: "leaving StandAlone: a fresh link follows".into(),
+                        });
+                    }
                     "left StandAlone: connecting to the peer"
                 } else {
                     "not StandAlone"
