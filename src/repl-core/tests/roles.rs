@@ -9,8 +9,8 @@ use std::time::Duration;
 use harness::{config, Pair, Rng};
 use pairbd_repl_core::generations::{compare, Verdict};
 use pairbd_repl_core::{
-    AdminCommand, AdminId, AfterCrash, ConnectionState, DiskOp, DiskState, Generations,
-    OnPeerLoss, ReplyError, Role,
+    AdminCommand, AdminId, AfterCrash, ConnectionState, DiskOp, DiskState, Generations, OnPeerLoss,
+    ReplyError, Role,
 };
 
 const A: usize = 0;
@@ -336,13 +336,19 @@ fn forced_demotion_fails_held_requests_and_waits_for_running_ones() {
     let held = p.write(A, 0, 6, 4096);
     let id = start_admin(&mut p, A, 901, AdminCommand::Demote { force: true });
     assert_eq!(p.reply(A, held), Some(&Err(ReplyError::NotPrimary)));
-    assert!(p.nodes[A].admin.get(&id).is_none(), "waits for the running write");
+    assert!(
+        p.nodes[A].admin.get(&id).is_none(),
+        "waits for the running write"
+    );
     assert!(p.nodes[A].node.status(p.now).demoting);
     let refused = p.write(A, 8192, 7, 4096);
     assert_eq!(p.reply(A, refused), Some(&Err(ReplyError::NotPrimary)));
     p.run_until_idle();
     assert_eq!(p.reply(A, running), Some(&Ok(())));
-    assert_eq!(p.nodes[A].admin.remove(&id).unwrap().unwrap(), "demoted to Secondary");
+    assert_eq!(
+        p.nodes[A].admin.remove(&id).unwrap().unwrap(),
+        "demoted to Secondary"
+    );
     assert_eq!(p.nodes[A].meta.role, Role::Secondary);
     assert_eq!(p.nodes[B].data[0], 5, "the running write reached both");
     assert_same(&p.nodes[A].data, &p.nodes[B].data, "after the demotion");
