@@ -179,3 +179,50 @@ fn split_brain_from_forced_promotions_is_reported_by_both_and_changes_no_data() 
     assert_eq!(data_digest(&files, "alpha"), digests[0]);
     assert_eq!(data_digest(&files, "beta"), digests[1]);
 }
+
+#[test]
+fn a_secondary_refuses_nbd_clients_naming_its_role() {
+    require_tool("nbdinfo");
+    let dir = TestDir::new("roles-secondary-refuses");
+    let files = pair::setup(&dir, SIZE, "");
+    let _a = files.start("alpha");
+    let _b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    // libnbd shows the server's error text in its debug output.
+    let out = Command::new("nbdinfo")
+        .env("LIBNBD_DEBUG", "1")
+        .arg(files.uri("beta"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the secondary accepted a client");
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Secondary"), "{text}");
+    assert!(text.contains("not Primary"), "{text}");
+    // The primary serves.
+    let out = Command::new("nbdinfo")
+        .arg(files.uri("alpha"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn after_crash_resume_primary_takes_the_role_back_once_the_peer_agrees() {
+    let dir = TestDir::new("roles-resume-primary");
+    let files = pair::setup(&dir, SIZE, "after-crash = \"resume-primary\"\n");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    a.kill();
+    // beta notices the loss and stays Secondary: nobody promoted it.
+    files.wait_for("beta", "the peer lost", |s| s["connection"] != "Connected");
+    let _a = files.start("alpha");
+    let (s, _) = files.wait_for("alpha", "Primary again", |s| {
+        s["role"] == "Primary" && s["peer"]["disk"] == "UpToDate"
+    });
+    assert_eq!(s["connection"], "Connected");
+    files.wait_in_sync();
+    drop(b);
+}
