@@ -11,6 +11,7 @@
 pub mod control;
 pub mod driver;
 mod link;
+mod protect;
 pub mod volume;
 
 use std::io::Write;
@@ -78,6 +79,9 @@ pub fn check_record(
 /// Runs `pairbd daemon` to completion.
 pub fn run(config: &Config, node_name: &str, resource: Option<&str>) -> anyhow::Result<()> {
     let res = config.resource(resource)?.clone();
+    // Before any thread exists: the I/O-flusher flag is inherited by threads
+    // created later, not by those already running.
+    protect::apply();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("pairbd-worker")
