@@ -136,6 +136,13 @@ async fn handle(stream: UnixStream, driver: Arc<Driver>, engine: &str) -> anyhow
     let mut text = answer.to_string();
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
+    if answer["power_cut"] == true {
+        // The simulated power cut is done: end the process at once, with no
+        // clean stop, no flush, no destructor — as the power going off would.
+        let _ = write.shutdown().await;
+        // SAFETY: _exit ends the process immediately; nothing after it runs.
+        unsafe { libc::_exit(137) };
+    }
     Ok(())
 }
 
@@ -180,6 +187,22 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         }
         Some("resume-io") => AdminCommand::ResumeIo,
         Some("connect") => AdminCommand::Connect,
+        Some("power-cut") => {
+            // Tests only (see TEST_VOLATILE_ENV): refused by an ordinary store.
+            let seed = request.get("seed").and_then(Value::as_u64).unwrap_or(0);
+            return match driver.store().power_cut(seed) {
+                Ok(r) => {
+                    warn!(
+                        "simulated power cut (seed {seed}): {} unflushed changes kept, {} lost, \
+                         {} torn, {} FUA writes kept; exiting",
+                        r.kept, r.dropped, r.torn, r.fua_kept
+                    );
+                    json!({"ok": true, "power_cut": true, "kept": r.kept, "dropped": r.dropped,
+                           "torn": r.torn, "fua_kept": r.fua_kept})
+                }
+                Err(e) => json!({"ok": false, "error": e.to_string()}),
+            };
+        }
         Some(other) => return json!({"ok": false, "error": format!("unknown command {other:?}")}),
         None => return json!({"ok": false, "error": "the request names no command"}),
     };

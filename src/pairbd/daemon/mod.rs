@@ -26,10 +26,15 @@ use pairbd_repl_core::{AdminCommand, AfterCrash, Node, OnPeerLoss};
 use pairbd_store::{EngineChoice, Store, StoreConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use driver::Driver;
 use volume::ReplicatedVolume;
+
+/// Tests only: set in a daemon's environment, its store simulates a volatile
+/// disk cache, and the control socket accepts `{"command": "power-cut",
+/// "seed": N}` (see `pairbd_store::Store::power_cut`).
+pub const TEST_VOLATILE_ENV: &str = "PAIRBD_TEST_VOLATILE_STORE";
 
 /// Where `pairbd` looks for its configuration unless told otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/pairbd/pairbd.toml";
@@ -113,6 +118,13 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
     };
     store_cfg.direct_io = res.direct_io;
     store_cfg.data_size_bytes = Some(res.size_bytes);
+    if std::env::var_os(TEST_VOLATILE_ENV).is_some() {
+        warn!(
+            "{TEST_VOLATILE_ENV} is set: the store keeps an undo log of unflushed writes for \
+             simulated power cuts (tests only; slow)"
+        );
+        store_cfg.volatile_for_tests = true;
+    }
     let store = Store::open(&store_cfg)
         .with_context(|| format!("cannot open the backing store {}", local.backing.display()))?;
     let engine = store.engine_kind().to_string();

@@ -149,6 +149,11 @@ pub struct StoreConfig {
     /// Serve only the first this-many bytes of the backing store (the rest holds
     /// pairbd's internal metadata, which requests must never reach). `None`: all.
     pub data_size_bytes: Option<u64>,
+    /// Tests only: remember unflushed changes so that `Store::power_cut` can
+    /// lose them as a disk cache would (see `volatile`). Slow: every change
+    /// first reads the range it overwrites.
+    #[doc(hidden)]
+    pub volatile_for_tests: bool,
 }
 
 impl StoreConfig {
@@ -171,6 +176,7 @@ impl StoreConfig {
             inline_sync_max_bytes: DEFAULT_INLINE_SYNC_MAX_BYTES,
             buffered_reads_on_pool: true,
             data_size_bytes: None,
+            volatile_for_tests: false,
         }
     }
 

@@ -29,6 +29,7 @@ mod fault;
 mod nowait;
 mod open;
 mod store;
+mod volatile;
 
 pub use buf::{AlignedBuf, BUF_ALIGN_BYTES};
 pub use config::{
@@ -40,3 +41,5 @@ pub use error::StoreError;
 #[doc(hidden)]
 pub use fault::FaultPoint;
 pub use store::{Store, ZERO_CHUNK_BYTES};
+#[doc(hidden)]
+pub use volatile::PowerCutReport;

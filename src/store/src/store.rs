@@ -54,6 +54,8 @@ struct Inner {
     durability: Arc<Durability>,
     zeroing: ZeroingSupport,
     faults: Faults,
+    /// Tests only: the change log a simulated power cut undoes.
+    volatile: Option<crate::volatile::Volatile>,
     path: PathBuf,
     size_bytes: u64,
     read_only: bool,
@@ -172,6 +174,7 @@ impl Store {
                     zero_range: AtomicBool::new(true),
                 },
                 faults: Faults::default(),
+                volatile: cfg.volatile_for_tests.then(Default::default),
                 path: cfg.path.clone(),
                 size_bytes: backing.size_bytes,
                 read_only: cfg.read_only,
@@ -292,6 +295,15 @@ impl Store {
         if buf.is_empty() {
             return Ok(());
         }
+        if let Some(v) = &self.inner.volatile {
+            let file = &self.inner.files[0];
+            if fua {
+                v.before_fua(offset, &buf).map_err(StoreError::Io)?;
+            } else {
+                v.before_change(file, offset, buf.len() as u64)
+                    .map_err(StoreError::Io)?;
+            }
+        }
         if !fua && self.inline_write_allowed(buf.len()) {
             // Like an engine write, a failed plain write does not poison the store: it
             // claimed no durability.
@@ -324,6 +336,7 @@ impl Store {
             return Ok(());
         }
         let covers = group.requested.load(Ordering::SeqCst);
+        let watermark = self.inner.volatile.as_ref().map(|v| v.flush_started());
         let sync = self.sync_lease().await?;
         group.issued.fetch_add(1, Ordering::Relaxed);
         if self.inline_flush_allowed() {
@@ -341,7 +354,25 @@ impl Store {
         // Only a successful fdatasync covers anyone: after a failure the next waiter
         // runs its own, which the poisoned store fails.
         group.covered.fetch_max(covers, Ordering::SeqCst);
+        if let (Some(v), Some(w)) = (&self.inner.volatile, watermark) {
+            v.flushed(w);
+        }
         Ok(())
+    }
+
+    /// Tests only: a simulated power cut of a store opened with
+    /// `volatile_for_tests` — unflushed changes are kept, lost or torn by
+    /// `seed`, the result made durable, and every later change fails. The
+    /// caller is expected to end the process, as a power cut does.
+    #[doc(hidden)]
+    pub fn power_cut(&self, seed: u64) -> Result<crate::PowerCutReport, StoreError> {
+        let Some(v) = &self.inner.volatile else {
+            return Err(StoreError::InvalidConfig(
+                "power_cut needs a store opened with volatile_for_tests".into(),
+            ));
+        };
+        v.power_cut(&self.inner.files[0], seed)
+            .map_err(StoreError::Io)
     }
 
     /// How many fdatasyncs `flush` has issued (fewer than flushes requested when group
@@ -403,6 +434,10 @@ impl Store {
         self.check_alignment(offset, len)?;
         if len == 0 {
             return Ok(());
+        }
+        if let Some(v) = &self.inner.volatile {
+            v.before_change(&self.inner.files[0], offset, len)
+                .map_err(StoreError::Io)?;
         }
         // fallocate on a block device works on whole sectors only.
         let fallocate_possible =
