@@ -8,7 +8,6 @@
 
 mod common;
 #[path = "common/raw_client.rs"]
-#[allow(dead_code)]
 mod raw_client;
 
 use std::io::{BufRead, BufReader, Write};
