@@ -5,11 +5,11 @@
 mod common;
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
 
+use common::xfs::{deliver, message, XfsOnNbd};
 use common::{exclusive_lock, require_tool, run_ok, write_random_file, Daemon, TestDir};
 
 const MIB: usize = 1 << 20;
@@ -348,134 +348,6 @@ fn fio_random_writes_verify_crc32c() {
 #[test]
 fn fio_random_writes_verify_crc32c_direct_io() {
     fio_verify("fio-verify-direct", &["--direct-io"]);
-}
-
-/// nbdfuse, a loop device and an XFS mount, torn down in reverse order on drop.
-struct XfsOnNbd {
-    fuse_dir: PathBuf,
-    mount_dir: PathBuf,
-    nbdfuse: Option<Child>,
-    loop_device: Option<String>,
-    mounted: bool,
-}
-
-impl XfsOnNbd {
-    fn attach(dir: &TestDir, uri: &str) -> XfsOnNbd {
-        for tool in [
-            "nbdfuse",
-            "losetup",
-            "mkfs.xfs",
-            "xfs_repair",
-            "fusermount3",
-        ] {
-            require_tool(tool);
-        }
-        let fuse_dir = dir.join("fuse");
-        let mount_dir = dir.join("mnt");
-        fs::create_dir_all(&fuse_dir).unwrap();
-        fs::create_dir_all(&mount_dir).unwrap();
-        let pidfile = dir.join("nbdfuse.pid");
-        let child = Command::new("nbdfuse")
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg(fuse_dir.join("disk"))
-            .arg(uri)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn nbdfuse");
-        let mut setup = XfsOnNbd {
-            fuse_dir,
-            mount_dir,
-            nbdfuse: Some(child),
-            loop_device: None,
-            mounted: false,
-        };
-        // nbdfuse writes its pid file once it serves the file: wait for that, bounded.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !pidfile.exists() {
-            assert!(Instant::now() < deadline, "nbdfuse never became ready");
-            if let Some(Ok(Some(status))) = setup.nbdfuse.as_mut().map(|c| c.try_wait()) {
-                panic!("nbdfuse exited early: {status}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let output = run_ok(
-            Command::new("losetup")
-                .args(["-f", "--show"])
-                .arg(setup.fuse_dir.join("disk")),
-        );
-        setup.loop_device = Some(String::from_utf8_lossy(&output.stdout).trim().to_string());
-        setup
-    }
-
-    fn device(&self) -> &str {
-        self.loop_device.as_deref().expect("loop device")
-    }
-
-    fn mount(&mut self) {
-        run_ok(
-            Command::new("mount")
-                .arg(self.device())
-                .arg(&self.mount_dir),
-        );
-        self.mounted = true;
-    }
-
-    fn unmount(&mut self) {
-        run_ok(Command::new("umount").arg(&self.mount_dir));
-        self.mounted = false;
-    }
-
-    fn detach(&mut self) {
-        if self.mounted {
-            let _ = Command::new("umount").arg(&self.mount_dir).status();
-            self.mounted = false;
-        }
-        if let Some(device) = self.loop_device.take() {
-            let _ = Command::new("losetup").args(["-d", &device]).status();
-        }
-        if let Some(mut child) = self.nbdfuse.take() {
-            let _ = Command::new("fusermount3")
-                .arg("-u")
-                .arg(&self.fuse_dir)
-                .status();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for XfsOnNbd {
-    fn drop(&mut self) {
-        self.detach();
-    }
-}
-
-/// The content of message `index`: deterministic, 1–24 KiB, naming itself.
-fn message(index: u32) -> Vec<u8> {
-    let length = 1024 + (index as usize * 7919) % (23 * 1024);
-    let header = format!("Message-Id: <{index}@pairbd.test>\r\nSubject: delivery {index}\r\n\r\n");
-    let mut body = header.into_bytes();
-    let mut state = u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    while body.len() < length {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        body.push(b'a' + (state % 26) as u8);
-    }
-    body
-}
-
-/// One Maildir delivery as a careful MTA does it: write to tmp/, fsync the file,
-/// rename into new/, fsync the directory.
-fn deliver(maildir: &Path, index: u32) {
-    let name = format!("{index}.pairbd");
-    let tmp = maildir.join("tmp").join(&name);
-    let mut file = File::create(&tmp).unwrap();
-    file.write_all(&message(index)).unwrap();
-    file.sync_all().unwrap();
-    drop(file);
-    fs::rename(&tmp, maildir.join("new").join(&name)).unwrap();
-    File::open(maildir.join("new")).unwrap().sync_all().unwrap();
 }
 
 #[test]

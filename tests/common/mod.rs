@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod pair;
+pub mod xfs;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
