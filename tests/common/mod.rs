@@ -105,6 +105,17 @@ impl Daemon {
         backing: PathBuf,
         log: PathBuf,
     ) -> Daemon {
+        Daemon::spawn_logged_env(args, socket, backing, log, &[])
+    }
+
+    /// Like [`Daemon::spawn_logged`], with extra environment variables.
+    pub fn spawn_logged_env(
+        args: &[String],
+        socket: PathBuf,
+        backing: PathBuf,
+        log: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -116,6 +127,7 @@ impl Daemon {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))

@@ -129,6 +129,11 @@ impl PairFiles {
 
     /// Starts `pairbd daemon` for `node` and waits for its ready line.
     pub fn start(&self, node: &str) -> Daemon {
+        self.start_env(node, &[])
+    }
+
+    /// Like [`PairFiles::start`], with extra environment variables.
+    pub fn start_env(&self, node: &str, env: &[(&str, &str)]) -> Daemon {
         let args: Vec<String> = [
             "daemon",
             "--config",
@@ -139,11 +144,12 @@ impl PairFiles {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        Daemon::spawn_logged(
+        Daemon::spawn_logged_env(
             &args,
             self.socket(node),
             self.backing(node),
             self.dir.join(format!("{node}.log")),
+            env,
         )
     }
 

@@ -92,6 +92,10 @@ pub enum MetaError {
     Invalid { what: &'static str, detail: String },
     #[error("a metadata write failed earlier; restart the node")]
     Poisoned,
+    /// Tests only: a simulated crash at a metadata write.
+    #[doc(hidden)]
+    #[error("simulated crash at a metadata write (tests)")]
+    TestCrash,
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -191,6 +195,30 @@ fn read_slots(file: &File, path: &Path, offset: u64) -> Result<Found, MetaError>
     })
 }
 
+/// Tests only: where a simulated crash strikes a metadata write.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPhase {
+    /// Before anything of the write reached the file.
+    Before,
+    /// Half of the new slot written and synced (a torn write).
+    Torn,
+    /// After the write and its fdatasync completed.
+    After,
+}
+
+impl std::str::FromStr for CrashPhase {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CrashPhase, String> {
+        match s {
+            "before" => Ok(CrashPhase::Before),
+            "torn" => Ok(CrashPhase::Torn),
+            "after" => Ok(CrashPhase::After),
+            other => Err(format!("crash phase {other:?}: use before, torn or after")),
+        }
+    }
+}
+
 /// An open metadata area: the last record, and the means to write the next.
 #[derive(Debug)]
 pub struct MetaStore {
@@ -201,6 +229,9 @@ pub struct MetaStore {
     /// The slot holding `record`.
     slot: usize,
     poisoned: bool,
+    /// Tests only: the write (counted from 1) at which to simulate a crash.
+    crash: Option<(u64, CrashPhase)>,
+    writes: u64,
 }
 
 impl MetaStore {
@@ -240,6 +271,8 @@ impl MetaStore {
                     record,
                     slot,
                     poisoned: false,
+                    crash: None,
+                    writes: 0,
                 })
             }
             Found::Missing => Err(MetaError::Missing {
@@ -295,12 +328,30 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Tests only: the `nth` write from now (counted from 1) fails with
+    /// [`MetaError::TestCrash`] at `phase`, leaving the file as a crash there
+    /// would; the caller then ends the process at once.
+    #[doc(hidden)]
+    pub fn crash_for_tests(&mut self, nth: u64, phase: CrashPhase) {
+        self.crash = Some((self.writes + nth, phase));
+    }
+
+    /// Writes done through this store since it was opened.
+    pub fn writes(&self) -> u64 {
+        self.writes
+    }
+
     /// Writes `state` atomically (the other slot, then fdatasync). After a
     /// failure the store refuses further writes: what is on disk is unknown.
     pub fn write(&mut self, state: PersistentState) -> Result<(), MetaError> {
         if self.poisoned {
             return Err(MetaError::Poisoned);
         }
+        self.writes += 1;
+        let crash = self
+            .crash
+            .filter(|(n, _)| *n == self.writes)
+            .map(|(_, phase)| phase);
         let mut next = self.record.clone();
         // A counter at its maximum can only come from a crafted file; refusing
         // is better than wrapping, which would make the older slot win.
@@ -314,6 +365,23 @@ impl MetaStore {
             })?;
         next.state = state;
         let slot = 1 - self.slot;
+        match crash {
+            Some(CrashPhase::Before) => {
+                self.poisoned = true;
+                return Err(MetaError::TestCrash);
+            }
+            Some(CrashPhase::Torn) => {
+                self.poisoned = true;
+                let buf = encode_slot(&next);
+                let at = self.offset + (slot * SLOT_BYTES) as u64;
+                self.file
+                    .write_all_at(&buf[..SLOT_BYTES / 2], at)
+                    .map_err(io("write", &self.path))?;
+                self.file.sync_data().map_err(io("fdatasync", &self.path))?;
+                return Err(MetaError::TestCrash);
+            }
+            _ => {}
+        }
         let result = self.write_slot(slot, &next);
         if result.is_err() {
             self.poisoned = true;
@@ -321,6 +389,10 @@ impl MetaStore {
         result?;
         self.record = next;
         self.slot = slot;
+        if crash == Some(CrashPhase::After) {
+            self.poisoned = true;
+            return Err(MetaError::TestCrash);
+        }
         Ok(())
     }
 
@@ -407,6 +479,8 @@ pub fn create_md(
         record: record.clone(),
         slot: 0,
         poisoned: false,
+        crash: None,
+        writes: 0,
     };
     let mut second = record.clone();
     second.counter += 1;

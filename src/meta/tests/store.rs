@@ -268,3 +268,38 @@ fn a_slot_of_a_newer_format_is_refused_even_beside_an_older_valid_one() {
     let e = create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap_err();
     assert!(matches!(e, MetaError::NewerFormat { .. }), "{e}");
 }
+
+#[test]
+fn a_crash_at_any_phase_of_a_write_leaves_the_old_or_the_new_state() {
+    use pairbd_meta::CrashPhase;
+    for (phase, expect_new) in [
+        (CrashPhase::Before, false),
+        (CrashPhase::Torn, false),
+        (CrashPhase::After, true),
+    ] {
+        for nth in 1..=3u64 {
+            let dir = tempfile::tempdir().unwrap();
+            let (backing, loc) = internal(&dir);
+            create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap();
+            let mut m = MetaStore::open(&loc).unwrap();
+            m.crash_for_tests(nth, phase);
+            let mut st = m.record().state;
+            let mut last_ok = st;
+            for g in 1..=nth {
+                st.current_generation = g;
+                match m.write(st) {
+                    Ok(()) => last_ok = st,
+                    Err(MetaError::TestCrash) => {
+                        assert_eq!(g, nth, "{phase:?}: crashed at the wrong write");
+                        break;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert!(matches!(m.write(st), Err(MetaError::Poisoned)));
+            let reopened = MetaStore::open(&loc).unwrap().record().state;
+            let want = if expect_new { st } else { last_ok };
+            assert_eq!(reopened, want, "{phase:?} at write {nth}");
+        }
+    }
+}

@@ -157,7 +157,9 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         .unwrap_or(false);
     let cmd = match request.get("command").and_then(Value::as_str) {
         Some("status") => {
-            return json!({"ok": true, "status": status_json(&driver.status(), engine, &driver.attached_clients())})
+            let mut status = status_json(&driver.status(), engine, &driver.attached_clients());
+            status["meta_writes"] = json!(driver.meta_writes());
+            return json!({"ok": true, "status": status});
         }
         Some("promote") => AdminCommand::Promote {
             force,

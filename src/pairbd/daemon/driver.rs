@@ -206,10 +206,17 @@ impl Driver {
         tokio::spawn(async move {
             let meta = Arc::clone(&driver.meta);
             let result = tokio::task::spawn_blocking(move || {
-                meta.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(state)
-                    .map_err(|e| e.to_string())
+                match meta.lock().unwrap_or_else(|e| e.into_inner()).write(state) {
+                    Ok(()) => Ok(()),
+                    Err(pairbd_meta::MetaError::TestCrash) => {
+                        // Tests only (PAIRBD_TEST_META_CRASH): the process dies
+                        // here, as in a crash at this point of the write.
+                        error!("simulated crash at a metadata write; exiting");
+                        // SAFETY: _exit ends the process immediately.
+                        unsafe { libc::_exit(137) }
+                    }
+                    Err(e) => Err(e.to_string()),
+                }
             })
             .await
             .unwrap_or_else(|e| Err(format!("metadata writer panicked: {e}")));
@@ -250,6 +257,11 @@ impl Driver {
 
     pub fn status(&self) -> Status {
         self.lock().node.status(Instant::now())
+    }
+
+    /// Metadata writes since the daemon started.
+    pub fn meta_writes(&self) -> u64 {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner()).writes()
     }
 
     pub fn serves_clients(&self) -> bool {

@@ -36,6 +36,10 @@ use volume::ReplicatedVolume;
 /// "seed": N}` (see `pairbd_store::Store::power_cut`).
 pub const TEST_VOLATILE_ENV: &str = "PAIRBD_TEST_VOLATILE_STORE";
 
+/// Tests only: `N:before|torn|after` — the daemon dies at its N-th metadata
+/// write, at that phase (see `pairbd_meta::CrashPhase`).
+pub const TEST_META_CRASH_ENV: &str = "PAIRBD_TEST_META_CRASH";
+
 /// Where `pairbd` looks for its configuration unless told otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/pairbd/pairbd.toml";
 
@@ -108,6 +112,16 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         )
     })?;
     check_record(meta.record(), &res, &local, location.path())?;
+    let mut meta = meta;
+    if let Some(spec) = std::env::var_os(TEST_META_CRASH_ENV) {
+        let spec = spec.to_string_lossy().to_string();
+        let (n, phase) = spec
+            .split_once(':')
+            .and_then(|(n, p)| Some((n.parse::<u64>().ok()?, p.parse().ok()?)))
+            .with_context(|| format!("{TEST_META_CRASH_ENV}={spec}: use N:before|torn|after"))?;
+        warn!("{TEST_META_CRASH_ENV} is set: this daemon dies at its metadata write {n} ({spec}; tests only)");
+        meta.crash_for_tests(n, phase);
+    }
     let persisted = meta.record().state;
 
     let mut store_cfg = StoreConfig::new(local.backing.clone());
