@@ -194,6 +194,12 @@ impl Daemon {
         child.wait().expect("wait for pairbd")
     }
 
+    /// Waits for an exit a signal already asked for.
+    pub fn stop_after_signal(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        child.wait().expect("wait for pairbd")
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill(mut self) {
         if let Some(mut child) = self.child.take() {

@@ -29,6 +29,10 @@ pub const MAX_STRING_LEN: usize = 4096;
 pub const DEFAULT_MAX_OPTION_LENGTH: u32 = 64 * 1024;
 /// Default for [`HandshakeLimits::max_options`].
 pub const DEFAULT_MAX_OPTIONS: u32 = 256;
+/// Options announcing more data than this are answered with `NBD_REP_ERR_TOO_BIG` and
+/// the connection is closed without reading the data (no legitimate option comes near;
+/// the spec's own limit for strings is 4096 bytes).
+pub const MAX_SKIP_LENGTH: u32 = 32 * 1024 * 1024;
 
 /// The handshake flags pairbd sends: fixed newstyle, and willingness to drop the zeroes.
 pub const SERVER_HANDSHAKE_FLAGS: u16 = NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES;
@@ -145,6 +149,13 @@ pub enum CloseReason {
     /// `NBD_OPT_EXPORT_NAME` was longer than [`HandshakeLimits::max_option_length`].
     #[error("client sent a {length}-byte NBD_OPT_EXPORT_NAME, longer than allowed")]
     ExportNameTooLong {
+        /// The option data length the client announced.
+        length: u32,
+    },
+    /// An option announced more than [`MAX_SKIP_LENGTH`] bytes of data: not worth
+    /// streaming past (qemu-nbd's CVE-2017-15119 was a server that did).
+    #[error("client announced a {length}-byte option; the limit is {MAX_SKIP_LENGTH}")]
+    OptionTooLong {
         /// The option data length the client announced.
         length: u32,
     },
@@ -408,6 +419,10 @@ impl Handshake {
             NBD_OPT_EXPORT_NAME if length > self.limits.max_option_length => {
                 // EXPORT_NAME cannot return an error, so the only answer is to hang up.
                 self.close(CloseReason::ExportNameTooLong { length });
+            }
+            _ if length > MAX_SKIP_LENGTH => {
+                self.push_error(option, NBD_REP_ERR_TOO_BIG, "option data too long");
+                self.close(CloseReason::OptionTooLong { length });
             }
             _ if length > self.limits.max_option_length => {
                 self.skip(option, length, SkipReply::TooBig)

@@ -699,3 +699,29 @@ fn close_reasons_read_well_in_logs() {
         "export refused: this node is Secondary"
     );
 }
+
+#[test]
+fn an_option_announcing_more_than_32_mib_is_refused_and_closes_without_reading_it() {
+    let mut handshake = started(BOTH_FLAGS, HandshakeLimits::default());
+    let mut header = b"IHAVEOPT".to_vec();
+    header.extend_from_slice(&0x4242u32.to_be_bytes());
+    header.extend_from_slice(&(MAX_SKIP_LENGTH + 1).to_be_bytes());
+    assert_eq!(handshake.handle_input(&header), header.len());
+    assert_eq!(
+        handshake.outcome(),
+        &Outcome::Closed(CloseReason::OptionTooLong {
+            length: MAX_SKIP_LENGTH + 1
+        })
+    );
+    let mut output = Vec::new();
+    handshake.poll_transmit(&mut output);
+    let reply = crate::client::decode_option_reply_header(output.first_chunk().unwrap()).unwrap();
+    assert_eq!(reply.reply_type, NBD_REP_ERR_TOO_BIG);
+    // Exactly at the limit, the data is still streamed past (and answered).
+    let mut handshake = started(BOTH_FLAGS, HandshakeLimits::default());
+    let mut header = b"IHAVEOPT".to_vec();
+    header.extend_from_slice(&0x4242u32.to_be_bytes());
+    header.extend_from_slice(&MAX_SKIP_LENGTH.to_be_bytes());
+    handshake.handle_input(&header);
+    assert_eq!(handshake.outcome(), &Outcome::Negotiating);
+}
