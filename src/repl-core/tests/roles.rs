@@ -293,12 +293,12 @@ fn a_silent_primary_peer_is_probed_and_counted_as_lost() {
     // alpha freezes: nothing it would send arrives any more.
     let id = start_admin(&mut p, B, 900, promote(false));
     assert!(
-        p.nodes[B].admin.get(&id).is_none(),
+        !p.nodes[B].admin.contains_key(&id),
         "waits for the probe's answer"
     );
     p.nodes[A].inbox.clear();
     p.advance(Duration::from_millis(999));
-    assert!(p.nodes[B].admin.get(&id).is_none());
+    assert!(!p.nodes[B].admin.contains_key(&id));
     p.advance(Duration::from_millis(2));
     // The link is dropped, the promotion goes on once Primary is durable.
     while !p.nodes[B].meta_queue.is_empty() {
@@ -337,7 +337,7 @@ fn forced_demotion_fails_held_requests_and_waits_for_running_ones() {
     let id = start_admin(&mut p, A, 901, AdminCommand::Demote { force: true });
     assert_eq!(p.reply(A, held), Some(&Err(ReplyError::NotPrimary)));
     assert!(
-        p.nodes[A].admin.get(&id).is_none(),
+        !p.nodes[A].admin.contains_key(&id),
         "waits for the running write"
     );
     assert!(p.nodes[A].node.status(p.now).demoting);
@@ -423,14 +423,13 @@ fn random_failovers_keep_every_acknowledged_write_and_converge() {
             let survivor = 1 - primary;
             p.admin(survivor, promote(false))
                 .unwrap_or_else(|e| panic!("seed {seed} round {round}: failover refused: {e}"));
-            for b in 0..BLOCKS as usize {
+            for (b, allowed) in allowed.iter_mut().enumerate() {
                 let got = p.nodes[survivor].data[b * BLOCK as usize];
                 assert!(
-                    allowed[b].contains(&got),
-                    "seed {seed} round {round}: block {b} holds {got}, allowed {:?}",
-                    allowed[b]
+                    allowed.contains(&got),
+                    "seed {seed} round {round}: block {b} holds {got}, allowed {allowed:?}"
                 );
-                allowed[b] = vec![got];
+                *allowed = vec![got];
             }
             // The survivor writes alone, then the old primary returns.
             let w = p.write(survivor, 0, value.wrapping_add(100), BLOCK as usize);
