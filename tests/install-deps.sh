@@ -2,9 +2,10 @@
 # Installs the Debian packages the tests use: the real NBD clients (libnbd-bin: nbdinfo,
 # nbdcopy, nbdfuse; qemu-utils: qemu-img, qemu-io; fio with its nbd engine), an
 # independent NBD server (nbdkit), and what a real filesystem test needs (xfsprogs,
-# fuse3 for nbdfuse, util-linux for losetup). Run as root on Debian 12.
+# fuse3 for nbdfuse, util-linux for losetup), and python3-libnbd for the independent
+# client of tests/chaos.rs. Run as root on Debian 12.
 set -euo pipefail
-packages=(fio libnbd-bin nbdkit qemu-utils xfsprogs fuse3 util-linux procps kmod python3)
+packages=(fio libnbd-bin nbdkit qemu-utils xfsprogs fuse3 util-linux procps kmod python3 python3-libnbd)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod pair;
 pub mod xfs;
 
