@@ -69,6 +69,10 @@ pub struct Daemon {
 }
 
 /// Where the binary under test is.
+/// Not an environment variable: passed in `env` to the spawn functions, it
+/// runs the daemon inside that network namespace.
+pub const NETNS_ENV: &str = "@netns";
+
 pub fn pairbd_binary() -> &'static str {
     env!("CARGO_BIN_EXE_pairbd")
 }
@@ -122,8 +126,28 @@ impl Daemon {
             .append(true)
             .open(&log)
             .expect("open the daemon log");
-        let mut child = Command::new(pairbd_binary())
-            .args(args)
+        let (program, args) = match env.iter().find(|(k, _)| *k == NETNS_ENV) {
+            // Run inside a network namespace: `ip netns exec NS pairbd ARGS`
+            // (ip execs pairbd, so the pid is the daemon's).
+            Some((_, ns)) => {
+                let mut all = vec![
+                    "netns".to_string(),
+                    "exec".to_string(),
+                    ns.to_string(),
+                    pairbd_binary().to_string(),
+                ];
+                all.extend(args.iter().cloned());
+                ("ip", all)
+            }
+            None => (pairbd_binary(), args.to_vec()),
+        };
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .copied()
+            .filter(|(k, _)| *k != NETNS_ENV)
+            .collect();
+        let mut child = Command::new(program)
+            .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -96,10 +96,12 @@ impl PairFiles {
             };
             text.push_str(&format!(
                 "\n[resource.mail.node.{node}]\nid = {}\n\
-                 listen = [\"unix:{node}.sock\"]\nreplication = \"{}\"\ncontrol = \"{node}.ctl\"\n",
+                 listen = [\"unix:{node}.sock\"]\ncontrol = \"{node}.ctl\"\n",
                 i + 1,
-                self.replication[i],
             ));
+            if !has("replication") {
+                text.push_str(&format!("replication = \"{}\"\n", self.replication[i]));
+            }
             if !has("backing") {
                 text.push_str(&format!("backing = \"{node}.img\"\n"));
             }
