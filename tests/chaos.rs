@@ -38,6 +38,10 @@ struct Op {
     value: u64,
     /// Some(true): acknowledged; None: no answer (indeterminate).
     ok: Option<bool>,
+    /// When the request was sent and its reply read, in seconds since the
+    /// run began (complete: none for an indeterminate one).
+    invoke: f64,
+    complete: Option<f64>,
 }
 
 fn block_bytes(block: u64, value: u64) -> Vec<u8> {
@@ -71,6 +75,7 @@ fn set_primary(file: &Path, socket: &Path) {
 /// Our client: QD1 writes to random blocks in [0, OURS), a flush every 8,
 /// reconnecting to the current primary whenever the connection breaks.
 fn our_client(
+    epoch: Instant,
     primary: PathBuf,
     seed: u64,
     history: Arc<Mutex<Vec<Vec<Op>>>>,
@@ -100,7 +105,12 @@ fn our_client(
             value += 1;
             let i = {
                 let mut h = history.lock().unwrap();
-                h[block as usize].push(Op { value, ok: None });
+                h[block as usize].push(Op {
+                    value,
+                    ok: None,
+                    invoke: epoch.elapsed().as_secs_f64(),
+                    complete: None,
+                });
                 h[block as usize].len() - 1
             };
             let handle = client.next_handle();
@@ -118,7 +128,9 @@ fn our_client(
                 .and_then(|()| client.try_read_reply_header().ok().flatten());
             match reply {
                 Some((h, 0)) if h == handle => {
-                    history.lock().unwrap()[block as usize][i].ok = Some(true);
+                    let op = &mut history.lock().unwrap()[block as usize][i];
+                    op.ok = Some(true);
+                    op.complete = Some(epoch.elapsed().as_secs_f64());
                     acked.fetch_add(1, Ordering::SeqCst);
                 }
                 _ => break, // indeterminate; reconnect
@@ -153,6 +165,8 @@ fn their_history(log: &Path) -> (Vec<Vec<Op>>, u64, u64) {
         h[block as usize].push(Op {
             value: v["value"].as_u64().unwrap(),
             ok: if ok == Some(true) { Some(true) } else { None },
+            invoke: v["invoke"].as_f64().unwrap_or(0.0),
+            complete: v["complete"].as_f64(),
         });
     }
     (h, acked, unknown)
@@ -231,7 +245,8 @@ fn a_jepsen_style_run_loses_no_acknowledged_write() {
             Arc::clone(&stop),
             Arc::clone(&acked),
         );
-        std::thread::spawn(move || our_client(p, seed, h, s, a))
+        let epoch = Instant::now();
+        std::thread::spawn(move || our_client(epoch, p, seed, h, s, a))
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/chaos_client.py");
     let mut python: Child = Command::new("/usr/bin/python3")
@@ -327,6 +342,20 @@ fn a_jepsen_style_run_loses_no_acknowledged_write() {
     ours.join().unwrap();
     assert!(python.wait().unwrap().success(), "the python client failed");
     let ours_h = history.lock().unwrap().clone();
+    // Our history beside python3-libnbd's, for inspection after a failure.
+    let mut lines = String::new();
+    for (block, ops) in ours_h.iter().enumerate() {
+        for o in ops {
+            lines.push_str(&format!(
+                "{{\"op\": \"write\", \"block\": {block}, \"value\": {}, \"invoke\": {}, \"complete\": {}, \"ok\": {}}}\n",
+                o.value,
+                o.invoke,
+                o.complete.map_or("null".into(), |c| c.to_string()),
+                o.ok.map_or("null", |_| "true")
+            ));
+        }
+    }
+    std::fs::write(dir.join("our-client.log"), lines).unwrap();
     let (theirs_h, py_acked, py_unknown) = their_history(&py_log);
     assert!(py_acked > 0, "python3-libnbd wrote nothing");
     let (mut reader, _) = RawClient::open(&c.files.socket("beta"), "mail");

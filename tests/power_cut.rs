@@ -187,6 +187,16 @@ fn check_blocks(files: &PairFiles, node: &str, history: &History, need_flushed: 
     checked
 }
 
+/// The seeds a test runs: three by default; `PAIRBD_POWER_CUT_SEEDS=N` runs
+/// N (the long variant).
+fn seeds(base: u64) -> Vec<u64> {
+    let n = std::env::var("PAIRBD_POWER_CUT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3u64);
+    (0..n).map(|i| base + i * 100 + 1).collect()
+}
+
 struct Run {
     _dir: TestDir,
     files: PairFiles,
@@ -244,10 +254,10 @@ impl Run {
 
 #[test]
 fn a_power_cut_of_the_secondary_is_repaired_by_the_resync() {
-    for seed in [11u64, 12, 13] {
+    for seed in seeds(10) {
         let (run, a, b) = start(&format!("pc-secondary-{seed}"));
         let w = run.spawn_writer("alpha", seed);
-        run.wait_acked(60 + seed * 7);
+        run.wait_acked(60 + seed % 97);
         let answer = power_cut(&run.files, "beta", seed, b);
         eprintln!("seed {seed}: beta {answer}");
         // The primary keeps serving alone.
@@ -267,10 +277,10 @@ fn a_power_cut_of_the_secondary_is_repaired_by_the_resync() {
 
 #[test]
 fn a_power_cut_of_the_primary_loses_no_acknowledged_write_on_failover() {
-    for seed in [21u64, 22, 23] {
+    for seed in seeds(20) {
         let (run, a, b) = start(&format!("pc-primary-{seed}"));
         let w = run.spawn_writer("alpha", seed);
-        run.wait_acked(60 + seed * 5);
+        run.wait_acked(60 + seed % 89);
         let answer = power_cut(&run.files, "alpha", seed, a);
         eprintln!("seed {seed}: alpha {answer}");
         w.join().unwrap();
@@ -289,10 +299,10 @@ fn a_power_cut_of_the_primary_loses_no_acknowledged_write_on_failover() {
 
 #[test]
 fn a_power_cut_of_both_nodes_keeps_every_flushed_write() {
-    for seed in [31u64, 32, 33] {
+    for seed in seeds(30) {
         let (run, a, b) = start(&format!("pc-both-{seed}"));
         let w = run.spawn_writer("alpha", seed);
-        run.wait_acked(60 + seed * 3);
+        run.wait_acked(60 + seed % 83);
         power_cut(&run.files, "alpha", seed, a);
         power_cut(&run.files, "beta", seed + 1000, b);
         w.join().unwrap();
@@ -303,7 +313,7 @@ fn a_power_cut_of_both_nodes_keeps_every_flushed_write() {
         // Both came back Secondary. Either may be promoted (they are connected
         // and on one generation): alternate, so that both nodes' flushes are
         // checked.
-        let survivor = if seed % 2 == 0 { "alpha" } else { "beta" };
+        let survivor = if (seed / 100) % 2 == 0 { "alpha" } else { "beta" };
         run.files.promote(survivor, false);
         let checked = check_blocks(&run.files, survivor, &run.history.lock().unwrap(), true);
         eprintln!("seed {seed}: {checked} blocks on {survivor} had a flushed write");
