@@ -11,6 +11,7 @@
 pub mod control;
 pub mod driver;
 mod link;
+mod notify;
 mod protect;
 pub mod volume;
 
@@ -228,6 +229,14 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         stdout.flush()?;
     }
 
+    let notifier = Arc::new(notify::Notifier::from_env());
+    notifier.send(&format!(
+        "READY=1\nSTATUS={}\nMAINPID={}\n",
+        notify::status_line(&driver),
+        std::process::id()
+    ));
+    let notify_task = tokio::spawn(notify::run(Arc::clone(&notifier), Arc::clone(&driver)));
+
     let shutdown = CancellationToken::new();
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot catch SIGINT")?;
     let mut terminate = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
@@ -246,6 +255,8 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         None => shutdown.cancelled().await,
     }
     control_task.abort();
+    notify_task.abort();
+    notifier.send("STOPPING=1\nSTATUS=stopping\n");
     let _ = std::fs::remove_file(&local.control);
 
     if let Some(reason) = driver
