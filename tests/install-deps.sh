@@ -5,7 +5,7 @@
 # fuse3 for nbdfuse, util-linux for losetup), and python3-libnbd for the independent
 # client of tests/chaos.rs. Run as root on Debian 12.
 set -euo pipefail
-packages=(fio libnbd-bin nbdkit qemu-utils xfsprogs fuse3 util-linux procps kmod python3 python3-libnbd nftables iproute2)
+packages=(fio libnbd-bin nbdkit qemu-utils xfsprogs fuse3 util-linux procps kmod python3 python3-libnbd nftables iproute2 systemd)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
