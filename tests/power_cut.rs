@@ -313,7 +313,11 @@ fn a_power_cut_of_both_nodes_keeps_every_flushed_write() {
         // Both came back Secondary. Either may be promoted (they are connected
         // and on one generation): alternate, so that both nodes' flushes are
         // checked.
-        let survivor = if (seed / 100) % 2 == 0 { "alpha" } else { "beta" };
+        let survivor = if (seed / 100) % 2 == 0 {
+            "alpha"
+        } else {
+            "beta"
+        };
         run.files.promote(survivor, false);
         let checked = check_blocks(&run.files, survivor, &run.history.lock().unwrap(), true);
         eprintln!("seed {seed}: {checked} blocks on {survivor} had a flushed write");
