@@ -104,6 +104,10 @@ pub struct StatusArgs {
     /// Print the status as JSON.
     #[arg(long)]
     json: bool,
+    /// Print one field of the JSON status, e.g. `role`, `disk`, `connection`,
+    /// `peer.disk` (strings bare, other values as JSON; missing: nothing, exit 1).
+    #[arg(long, value_name = "PATH", conflicts_with = "json")]
+    field: Option<String>,
 }
 
 pub fn daemon(ctx: &Context, args: ResourceArg) -> anyhow::Result<ExitCode> {
@@ -251,6 +255,23 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         println!("{s}");
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(path) = &args.field {
+        let mut v = s;
+        for key in path.split('.') {
+            v = &v[key];
+        }
+        return Ok(match v {
+            Value::Null => ExitCode::FAILURE,
+            Value::String(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            other => {
+                println!("{other}");
+                ExitCode::SUCCESS
+            }
+        });
     }
     print!("{}", human_status(s));
     Ok(ExitCode::SUCCESS)
