@@ -5,10 +5,13 @@
 # nbdfuse, util-linux for losetup), and the real-kernel guest of tests/kernel_guest.rs
 # (qemu-system-x86, busybox-static, nbd-client, cpio, kmod, binutils for objcopy, python3
 # for the relays; the kernel itself is fetched by kernel-glue/guest/build-initramfs.sh
-# with apt-get download). Run as root on Debian 12.
+# with apt-get download); python3-libnbd for the independent client of tests/chaos.rs,
+# nftables and iproute2 for tests/netns_partition.rs, systemd for systemd-analyze,
+# resource-agents and libxml2-utils for ocf-tester. Run as root on Debian 12.
 set -euo pipefail
 packages=(fio libnbd-bin nbdkit qemu-utils xfsprogs fuse3 util-linux procps kmod python3
-  qemu-system-x86 busybox-static nbd-client cpio binutils)
+  qemu-system-x86 busybox-static nbd-client cpio binutils
+  python3-libnbd nftables iproute2 systemd resource-agents libxml2-utils)
 updated=no
 install_missing() {
   local missing=()
