@@ -4,6 +4,7 @@
 //! the subcommand modules; errors reach the user through `anyhow` here, at the edge.
 
 mod admin;
+mod attach;
 mod daemon;
 mod demo;
 mod serve;
@@ -50,6 +51,10 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a replicated pair on local files (both nodes on this machine), for trying pairbd out.
     Demo(demo::DemoArgs),
+    /// On a mail host: attach the resource's Primary as /dev/nbdN (nbd-client) and name it /dev/pairbd/RESOURCE.
+    Attach(attach::AttachArgs),
+    /// On a mail host: disconnect /dev/pairbd/RESOURCE (nbd-client -d) and remove the name.
+    Detach(attach::DetachArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +75,8 @@ fn main() -> ExitCode {
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),
+        Command::Attach(args) => attach::attach(&ctx, args),
+        Command::Detach(args) => attach::detach(&ctx, args),
     };
     match result {
         Ok(code) => code,

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod chaos;
+pub mod guest;
 pub mod pair;
 pub mod xfs;
 

@@ -17,6 +17,8 @@ mod ops;
 mod status;
 
 pub use generations::Verdict;
+#[cfg(feature = "mutations")]
+pub use node::Mutation;
 pub use node::Node;
 pub use pairbd_repl_proto::{DiskState, Generations, Hello, Message, NodeState, Role};
 pub use status::{disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus};

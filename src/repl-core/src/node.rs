@@ -11,6 +11,8 @@
 //!   store, and acknowledges only what its store completed.
 //! - A message or reply that depends on metadata leaves only after the driver
 //!   reported that metadata durable.
+//! - A primary leaves the role (demotion, clean stop) only after both stores
+//!   flushed, or after "the peer needs a sync" is durable.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
@@ -25,6 +27,25 @@ use crate::{
     DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output, Payload, PersistentState,
     ReplyError, RequestId, Role,
 };
+
+/// A deliberately broken variant of the core (feature `mutations`, never in a
+/// real build): the simulator switches one on to prove its checkers catch it.
+#[cfg(feature = "mutations")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutation {
+    /// Answer a client write once the local store has it, before the peer's ack.
+    ReplyBeforePeerAck,
+    /// Answer a client flush after the local flush alone; the peer never flushes.
+    FlushNotForwarded,
+    /// Forget the transfer log on link loss: no "peer needs a sync" for it.
+    TransferLogIgnored,
+    /// Let an Outdated node promote without --force.
+    PromoteOutdated,
+}
+
+/// The request id of the flush a primary runs on both nodes before it
+/// leaves the role (see `check_demote`); its reply goes to no client.
+const LEAVING_FLUSH: RequestId = RequestId(u64::MAX);
 
 /// Whether a request still needs the peer's acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,9 +195,17 @@ pub struct Node<P> {
     probe: Option<Probe>,
     next_ping: u64,
     demoting: Option<AdminId>,
+    /// The metadata version that records the last promotion: the node serves
+    /// only once it is durable (an unclean primary's metadata already says
+    /// Primary before its promotion is written).
+    promotion_version: u64,
+    /// A demotion ran its flush of both stores (see `check_demote`).
+    leaving_flushed: bool,
     gen_source: GenerationSource,
     now: Instant,
     out: VecDeque<Output<P>>,
+    #[cfg(feature = "mutations")]
+    mutation: Option<Mutation>,
 }
 
 impl<P: Payload> Node<P> {
@@ -217,10 +246,26 @@ impl<P: Payload> Node<P> {
             probe: None,
             next_ping: 1,
             demoting: None,
+            promotion_version: 0,
+            leaving_flushed: false,
             gen_source: GenerationSource::new(cfg_seed),
             now,
             out: VecDeque::new(),
+            #[cfg(feature = "mutations")]
+            mutation: None,
         }
+    }
+
+    /// Switches a deliberately broken variant on (or off): the simulator's
+    /// proof that its checkers can fail.
+    #[cfg(feature = "mutations")]
+    pub fn set_mutation(&mut self, mutation: Option<Mutation>) {
+        self.mutation = mutation;
+    }
+
+    #[cfg(feature = "mutations")]
+    fn mutated(&self, m: Mutation) -> bool {
+        self.mutation == Some(m)
     }
 
     // ----- outputs -------------------------------------------------------
@@ -260,6 +305,7 @@ impl<P: Payload> Node<P> {
             && self.demoting.is_none()
             && self.wanted.role == Role::Primary
             && self.persisted.role == Role::Primary
+            && self.durable_version >= self.promotion_version
     }
 
     /// Whether the node refuses to link with its peer until `Connect`.
@@ -410,6 +456,10 @@ impl<P: Payload> Node<P> {
     fn start_op(&mut self, id: u64) {
         self.ops.activate(id);
         let replicate = self.peer_replicates();
+        #[cfg(feature = "mutations")]
+        let replicate_flush = replicate && !self.mutated(Mutation::FlushNotForwarded);
+        #[cfg(not(feature = "mutations"))]
+        let replicate_flush = replicate;
         let now = self.now;
         let mut note_missing = false;
         let mut send: Option<Message<P>> = None;
@@ -475,7 +525,7 @@ impl<P: Payload> Node<P> {
             }
             Some(Op::ClientFlush { peer, .. }) => {
                 disk = Some(DiskOp::Flush);
-                if replicate {
+                if replicate_flush {
                     *peer = PeerAck::Waiting;
                     send = Some(Message::Flush { seq: next_seq });
                     seq_used = Some(next_seq);
@@ -537,6 +587,11 @@ impl<P: Payload> Node<P> {
 
     fn try_finish(&mut self, id: u64) {
         let allowed = self.unconfirmed_reply_allowed();
+        #[cfg(feature = "mutations")]
+        let early = self.mutated(Mutation::ReplyBeforePeerAck)
+            && matches!(self.ops.get(id), Some(Op::ClientWrite { .. }));
+        #[cfg(not(feature = "mutations"))]
+        let early = false;
         let done = match self.ops.get(id) {
             Some(Op::ClientWrite {
                 req,
@@ -552,7 +607,7 @@ impl<P: Payload> Node<P> {
                 let confirmed = match peer {
                     PeerAck::Done => true,
                     PeerAck::NotNeeded => allowed,
-                    PeerAck::Waiting => false,
+                    PeerAck::Waiting => early,
                 };
                 (*local_done && confirmed).then_some(*req)
             }
@@ -573,6 +628,9 @@ impl<P: Payload> Node<P> {
     }
 
     fn reply(&mut self, id: RequestId, result: Result<(), ReplyError>) {
+        if id == LEAVING_FLUSH {
+            return;
+        }
         self.out.push_back(Output::Reply { id, result });
     }
 
@@ -666,6 +724,7 @@ impl<P: Payload> Node<P> {
                     }
                     self.ops.remove(id);
                     self.start_ready();
+                    self.maybe_start_sync();
                     return;
                 }
                 if let Some(Op::SyncChunk { sent, .. }) = self.ops.get_mut(id) {
@@ -820,6 +879,18 @@ impl<P: Payload> Node<P> {
         }
     }
 
+    /// The peer is on this node's current line again: the bitmap identifier
+    /// goes to history (the next write without the peer begins a new one).
+    fn rejoin_line(&mut self) {
+        let mut g = self.wanted.generations();
+        if g.bitmap != 0 {
+            g.history = [g.bitmap, g.history[0]];
+            g.bitmap = 0;
+            self.wanted.set_generations(g);
+            self.request_meta();
+        }
+    }
+
     /// Begins a new generation: the current one becomes the bitmap one (or,
     /// if this node already left its peer's line, history).
     fn begin_generation(&mut self) {
@@ -909,15 +980,24 @@ impl<P: Payload> Node<P> {
         // flush may be missing on the peer (a power cut there loses it).
         let transfer_log_dirty =
             self.last_write_seq_sent >= self.peer_flushed_below && self.last_write_seq_sent > 0;
+        #[cfg(feature = "mutations")]
+        let transfer_log_dirty = transfer_log_dirty && !self.mutated(Mutation::TransferLogIgnored);
         let mut unconfirmed = false;
+        let mut flush_unconfirmed = false;
         for id in self.ops.ids() {
             let active = self.ops.is_active(id);
             let remove = match self.ops.get_mut(id) {
-                Some(Op::ClientWrite { peer, .. }) | Some(Op::ClientFlush { peer, .. })
-                    if *peer == PeerAck::Waiting =>
-                {
+                Some(Op::ClientWrite { peer, .. }) if *peer == PeerAck::Waiting => {
                     *peer = PeerAck::NotNeeded;
                     unconfirmed = true;
+                    false
+                }
+                // A flush changes no data: the peer needs a sync, but no new
+                // generation begins (that would make a split brain of the
+                // next meeting). (Found by the simulator.)
+                Some(Op::ClientFlush { peer, .. }) if *peer == PeerAck::Waiting => {
+                    *peer = PeerAck::NotNeeded;
+                    flush_unconfirmed = true;
                     false
                 }
                 // A chunk still being read is dropped when its read ends.
@@ -934,15 +1014,27 @@ impl<P: Payload> Node<P> {
         self.peer_pending.clear();
         self.sec_incomplete.clear();
         self.sec_flushes.clear();
-        self.sync = None;
+        // SyncDone went out, its acknowledgement did not come: the target
+        // took this node's current generation, or it is still Inconsistent
+        // (behind whatever the generations say). Either way the two are not
+        // apart any more, as if SyncDoneAck had come. (Found by the simulator.)
+        if self
+            .sync
+            .take()
+            .is_some_and(|s| s.phase == SyncPhase::DoneSent)
+        {
+            self.rejoin_line();
+        }
         self.sync_target = None;
         if self.wanted.role == Role::Primary {
             if unconfirmed {
                 self.note_unreplicated_write();
-            } else if transfer_log_dirty {
+            } else if transfer_log_dirty || flush_unconfirmed {
                 self.note_peer_missing();
             }
-            if self.cfg.on_peer_loss == OnPeerLoss::SuspendIo {
+            // Not while demoting: the demotion waits for its requests, and
+            // held ones would never finish. (Found by the simulator.)
+            if self.cfg.on_peer_loss == OnPeerLoss::SuspendIo && self.demoting.is_none() {
                 self.io_suspended = true;
             }
         }
@@ -991,6 +1083,12 @@ impl<P: Payload> Node<P> {
                     // The peer's promotion ends any probe and any claim of
                     // this node to be ahead of it (it was checked at hello).
                     peer.behind = false;
+                }
+                if s.role == Role::Secondary && self.sync_target.take().is_some() {
+                    // The source was demoted mid-sync (it sends no more): this
+                    // node stays Inconsistent, and the next primary may start
+                    // a new sync. (Found by the simulator.)
+                    tracing::warn!(resource = %self.cfg.resource, "the sync source was demoted: this node stays Inconsistent");
                 }
                 self.maybe_start_sync();
                 self.start_ready();
@@ -1266,7 +1364,22 @@ impl<P: Payload> Node<P> {
         self.conn = ConnectionState::Connected;
         self.handshake_deadline = None;
         self.io_suspended = false;
-        if verdict == Verdict::Behind && self.wanted.disk == DiskState::UpToDate {
+        if verdict == Verdict::Same && mine.current == theirs.current {
+            // The peer took this node's current generation (a sync into it
+            // finished but its acknowledgement was lost with the link): one
+            // line again, so the next write without the peer must begin a new
+            // generation, or a split brain would pass for "ahead". (Found by
+            // the simulator.)
+            self.rejoin_line();
+        }
+        // A peer that records "peer needs a sync" on the same line holds
+        // writes this node may have lost (its cache, in a power cut while the
+        // peer could not mark it): not a valid current copy until synced
+        // either. (Found by the simulator.)
+        let peer_owes_sync =
+            verdict == Verdict::Same && h.peer_sync_needed && self.wanted.role == Role::Secondary;
+        if (verdict == Verdict::Behind || peer_owes_sync) && self.wanted.disk == DiskState::UpToDate
+        {
             // The peer moved on without this node: not a valid current copy
             // any more, even after a restart.
             tracing::warn!(resource = %self.cfg.resource, "the peer holds newer data: this node is Outdated ({both})");
@@ -1347,6 +1460,8 @@ impl<P: Payload> Node<P> {
         self.sync_target = None;
         self.wanted.disk = DiskState::UpToDate;
         self.wanted.role = Role::Secondary;
+        // Its own data was replaced: it owes the peer nothing any more.
+        self.wanted.peer_sync_needed = false;
         if let Some(p) = &self.peer {
             let source = p.state.generations;
             let mut g = self.wanted.generations();
@@ -1394,8 +1509,12 @@ impl<P: Payload> Node<P> {
                 }
                 self.start_ready();
                 self.pump_sync();
+                self.maybe_start_sync();
                 Ok(())
             }
+            // The write was already answered early (a mutation).
+            #[cfg(feature = "mutations")]
+            None if !flush && self.mutation == Some(Mutation::ReplyBeforePeerAck) => Ok(()),
             _ => Err(format!("acknowledgement {seq} of the wrong kind")),
         }
     }
@@ -1407,6 +1526,16 @@ impl<P: Payload> Node<P> {
             || self.conn != ConnectionState::Connected
             || !self.serves_clients()
             || self.wanted.disk != DiskState::UpToDate
+        {
+            return;
+        }
+        // Chunks of an abandoned sync (demoted mid-way, same connection) carry
+        // the same epoch: they must be gone before a new sync counts its own.
+        // (Found by the simulator.)
+        if self
+            .ops
+            .iter()
+            .any(|(_, op)| matches!(op, Op::SyncChunk { .. }))
         {
             return;
         }
@@ -1579,6 +1708,14 @@ impl<P: Payload> Node<P> {
                             }
                         }
                     }
+                    // Running ones held only by suspend-io would wait forever
+                    // if the peer cannot return (e.g. it is Primary too):
+                    // they finish on this node alone, which already recorded
+                    // that the peer needs a sync. (Found by the simulator.)
+                    if self.io_suspended {
+                        self.io_suspended = false;
+                        self.try_finish_all();
+                    }
                 }
                 self.check_demote();
                 Ok(())
@@ -1616,7 +1753,15 @@ impl<P: Payload> Node<P> {
                 Ok(())
             }
             AdminCommand::Shutdown => {
-                if self.wanted.role == Role::Primary || self.persisted.role == Role::Primary {
+                // A node that came back from a crash as Primary keeps that
+                // mark until a sync or a promotion settles it: its data may
+                // differ from the peer's. (Found by the simulator.)
+                let primary_on_disk = self.persisted.role == Role::Primary && !self.unclean_primary;
+                if self.wanted.role == Role::Primary && self.demoting.is_none() {
+                    // Leaves the role as a forced demotion does (the driver
+                    // stopped serving; both stores flush first).
+                    return self.admin(id, AdminCommand::Demote { force: true });
+                } else if self.wanted.role == Role::Primary || primary_on_disk {
                     self.wanted.role = Role::Secondary;
                     let v = self.request_meta();
                     self.defer(v, Deferred::Admin(id, "stopped cleanly".into()));
@@ -1635,6 +1780,21 @@ impl<P: Payload> Node<P> {
     fn check_demote(&mut self) {
         let Some(id) = self.demoting else { return };
         if self.ops.iter().any(|(_, op)| op.is_client()) {
+            return;
+        }
+        // Writes not yet durable would be lost, unnoticed, by a power cut of
+        // either node while both are Secondary (no transfer log then): both
+        // stores flush once first. A link lost meanwhile marks "peer needs a
+        // sync" as usual. (Found by the simulator.)
+        if !self.leaving_flushed {
+            self.leaving_flushed = true;
+            let data = Op::ClientFlush {
+                req: LEAVING_FLUSH,
+                local_done: false,
+                peer: PeerAck::NotNeeded,
+            };
+            let op = self.ops.insert(None, data);
+            self.start_op(op);
             return;
         }
         self.demoting = None;
@@ -1739,6 +1899,8 @@ impl<P: Payload> Node<P> {
                         .into(),
                 ))
             }
+            #[cfg(feature = "mutations")]
+            DiskState::Outdated if self.mutated(Mutation::PromoteOutdated) => {}
             DiskState::Outdated => {
                 return Err(AdminError(format!(
                     "this node's disk is Outdated: {peer_name} moved on without it. Promote \
@@ -1797,6 +1959,8 @@ impl<P: Payload> Node<P> {
         self.unclean_primary = false;
         self.wanted.role = Role::Primary;
         let v = self.request_meta();
+        self.promotion_version = v;
+        self.leaving_flushed = false;
         self.defer(v, Deferred::SendState);
         self.defer(v, Deferred::StartSync);
         if let Some(id) = admin {

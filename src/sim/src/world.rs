@@ -1,0 +1,1383 @@
+//! The simulated world: two real cores, their disks, their metadata, the
+//! link between them, the clients and the operator, stepped by one event
+//! queue in simulated time. Everything random comes from the run's seed, so
+//! a run replays exactly.
+//!
+//! The world plays the daemon's driver for each core, as `src/pairbd/daemon`
+//! does: it runs disk operations and metadata writes (completing them after
+//! a random latency, in any order), carries messages, reports link changes,
+//! fires timers, and stops the node on a fail-stop. It never decides
+//! anything the core decides.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use pairbd_repl_core::{
+    AdminCommand, AdminId, ClientOp, Config, ConnectionState, DiskOp, DiskOpId, DiskResult,
+    DiskState, Message, MetaWriteId, Node, Output, PersistentState, ReplyError, RequestId, Role,
+    Status,
+};
+
+use crate::checker::{Checker, ReadSnapshot, Violation};
+use crate::content::BLOCK_BYTES;
+use crate::figures::Figures;
+use crate::net::Net;
+use crate::operator::Task;
+use crate::rng::Rng;
+use crate::store::{FlushSnapshot, SimStore};
+use crate::workload::{Client, Profile};
+use crate::Options;
+
+/// The nodes' names (node 0 has the lower id and dials).
+pub const NAMES: [&str; 2] = ["alpha", "beta"];
+
+/// QUIC's idle timeout, the daemon's default ping-timeout.
+pub const PING_TIMEOUT_US: u64 = 1_000_000;
+const BACKOFF_MIN_US: u64 = 100_000;
+const BACKOFF_MAX_US: u64 = 2_000_000;
+
+/// How a node stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Death {
+    /// SIGKILL or a crash: the page cache survives, in-flight IO may land.
+    Kill,
+    /// Power lost: only the durable layer and the metadata survive.
+    PowerCut,
+    /// The core fail-stopped and the daemon exited.
+    FailStop,
+    /// A clean stop (the caller already flushed).
+    Clean,
+}
+
+/// Something scheduled.
+#[derive(Debug, Clone)]
+pub enum Event {
+    DiskDone {
+        node: usize,
+        inc: u64,
+        id: u64,
+    },
+    MetaDone {
+        node: usize,
+        inc: u64,
+        id: MetaWriteId,
+    },
+    Deliver {
+        conn: u64,
+        sender: usize,
+    },
+    Timer {
+        node: usize,
+        inc: u64,
+    },
+    /// `node`'s driver learns its connection `conn` is gone.
+    LinkLost {
+        node: usize,
+        conn: u64,
+        reason: &'static str,
+    },
+    /// The receiver of a blocked direction hears nothing for a ping-timeout.
+    Idle {
+        sender: usize,
+        conn: u64,
+        token: u64,
+    },
+    Dial,
+    Restart {
+        node: usize,
+        inc: u64,
+    },
+    ClientTick {
+        client: usize,
+    },
+    ReadDone {
+        client: usize,
+        node: usize,
+        inc: u64,
+        snap: ReadSnapshot,
+    },
+    Heal {
+        sender: usize,
+        token: u64,
+    },
+    /// A power cut planned by an earlier action.
+    PowerCut {
+        node: usize,
+    },
+    Chaos,
+    OperatorStep,
+    Manage,
+}
+
+/// A disk operation handed to the simulated store, not yet completed.
+pub struct PendingDisk {
+    pub op: DiskOp<Vec<u8>>,
+    pub flush: Option<FlushSnapshot>,
+    pub fail: bool,
+}
+
+/// One node: its core (while the process runs), disk and metadata.
+pub struct SimNode {
+    pub core: Option<Node<Vec<u8>>>,
+    /// Bumped at every stop, so events of an earlier process are ignored.
+    pub inc: u64,
+    pub store: SimStore,
+    /// The metadata as it is on disk.
+    pub meta: PersistentState,
+    pub meta_pending: Option<(MetaWriteId, PersistentState)>,
+    pub disk_pending: BTreeMap<u64, PendingDisk>,
+    pub armed: Option<u64>,
+    pub fail_next_write: bool,
+    pub fail_next_flush: bool,
+    /// Disk operations are slow (seconds) until then.
+    pub stall_until: u64,
+    pub failstop: Option<String>,
+    /// An injected fault may explain a fail-stop.
+    pub fault_injected: bool,
+    /// A restart is scheduled (so the manager does not start it twice).
+    pub restart_scheduled: bool,
+    pub was_standalone: bool,
+    /// Served clients after the last event.
+    pub serving: bool,
+    /// A forced promotion completed in this event (the model was reset).
+    pub just_forced: bool,
+}
+
+impl SimNode {
+    fn new(blocks: usize) -> SimNode {
+        SimNode {
+            core: None,
+            inc: 0,
+            store: SimStore::new(blocks),
+            meta: PersistentState::fresh(),
+            meta_pending: None,
+            disk_pending: BTreeMap::new(),
+            armed: None,
+            fail_next_write: false,
+            fail_next_flush: false,
+            stall_until: 0,
+            failstop: None,
+            fault_injected: false,
+            restart_scheduled: false,
+            was_standalone: false,
+            serving: false,
+            just_forced: false,
+        }
+    }
+
+    /// Whether the process runs.
+    pub fn up(&self) -> bool {
+        self.core.is_some()
+    }
+}
+
+/// What a client request is, for its reply.
+#[derive(Debug, Clone, Copy)]
+pub enum ReqKind {
+    Write(u64),
+    Flush,
+}
+
+/// A client request handed to a core.
+#[derive(Debug, Clone, Copy)]
+pub struct Request {
+    pub client: usize,
+    pub node: usize,
+    pub kind: ReqKind,
+}
+
+/// An admin command handed to a core.
+#[derive(Debug, Clone)]
+pub struct AdminWait {
+    pub node: usize,
+    pub cmd: AdminCommand,
+    pub answer: Option<Result<String, String>>,
+    pub generation_before: u64,
+}
+
+/// The run's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Faults everywhere.
+    Safety,
+    /// Faults healed; the pair must come back by `deadline`.
+    Liveness { deadline: u64 },
+    /// In service again: clients stop, everything settles, then the stores are
+    /// compared (and, `power_cut_next`, both nodes lose power once more).
+    Settle { deadline: u64, power_cut_next: bool },
+    /// Finished.
+    Done,
+}
+
+/// The world.
+pub struct Sim {
+    pub opts: Options,
+    pub profile: Profile,
+    pub rng: Rng,
+    /// Simulated time in µs since the start.
+    pub now: u64,
+    base: Instant,
+    events: BTreeMap<(u64, u64), Event>,
+    next_event: u64,
+    pub nodes: [SimNode; 2],
+    pub net: Net,
+    dial_pending: bool,
+    dial_backoff: u64,
+    pub clients: Vec<Client>,
+    pub requests: BTreeMap<u64, Request>,
+    next_request: u64,
+    pub admins: BTreeMap<u64, AdminWait>,
+    next_admin: u64,
+    /// The node the clients use (the mail host attached to it).
+    pub attached: Option<usize>,
+    pub checker: Checker,
+    pub task: Option<Task>,
+    pub phase: Phase,
+    pub figures: Figures,
+    pub violation: Option<Violation>,
+    trace: Vec<String>,
+    pub final_power_cut_done: bool,
+    /// Clients issue nothing until then (a quiet spell).
+    pub lull_until: u64,
+}
+
+impl Sim {
+    /// A world for one seed.
+    pub fn new(opts: Options) -> Sim {
+        let mut rng = Rng::new(opts.seed);
+        let profile = Profile::draw(&mut rng);
+        let blocks = profile.blocks;
+        let lat = [
+            (rng.between(30, 200), rng.between(300, 1_500)),
+            (rng.between(30, 200), rng.between(300, 1_500)),
+        ];
+        let clients = (0..profile.clients)
+            .map(|i| Client::new(i, rng.between(1, profile.max_depth)))
+            .collect();
+        Sim {
+            profile,
+            rng,
+            now: 0,
+            base: Instant::now(),
+            events: BTreeMap::new(),
+            next_event: 0,
+            nodes: [SimNode::new(blocks), SimNode::new(blocks)],
+            net: Net::new(lat),
+            dial_pending: false,
+            dial_backoff: BACKOFF_MIN_US,
+            clients,
+            requests: BTreeMap::new(),
+            next_request: 1,
+            admins: BTreeMap::new(),
+            next_admin: 1,
+            attached: None,
+            checker: Checker::new(blocks),
+            task: None,
+            phase: Phase::Safety,
+            figures: Figures::default(),
+            violation: None,
+            trace: Vec::new(),
+            final_power_cut_done: false,
+            lull_until: 0,
+            opts,
+        }
+    }
+
+    // ----- time and events -------------------------------------------------
+
+    /// The simulated time as the core sees it.
+    pub fn instant(&self) -> Instant {
+        self.base + Duration::from_micros(self.now)
+    }
+
+    fn to_us(&self, t: Instant) -> u64 {
+        let d = t.saturating_duration_since(self.base);
+        let us = d.as_micros() as u64;
+        if Duration::from_micros(us) < d {
+            us + 1
+        } else {
+            us
+        }
+    }
+
+    /// Schedules `event` at simulated time `at` (never in the past).
+    pub fn schedule(&mut self, at: u64, event: Event) {
+        let at = at.max(self.now);
+        self.events.insert((at, self.next_event), event);
+        self.next_event += 1;
+    }
+
+    /// Records a line of the run's story (printed live with `trace`, and the
+    /// last lines with a violation).
+    pub fn note(&mut self, line: impl Into<String>) {
+        let line = format!("{:>10.3}ms  {}", self.now as f64 / 1000.0, line.into());
+        if self.opts.trace {
+            println!("{line}");
+        }
+        if self.trace.len() >= 4096 {
+            self.trace.drain(..2048);
+        }
+        self.trace.push(line);
+    }
+
+    /// With `trace`: both nodes' role, disk, link, generations and marks.
+    pub fn note_states(&mut self) {
+        if !self.opts.trace {
+            return;
+        }
+        for (n, name) in NAMES.iter().enumerate() {
+            let line = match self.status(n) {
+                None => format!("    {name} down (metadata {:?})", self.nodes[n].meta),
+                Some(st) => format!(
+                    "    {} {:?}/{:?}/{:?} gens {} psn {} sync {:?} diverged {}",
+                    name,
+                    st.role,
+                    st.disk,
+                    st.connection,
+                    pairbd_repl_core::generations::describe(st.generations),
+                    st.peer_sync_needed,
+                    st.sync.map(|s| (s.source, s.percent() as u32)),
+                    self.checker.diverged(n)
+                ),
+            };
+            self.note(line);
+        }
+    }
+
+    /// The last `n` lines of the story.
+    pub fn trace_tail(&self, n: usize) -> Vec<String> {
+        self.trace[self.trace.len().saturating_sub(n)..].to_vec()
+    }
+
+    /// Records a broken invariant (the first one ends the run).
+    pub fn fail(&mut self, v: Violation) {
+        if self.violation.is_none() {
+            self.note(format!("VIOLATION: {v}"));
+            self.violation = Some(v);
+        }
+    }
+
+    /// Runs until the run ends; returns the first violation, if any.
+    pub fn run(&mut self) -> Option<Violation> {
+        self.start();
+        let max_events = self.opts.max_events;
+        while self.violation.is_none() && self.phase != Phase::Done {
+            let Some(((at, _), event)) = self.events.pop_first() else {
+                self.fail(Violation::Liveness("nothing left to happen".into()));
+                break;
+            };
+            self.now = at;
+            self.figures.events += 1;
+            if self.figures.events > max_events {
+                self.fail(Violation::Liveness(format!(
+                    "more than {max_events} events: the run does not end"
+                )));
+                break;
+            }
+            self.handle(event);
+            self.after_event();
+        }
+        self.figures.sim_ms = self.now / 1000;
+        self.figures.absorb(self.checker.counts());
+        self.violation.clone()
+    }
+
+    fn start(&mut self) {
+        self.note(format!(
+            "seed {} profile {:?} mutation {:?}",
+            self.opts.seed, self.profile, self.opts.mutation
+        ));
+        for n in 0..2 {
+            self.start_node(n);
+        }
+        // A new pair: the operator forces the first primary (docs/OPERATIONS.md).
+        self.task = Some(Task::initial());
+        self.schedule(50_000, Event::OperatorStep);
+        for c in 0..self.clients.len() {
+            self.schedule(100_000 + c as u64, Event::ClientTick { client: c });
+        }
+        let first_chaos = self.profile.chaos_gap_us(&mut self.rng) + 500_000;
+        self.schedule(first_chaos, Event::Chaos);
+        self.schedule(1_000_000, Event::Manage);
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::DiskDone { node, inc, id } => self.disk_done(node, inc, id),
+            Event::MetaDone { node, inc, id } => self.meta_done(node, inc, id),
+            Event::Deliver { conn, sender } => self.deliver(conn, sender),
+            Event::Timer { node, inc } => self.timer(node, inc),
+            Event::LinkLost { node, conn, reason } => self.link_lost(node, conn, reason),
+            Event::Idle {
+                sender,
+                conn,
+                token,
+            } => self.idle(sender, conn, token),
+            Event::Dial => self.dial(),
+            Event::Restart { node, inc } => {
+                if self.nodes[node].inc == inc && !self.nodes[node].up() {
+                    self.start_node(node);
+                }
+            }
+            Event::ClientTick { client } => self.client_tick(client),
+            Event::ReadDone {
+                client,
+                node,
+                inc,
+                snap,
+            } => self.read_done(client, node, inc, snap),
+            Event::Heal { sender, token } => self.heal(sender, token),
+            Event::PowerCut { node } => {
+                if self.phase == Phase::Safety {
+                    self.stop_node(node, Death::PowerCut);
+                }
+            }
+            Event::Chaos => self.chaos(),
+            Event::OperatorStep => self.operator_step(),
+            Event::Manage => self.manage_tick(),
+        }
+    }
+
+    // ----- driving a core --------------------------------------------------
+
+    /// Runs `f` on node `n`'s core (if it runs) and carries out its outputs.
+    pub fn with_core(&mut self, n: usize, f: impl FnOnce(&mut Node<Vec<u8>>, Instant)) {
+        let now = self.instant();
+        let Some(core) = self.nodes[n].core.as_mut() else {
+            return;
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(core, now)));
+        if let Err(panic) = result {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            self.fail(Violation::Panic(format!("node {n}: {msg}")));
+            return;
+        }
+        self.drain(n);
+    }
+
+    fn drain(&mut self, n: usize) {
+        while let Some(out) = self.nodes[n].core.as_mut().and_then(|c| c.poll()) {
+            self.route(n, out);
+        }
+        self.arm(n);
+        if let Some(reason) = self.nodes[n].failstop.take() {
+            if !self.nodes[n].fault_injected {
+                self.fail(Violation::CoreFailStop { node: n, reason });
+            } else {
+                self.note(format!("{} fail-stops: {reason}", NAMES[n]));
+            }
+            self.stop_node(n, Death::FailStop);
+        }
+    }
+
+    fn arm(&mut self, n: usize) {
+        let Some(t) = self.nodes[n].core.as_ref().and_then(|c| c.poll_timeout()) else {
+            return;
+        };
+        let at = self.to_us(t).max(self.now);
+        if self.nodes[n].armed.is_none_or(|armed| at < armed) {
+            self.nodes[n].armed = Some(at);
+            let inc = self.nodes[n].inc;
+            self.schedule(at, Event::Timer { node: n, inc });
+        }
+    }
+
+    fn timer(&mut self, n: usize, inc: u64) {
+        if self.nodes[n].inc != inc {
+            return;
+        }
+        if self.nodes[n].armed.is_some_and(|a| a <= self.now) {
+            self.nodes[n].armed = None;
+        }
+        let now = self.instant();
+        let due = self.nodes[n]
+            .core
+            .as_ref()
+            .and_then(|c| c.poll_timeout())
+            .is_some_and(|t| t <= now);
+        if due {
+            self.with_core(n, |c, now| c.handle_timeout(now));
+        } else {
+            self.arm(n);
+        }
+    }
+
+    fn route(&mut self, n: usize, out: Output<Vec<u8>>) {
+        match out {
+            Output::Disk { id, op } => self.submit_disk(n, id, op),
+            Output::WriteMeta { id, state } => {
+                self.nodes[n].meta_pending = Some((id, state));
+                let at = self.now + self.rng.between(50, 2_000);
+                let inc = self.nodes[n].inc;
+                self.schedule(at, Event::MetaDone { node: n, inc, id });
+            }
+            Output::Send(msg) => self.send(n, msg),
+            Output::Reply { id, result } => self.on_reply(n, id.0, result),
+            Output::Disconnect { reason } => {
+                self.note(format!("{} drops the link: {reason}", NAMES[n]));
+                self.close_link_end(n, true);
+            }
+            Output::AdminDone { id, result } => self.on_admin_done(n, id, result),
+            Output::FailStop { reason } => {
+                self.nodes[n].failstop = Some(reason);
+            }
+        }
+    }
+
+    // ----- disks and metadata ----------------------------------------------
+
+    fn submit_disk(&mut self, n: usize, id: DiskOpId, op: DiskOp<Vec<u8>>) {
+        let node = &mut self.nodes[n];
+        let fail = match op {
+            DiskOp::Write { .. } | DiskOp::Trim { .. } | DiskOp::WriteZeroes { .. } => {
+                std::mem::take(&mut node.fail_next_write)
+            }
+            DiskOp::Flush => std::mem::take(&mut node.fail_next_flush),
+            DiskOp::Read { .. } => false,
+        };
+        if fail {
+            node.fault_injected = true;
+        }
+        let flush = matches!(op, DiskOp::Flush).then(|| node.store.flush_snapshot());
+        let stalled = node.stall_until > self.now;
+        node.disk_pending
+            .insert(id.0, PendingDisk { op, flush, fail });
+        let latency = if stalled {
+            self.rng.between(500_000, 7_000_000)
+        } else if self.rng.one_in(20) {
+            self.rng.between(1_000, 30_000)
+        } else {
+            self.rng.between(10, 400)
+        };
+        let inc = self.nodes[n].inc;
+        self.schedule(
+            self.now + latency,
+            Event::DiskDone {
+                node: n,
+                inc,
+                id: id.0,
+            },
+        );
+    }
+
+    /// Applies a completed disk operation to the store; the result for the core.
+    fn apply_disk(&mut self, n: usize, p: &PendingDisk) -> DiskResult<Vec<u8>> {
+        let store = &mut self.nodes[n].store;
+        match &p.op {
+            DiskOp::Write {
+                offset,
+                payload,
+                fua,
+            } => {
+                store.write(*offset, payload, *fua);
+                DiskResult::Done
+            }
+            DiskOp::Trim { offset, length } | DiskOp::WriteZeroes { offset, length, .. } => {
+                store.zero(*offset, *length);
+                DiskResult::Done
+            }
+            DiskOp::Flush => {
+                if let Some(snap) = &p.flush {
+                    store.flush_complete(snap);
+                }
+                DiskResult::Done
+            }
+            DiskOp::Read { offset, length } => DiskResult::Read(store.read(*offset, *length)),
+        }
+    }
+
+    fn disk_done(&mut self, n: usize, inc: u64, id: u64) {
+        if self.nodes[n].inc != inc {
+            return;
+        }
+        let Some(p) = self.nodes[n].disk_pending.remove(&id) else {
+            return;
+        };
+        let result = if p.fail {
+            self.figures.eio += 1;
+            if matches!(p.op, DiskOp::Flush) {
+                // After a failed fdatasync the kernel may have dropped the
+                // dirty pages it could not write: unflushed data is gone.
+                let mut rng = self.rng.fork();
+                self.nodes[n].store.lose_cache(&mut rng);
+                self.note(format!("{}: EIO on flush, unflushed data lost", NAMES[n]));
+                let stores = [&self.nodes[0].store, &self.nodes[1].store];
+                if let Err(v) =
+                    self.checker
+                        .cache_lost(n, stores[n], "after a failed flush on this node")
+                {
+                    self.fail(v);
+                }
+            } else {
+                self.note(format!("{}: EIO on a write", NAMES[n]));
+            }
+            DiskResult::Failed("simulated EIO".into())
+        } else {
+            self.apply_disk(n, &p)
+        };
+        if self.opts.trace_all {
+            self.note(format!("{} disk done: {}", NAMES[n], describe_disk(&p.op)));
+        }
+        self.with_core(n, |c, now| c.handle_disk(now, DiskOpId(id), result));
+    }
+
+    fn meta_done(&mut self, n: usize, inc: u64, id: MetaWriteId) {
+        if self.nodes[n].inc != inc {
+            return;
+        }
+        match self.nodes[n].meta_pending.take() {
+            Some((pending, state)) if pending == id => {
+                // A Secondary becomes UpToDate only at the end of a full sync:
+                // the sync is over, whether or not the source hears of it.
+                let synced = self.nodes[n].meta.disk != DiskState::UpToDate
+                    && state.disk == DiskState::UpToDate
+                    && state.role == Role::Secondary;
+                self.nodes[n].meta = state;
+                if synced {
+                    self.figures.syncs += 1;
+                    let stores = [&self.nodes[0].store, &self.nodes[1].store];
+                    if let Err(v) = self.checker.sync_finished(1 - n, stores) {
+                        self.fail(v);
+                    }
+                }
+                self.with_core(n, |c, now| c.handle_meta_done(now, id, Ok(())));
+            }
+            other => self.nodes[n].meta_pending = other,
+        }
+    }
+
+    // ----- nodes starting and stopping -------------------------------------
+
+    fn config(&mut self, n: usize) -> Config {
+        Config {
+            node_name: NAMES[n].into(),
+            resource: "mail".into(),
+            size_bytes: (self.profile.blocks * BLOCK_BYTES) as u64,
+            on_peer_loss: self.profile.on_peer_loss,
+            ack_timeout: Duration::from_secs(5),
+            sync_chunk_bytes: (self.profile.sync_chunk_blocks * BLOCK_BYTES) as u64,
+            sync_window: self.profile.sync_window,
+            probe_timeout: Duration::from_micros(PING_TIMEOUT_US),
+            generation_seed: self.rng.next_u64(),
+            after_crash: self.profile.after_crash,
+        }
+    }
+
+    /// Starts node `n`'s daemon from its metadata.
+    pub fn start_node(&mut self, n: usize) {
+        if self.nodes[n].up() {
+            return;
+        }
+        let cfg = self.config(n);
+        let mut core = Node::new(cfg, self.nodes[n].meta, self.instant());
+        core.set_mutation(self.opts.mutation);
+        let node = &mut self.nodes[n];
+        node.core = Some(core);
+        node.armed = None;
+        node.fault_injected = false;
+        node.restart_scheduled = false;
+        node.was_standalone = false;
+        self.note(format!(
+            "{} starts ({:?}, {:?}, psn {})",
+            NAMES[n],
+            self.nodes[n].meta.role,
+            self.nodes[n].meta.disk,
+            self.nodes[n].meta.peer_sync_needed
+        ));
+        if n == 0 {
+            self.dial_backoff = BACKOFF_MIN_US;
+            self.want_dial(0);
+        }
+        self.drain(n);
+    }
+
+    /// Stops node `n`'s daemon.
+    pub fn stop_node(&mut self, n: usize, how: Death) {
+        if !self.nodes[n].up() {
+            return;
+        }
+        self.note(format!("{} stops: {how:?}", NAMES[n]));
+        let mut rng = self.rng.fork();
+        let node = &mut self.nodes[n];
+        node.core = None;
+        node.inc += 1;
+        node.armed = None;
+        node.failstop = None;
+        node.stall_until = 0;
+        node.fail_next_write = false;
+        node.fail_next_flush = false;
+        // The kernel may still carry out IO the process had submitted.
+        let pending = std::mem::take(&mut node.disk_pending);
+        let meta = node.meta_pending.take();
+        let mut landed = Vec::new();
+        for (_, p) in pending {
+            if !p.fail && how != Death::FailStop && rng.percent(50) {
+                landed.push(p);
+            }
+        }
+        for p in &landed {
+            self.apply_disk(n, p);
+        }
+        let node = &mut self.nodes[n];
+        if let Some((_, state)) = meta {
+            // Metadata writes are atomic (two slots): all or nothing.
+            if rng.percent(50) {
+                node.meta = state;
+            }
+        }
+        match how {
+            Death::PowerCut => {
+                self.figures.power_cuts += 1;
+                let lost = self.nodes[n].store.lose_cache(&mut rng);
+                self.note(format!(
+                    "{}: power lost, {lost} dirty block(s) lost their newest version",
+                    NAMES[n]
+                ));
+                let stores = [&self.nodes[0].store, &self.nodes[1].store];
+                if let Err(v) =
+                    self.checker
+                        .cache_lost(n, stores[n], "after a power cut of this node")
+                {
+                    self.fail(v);
+                }
+            }
+            Death::Kill => self.figures.kills += 1,
+            Death::FailStop | Death::Clean => {}
+        }
+        // Its clients' requests are cut off; nobody answers them.
+        let cut: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| r.node == n)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in cut {
+            if let Some(r) = self.requests.remove(&id) {
+                self.clients[r.client].outstanding -= 1;
+                if let ReqKind::Flush = r.kind {
+                    self.checker.flush_dropped(id);
+                }
+            }
+        }
+        for a in self.admins.values_mut() {
+            if a.node == n && a.answer.is_none() {
+                a.answer = Some(Err("the node stopped".into()));
+            }
+        }
+        if self.attached == Some(n) {
+            self.attached = None;
+        }
+        // A daemon that exits closes the connection (the peer learns it at
+        // once); a killed or powered-off one just goes silent.
+        if matches!(how, Death::Clean | Death::FailStop) {
+            self.close_link_end(n, true);
+        } else if self.net.close_end(n, false) {
+            let conn = self.net.conn.as_ref().map(|c| c.id);
+            if let Some(conn) = conn {
+                let at = self.now + PING_TIMEOUT_US + self.rng.below(100_000);
+                self.schedule(
+                    at,
+                    Event::LinkLost {
+                        node: 1 - n,
+                        conn,
+                        reason: "the peer went silent (idle timeout)",
+                    },
+                );
+            }
+        }
+        if matches!(self.phase, Phase::Safety) && how != Death::Clean {
+            let delay = self.rng.between(100_000, 1_500_000);
+            self.schedule_restart(n, delay);
+        }
+    }
+
+    /// Starts node `n` again after `delay_us`.
+    pub fn schedule_restart(&mut self, n: usize, delay_us: u64) {
+        self.nodes[n].restart_scheduled = true;
+        let inc = self.nodes[n].inc;
+        self.schedule(self.now + delay_us, Event::Restart { node: n, inc });
+    }
+
+    // ----- the link ----------------------------------------------------------
+
+    fn send(&mut self, n: usize, msg: Message<Vec<u8>>) {
+        match msg {
+            Message::SyncDone { .. } if self.net.held_by(n).is_some() => {
+                self.checker.sync_done_sent(n);
+            }
+            _ => {}
+        }
+        let conn = self.net.held_by(n);
+        if let Some(at) = self.net.send(n, msg, self.now, &mut self.rng) {
+            if let Some(conn) = conn {
+                self.schedule(at, Event::Deliver { conn, sender: n });
+            }
+        }
+    }
+
+    fn deliver(&mut self, conn: u64, sender: usize) {
+        let Some(msg) = self.net.pop_arrived(conn, sender, self.now) else {
+            return;
+        };
+        let receiver = 1 - sender;
+        if self.net.held_by(receiver) != Some(conn) {
+            return;
+        }
+        if self.opts.trace_all {
+            self.note(format!(
+                "{} → {}: {}",
+                NAMES[sender],
+                NAMES[receiver],
+                describe_message(&msg)
+            ));
+        }
+        self.with_core(receiver, |c, now| c.handle_message(now, msg));
+    }
+
+    /// Node `n`'s driver closes its end (its core said so): the peer learns
+    /// it from the close, or by its idle timeout if that direction is cut.
+    fn close_link_end(&mut self, n: usize, closed_by_core: bool) {
+        let Some(conn) = self.net.held_by(n) else {
+            return;
+        };
+        self.net.close_end(n, closed_by_core);
+        if self.net.held_by(1 - n) == Some(conn) {
+            let at = if self.net.blocked[n] {
+                self.now + PING_TIMEOUT_US
+            } else {
+                self.now + self.net.delay(n, self.now, &mut self.rng)
+            };
+            self.schedule(
+                at,
+                Event::LinkLost {
+                    node: 1 - n,
+                    conn,
+                    reason: "the peer closed the connection",
+                },
+            );
+        }
+        if n == 0 {
+            self.want_dial(BACKOFF_MIN_US);
+        }
+    }
+
+    fn link_lost(&mut self, n: usize, conn: u64, reason: &'static str) {
+        if self.net.held_by(n) != Some(conn) {
+            return;
+        }
+        self.close_link_end(n, false);
+        self.with_core(n, |c, now| c.handle_disconnected(now, reason));
+    }
+
+    fn idle(&mut self, sender: usize, conn: u64, token: u64) {
+        if !self.net.blocked[sender] || self.net.block_token[sender] != token {
+            return;
+        }
+        let receiver = 1 - sender;
+        self.link_lost(receiver, conn, "the peer went silent (idle timeout)");
+    }
+
+    fn want_dial(&mut self, delay: u64) {
+        if !self.dial_pending {
+            self.dial_pending = true;
+            self.schedule(self.now + delay, Event::Dial);
+        }
+    }
+
+    /// Node 0 dials (as the daemon with the lower id does), with backoff.
+    fn dial(&mut self) {
+        self.dial_pending = false;
+        let Some(core) = self.nodes[0].core.as_ref() else {
+            return;
+        };
+        if self.net.held_by(0).is_some() {
+            return;
+        }
+        if core.is_standalone() {
+            // Waits for `pairbd connect`.
+            self.want_dial(100_000);
+            return;
+        }
+        let reachable = self.nodes[1].up() && !self.net.blocked[0] && !self.net.blocked[1];
+        if !reachable {
+            let wait = self.dial_backoff;
+            self.dial_backoff = (self.dial_backoff * 2).min(BACKOFF_MAX_US);
+            self.want_dial(wait);
+            return;
+        }
+        self.dial_backoff = BACKOFF_MIN_US;
+        if self.net.held_by(1).is_some() {
+            // The acceptor's driver replaces its old link.
+            self.close_link_end(1, false);
+            self.with_core(1, |c, now| {
+                c.handle_disconnected(now, "replaced by a new connection")
+            });
+        }
+        self.net.conn = None;
+        let id = self.net.open();
+        self.figures.connections += 1;
+        self.note(format!("link {id} up"));
+        self.note_states();
+        let first = self.rng.below(2) as usize;
+        for n in [first, 1 - first] {
+            if self.net.held_by(n) == Some(id) {
+                self.with_core(n, |c, now| c.handle_connected(now));
+            }
+        }
+    }
+
+    /// Blocks the direction from `sender` for `duration_us`.
+    pub fn partition(&mut self, sender: usize, duration_us: u64) {
+        let token = self.net.block(sender);
+        if let Some(conn) = self.net.conn.as_ref().map(|c| c.id) {
+            let at = self.now + PING_TIMEOUT_US + self.rng.below(200_000);
+            self.schedule(
+                at,
+                Event::Idle {
+                    sender,
+                    conn,
+                    token,
+                },
+            );
+        }
+        self.schedule(self.now + duration_us, Event::Heal { sender, token });
+    }
+
+    fn heal(&mut self, sender: usize, token: u64) {
+        if self.net.block_token[sender] != token || !self.net.blocked[sender] {
+            return;
+        }
+        self.heal_direction(sender);
+    }
+
+    /// Lets packets from `sender` through again.
+    pub fn heal_direction(&mut self, sender: usize) {
+        let times = self.net.unblock(sender, self.now, &mut self.rng);
+        if let Some(conn) = self.net.conn.as_ref().map(|c| c.id) {
+            for at in times {
+                self.schedule(at, Event::Deliver { conn, sender });
+            }
+        }
+        self.note(format!(
+            "direction {}→{} healed",
+            NAMES[sender],
+            NAMES[1 - sender]
+        ));
+    }
+
+    /// Resets the connection at once (both ends learn it shortly).
+    pub fn cut_link(&mut self) {
+        let Some(conn) = self.net.conn.as_ref().map(|c| c.id) else {
+            return;
+        };
+        self.figures.link_cuts += 1;
+        self.note(format!("link {conn} reset"));
+        // Everything in flight is lost with the connection.
+        self.net.reset();
+        for n in 0..2 {
+            let at = self.now + self.rng.between(0, 5_000);
+            self.schedule(
+                at,
+                Event::LinkLost {
+                    node: n,
+                    conn,
+                    reason: "connection reset",
+                },
+            );
+        }
+    }
+
+    // ----- clients and admin -----------------------------------------------
+
+    /// Hands a client request to node `n`'s core.
+    pub fn submit(&mut self, client: usize, n: usize, kind: ReqKind, op: ClientOp<Vec<u8>>) {
+        let id = self.next_request;
+        self.next_request += 1;
+        self.requests.insert(
+            id,
+            Request {
+                client,
+                node: n,
+                kind,
+            },
+        );
+        self.clients[client].outstanding += 1;
+        self.figures.client_ops += 1;
+        if let ReqKind::Flush = kind {
+            self.checker.submit_flush(id);
+        }
+        self.with_core(n, |c, now| c.handle_client(now, RequestId(id), op));
+    }
+
+    fn replicating(&self, n: usize) -> bool {
+        self.nodes[n].core.as_ref().is_some_and(|c| {
+            let st = c.status(self.instant());
+            st.connection == ConnectionState::Connected && !st.peer_sync_needed
+        })
+    }
+
+    fn on_reply(&mut self, n: usize, id: u64, result: Result<(), ReplyError>) {
+        let Some(r) = self.requests.remove(&id) else {
+            self.fail(Violation::Contract(format!(
+                "{} answered request {id}, which it does not have (twice?)",
+                NAMES[n]
+            )));
+            return;
+        };
+        if r.node != n {
+            self.fail(Violation::Contract(format!(
+                "{} answered request {id} of the other node",
+                NAMES[n]
+            )));
+            return;
+        }
+        self.clients[r.client].outstanding -= 1;
+        let replicated = result.is_ok() && self.replicating(n);
+        let stores = [&self.nodes[0].store, &self.nodes[1].store];
+        let checked = match (r.kind, &result) {
+            (ReqKind::Write(w), Ok(())) => self.checker.write_acked(w, n, replicated, stores),
+            (ReqKind::Write(w), Err(ReplyError::NotPrimary | ReplyError::OutOfRange)) => {
+                self.checker.write_refused(w);
+                Ok(())
+            }
+            (ReqKind::Write(w), Err(_)) => {
+                self.checker.write_failed(w);
+                Ok(())
+            }
+            (ReqKind::Flush, _) => {
+                self.checker
+                    .flush_done(id, n, result.is_ok(), replicated, stores)
+            }
+        };
+        if let Err(v) = checked {
+            self.fail(v);
+        }
+    }
+
+    /// Hands an admin command to node `n`; `None` if it is down.
+    pub fn admin(&mut self, n: usize, cmd: AdminCommand) -> Option<u64> {
+        let core = self.nodes[n].core.as_ref()?;
+        let generation_before = core.status(self.instant()).generations.current;
+        let id = self.next_admin;
+        self.next_admin += 1;
+        self.note(format!("operator → {}: {cmd:?}", NAMES[n]));
+        self.admins.insert(
+            id,
+            AdminWait {
+                node: n,
+                cmd: cmd.clone(),
+                answer: None,
+                generation_before,
+            },
+        );
+        self.with_core(n, |c, now| c.handle_admin(now, AdminId(id), cmd));
+        Some(id)
+    }
+
+    fn on_admin_done(
+        &mut self,
+        n: usize,
+        id: AdminId,
+        result: Result<String, pairbd_repl_core::AdminError>,
+    ) {
+        let result = result.map_err(|e| e.0);
+        self.note(format!("{} answers: {result:?}", NAMES[n]));
+        self.note_states();
+        let Some(wait) = self.admins.get_mut(&id.0) else {
+            return;
+        };
+        wait.answer = Some(result.clone());
+        let (cmd, gen_before) = (wait.cmd.clone(), wait.generation_before);
+        let Ok(msg) = result else { return };
+        if let AdminCommand::Promote { force, .. } = cmd {
+            if msg.starts_with("already") {
+                return;
+            }
+            if force {
+                let st = self.status(n);
+                let stores = [&self.nodes[0].store, &self.nodes[1].store];
+                self.figures.forced_promotions += 1;
+                let new_line = st
+                    .as_ref()
+                    .is_some_and(|s| s.generations.current != gen_before);
+                let in_flight = self.blocks_in_flight(n);
+                self.checker.forced(n, stores, new_line, &in_flight);
+                self.nodes[n].just_forced = true;
+            }
+            self.attached = Some(n);
+        }
+    }
+
+    /// Node `n`'s status, if it runs.
+    pub fn status(&self, n: usize) -> Option<Status> {
+        self.nodes[n]
+            .core
+            .as_ref()
+            .map(|c| c.status(self.instant()))
+    }
+
+    /// Whether node `n` runs as Primary and serves clients.
+    pub fn serves(&self, n: usize) -> bool {
+        self.nodes[n]
+            .core
+            .as_ref()
+            .is_some_and(|c| c.serves_clients())
+    }
+
+    // ----- continuous checks -----------------------------------------------
+
+    fn after_event(&mut self) {
+        if self.violation.is_some() {
+            return;
+        }
+        self.watch_promotions();
+        self.watch_standalone();
+        self.check_split_brain();
+        if self.figures.events % 64 == 0 {
+            self.checkpoint();
+        }
+    }
+
+    /// Every node's blocks against the model, and the stores against each
+    /// other when the pair is in service and at rest.
+    pub fn checkpoint(&mut self) {
+        for n in 0..2 {
+            let stores = [&self.nodes[0].store, &self.nodes[1].store];
+            if let Err(v) = self.checker.check_node(n, stores[n], 1, "continuous check") {
+                self.fail(v);
+                return;
+            }
+        }
+        self.check_divergence(false);
+    }
+
+    /// Invariant 3: Connected, one Primary and one Secondary, both UpToDate,
+    /// no sync running or owed, nothing in flight on the link or to the
+    /// metadata: every block not being written must be identical.
+    pub fn check_divergence(&mut self, whole: bool) -> bool {
+        let (Some(a), Some(b)) = (self.status(0), self.status(1)) else {
+            return false;
+        };
+        let in_service = a.connection == ConnectionState::Connected
+            && b.connection == ConnectionState::Connected
+            && a.role != b.role
+            && a.disk == pairbd_repl_core::DiskState::UpToDate
+            && b.disk == pairbd_repl_core::DiskState::UpToDate
+            && a.sync.is_none()
+            && b.sync.is_none()
+            && !(if a.role == Role::Primary { &a } else { &b }).peer_sync_needed
+            && self.net.quiet()
+            && self.nodes.iter().all(|n| n.meta_pending.is_none());
+        if !in_service {
+            return false;
+        }
+        if whole && !self.settled() {
+            return false;
+        }
+        let mut busy = vec![false; self.profile.blocks];
+        for r in self.requests.values() {
+            if let ReqKind::Write(w) = r.kind {
+                if let Some((first, count)) = self.workload_blocks(w) {
+                    busy[first..first + count]
+                        .iter_mut()
+                        .for_each(|x| *x = true);
+                }
+            }
+        }
+        for n in 0..2 {
+            for (b, writing) in self.blocks_in_flight(n).into_iter().enumerate() {
+                busy[b] |= writing;
+            }
+        }
+        let differ: Vec<usize> = (0..self.profile.blocks)
+            .filter(|&blk| {
+                !busy[blk] && self.nodes[0].store.cached(blk) != self.nodes[1].store.cached(blk)
+            })
+            .collect();
+        if let Some(&first) = differ.first() {
+            self.fail(Violation::Divergence {
+                blocks: differ.len(),
+                first,
+                a: Checker::describe_block(&self.nodes[0].store, first),
+                b: Checker::describe_block(&self.nodes[1].store, first),
+            });
+            return false;
+        }
+        self.figures.divergence_checks += 1;
+        true
+    }
+
+    /// The blocks a write issued to node `n`'s disk will still change.
+    fn blocks_in_flight(&self, n: usize) -> Vec<bool> {
+        let mut busy = vec![false; self.profile.blocks];
+        for p in self.nodes[n].disk_pending.values() {
+            if let Some((offset, len)) = disk_range(&p.op) {
+                let first = (offset as usize) / BLOCK_BYTES;
+                let last = ((offset + len) as usize).div_ceil(BLOCK_BYTES);
+                busy[first..last].iter_mut().for_each(|x| *x = true);
+            }
+        }
+        busy
+    }
+
+    /// Nothing in flight anywhere: no request, no disk or metadata write, no
+    /// message.
+    pub fn settled(&self) -> bool {
+        self.requests.is_empty()
+            && self.net.quiet()
+            && self
+                .nodes
+                .iter()
+                .all(|n| n.disk_pending.is_empty() && n.meta_pending.is_none())
+    }
+
+    fn workload_blocks(&self, write: u64) -> Option<(usize, usize)> {
+        self.checker.write_blocks(write)
+    }
+
+    /// Every promotion without --force (by the operator, or a crashed
+    /// primary resuming by itself): invariant 5, then invariant 1.
+    fn watch_promotions(&mut self) {
+        for n in 0..2 {
+            let serving = self.serves(n);
+            let edge = serving && !self.nodes[n].serving;
+            self.nodes[n].serving = serving;
+            if !edge || std::mem::take(&mut self.nodes[n].just_forced) {
+                continue;
+            }
+            self.figures.promotions += 1;
+            let disk = self.nodes[n].core.as_ref().map(|c| c.disk());
+            if let Some(disk) = disk.filter(|d| *d != pairbd_repl_core::DiskState::UpToDate) {
+                self.fail(Violation::UnsafePromotion {
+                    node: n,
+                    disk: format!("{disk:?}"),
+                });
+                return;
+            }
+            let stores = [&self.nodes[0].store, &self.nodes[1].store];
+            if let Err(v) = self.checker.promoted(n, stores) {
+                self.fail(v);
+                return;
+            }
+        }
+    }
+
+    fn watch_standalone(&mut self) {
+        for (n, name) in NAMES.iter().enumerate() {
+            let standalone = self.nodes[n]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.is_standalone());
+            if standalone && !self.nodes[n].was_standalone {
+                self.figures.standalone_episodes += 1;
+                let real = self.checker.diverged(0) && self.checker.diverged(1);
+                if !real {
+                    self.figures.standalone_without_data_split += 1;
+                }
+                self.note(format!(
+                    "{} is StandAlone (checker: {})",
+                    name,
+                    if real {
+                        "both changed data apart"
+                    } else {
+                        "not both changed data"
+                    }
+                ));
+            }
+            self.nodes[n].was_standalone = standalone;
+        }
+    }
+
+    /// Invariant 4: two nodes that both changed the data apart must never be
+    /// Connected to each other.
+    fn check_split_brain(&mut self) {
+        if !(self.checker.diverged(0) && self.checker.diverged(1)) {
+            return;
+        }
+        let Some(conn) = self.net.conn.as_ref() else {
+            return;
+        };
+        if !(conn.open[0] && conn.open[1]) {
+            return;
+        }
+        let connected = (0..2).all(|n| {
+            self.nodes[n]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.status(self.instant()).connection == ConnectionState::Connected)
+        });
+        if connected {
+            self.fail(Violation::UndetectedSplitBrain(
+                "both nodes acknowledged writes the other does not have, and they connected \
+                 instead of going StandAlone"
+                    .into(),
+            ));
+        }
+    }
+}
+
+fn disk_range(op: &DiskOp<Vec<u8>>) -> Option<(u64, u64)> {
+    match op {
+        DiskOp::Write {
+            offset, payload, ..
+        } => Some((*offset, payload.len() as u64)),
+        DiskOp::Trim { offset, length } | DiskOp::WriteZeroes { offset, length, .. } => {
+            Some((*offset, *length))
+        }
+        DiskOp::Flush | DiskOp::Read { .. } => None,
+    }
+}
+
+fn describe_message(msg: &Message<Vec<u8>>) -> String {
+    match msg {
+        Message::Write {
+            seq,
+            offset,
+            payload,
+            fua,
+        } => format!(
+            "write seq {seq} block {} ×{}{}",
+            offset / BLOCK_BYTES as u64,
+            payload.len() / BLOCK_BYTES,
+            if *fua { " fua" } else { "" }
+        ),
+        Message::SyncData {
+            seq,
+            offset,
+            payload,
+        } => format!(
+            "sync-data seq {seq} block {} ×{}",
+            offset / BLOCK_BYTES as u64,
+            payload.len() / BLOCK_BYTES
+        ),
+        Message::Hello(h) => format!(
+            "hello {:?} psn {} unclean {}",
+            h.state, h.peer_sync_needed, h.unclean_primary
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe_disk(op: &DiskOp<Vec<u8>>) -> String {
+    match disk_range(op) {
+        Some((offset, len)) => format!(
+            "{} block {} ×{}",
+            match op {
+                DiskOp::Write { fua: true, .. } => "write fua",
+                DiskOp::Write { .. } => "write",
+                DiskOp::Trim { .. } => "trim",
+                _ => "write-zeroes",
+            },
+            offset / BLOCK_BYTES as u64,
+            len / BLOCK_BYTES as u64
+        ),
+        None => match op {
+            DiskOp::Flush => "flush".into(),
+            _ => "read".into(),
+        },
+    }
+}

@@ -1,0 +1,137 @@
+//! The simulator's own tests, the ones `cargo test` runs: a few hundred seeds
+//! keep every invariant; each deliberately broken variant of the core is
+//! caught within those seeds, for the right reason; the seeds that found
+//! bugs in the core replay clean.
+//!
+//! `PAIRBD_SIM_SEEDS=N` changes how many seeds the invariant slices run. The
+//! ignored `ci_swarm` runs thousands on every core (docs/TESTING.md has the
+//! commands, and the `pairbd-sim` binary's long swarm).
+
+use pairbd_sim::{mutation_name, run_seed, run_seeds, run_swarm, Mutation, Options, Violation};
+
+/// Seeds `cargo test` runs, split in parallel slices.
+const SEEDS: u64 = 320;
+const SLICES: u64 = 4;
+
+fn seed_count() -> u64 {
+    std::env::var("PAIRBD_SIM_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SEEDS)
+}
+
+fn slice(k: u64) {
+    let n = seed_count();
+    let per = n.div_ceil(SLICES);
+    let seeds = (k * per).min(n)..((k + 1) * per).min(n);
+    let swarm = run_seeds(seeds.clone(), None);
+    println!("seeds {seeds:?}\n{}", swarm.figures);
+    let reports: Vec<String> = swarm.failures.iter().map(|o| o.report(None)).collect();
+    assert!(reports.is_empty(), "{}", reports.join("\n"));
+    assert!(
+        swarm.figures.acked_writes_checked > 0,
+        "the run checked nothing"
+    );
+}
+
+#[test]
+fn seeds_keep_every_invariant_slice_0() {
+    slice(0);
+}
+
+#[test]
+fn seeds_keep_every_invariant_slice_1() {
+    slice(1);
+}
+
+#[test]
+fn seeds_keep_every_invariant_slice_2() {
+    slice(2);
+}
+
+#[test]
+fn seeds_keep_every_invariant_slice_3() {
+    slice(3);
+}
+
+/// Runs seeds with `m` switched on until one breaks an invariant; returns
+/// the seed and what it broke.
+fn first_catch(m: Mutation) -> (u64, Violation) {
+    for seed in 0..SEEDS {
+        let mut opts = Options::new(seed);
+        opts.mutation = Some(m);
+        if let Some(v) = run_seed(opts).violation {
+            println!("{} caught by seed {seed}: {v}", mutation_name(m));
+            return (seed, v);
+        }
+    }
+    panic!(
+        "{} survived {SEEDS} seeds: the simulator cannot tell it from the real core",
+        mutation_name(m)
+    );
+}
+
+#[test]
+fn replying_before_the_peer_ack_is_caught() {
+    let (_, v) = first_catch(Mutation::ReplyBeforePeerAck);
+    assert!(
+        matches!(v, Violation::LostWrite { invariant: 1, .. }),
+        "caught, but not as a lost write: {v}"
+    );
+}
+
+#[test]
+fn a_flush_not_forwarded_to_the_peer_is_caught() {
+    let (_, v) = first_catch(Mutation::FlushNotForwarded);
+    assert!(
+        matches!(v, Violation::LostWrite { invariant: 2, .. }),
+        "caught, but not as a flush that is not durable: {v}"
+    );
+}
+
+#[test]
+fn ignoring_the_transfer_log_is_caught() {
+    let (_, v) = first_catch(Mutation::TransferLogIgnored);
+    assert!(
+        matches!(
+            v,
+            Violation::Divergence { .. } | Violation::LostWrite { .. }
+        ),
+        "caught, but not as divergence or loss: {v}"
+    );
+}
+
+#[test]
+fn promoting_an_outdated_node_is_caught() {
+    let (_, v) = first_catch(Mutation::PromoteOutdated);
+    assert!(
+        matches!(v, Violation::UnsafePromotion { .. }),
+        "caught, but not as an unsafe promotion: {v}"
+    );
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let run = |seed| {
+        let outcome = run_seed(Options::new(seed));
+        (outcome.figures, outcome.story)
+    };
+    assert_eq!(run(7), run(7));
+}
+
+/// The CI swarm: thousands of seeds on every core. Run it with
+/// `cargo test -p pairbd-sim --release -- --ignored` (PAIRBD_SIM_CI_SEEDS=N
+/// for another count).
+#[test]
+#[ignore = "thousands of seeds: CI runs it with --ignored (docs/TESTING.md)"]
+fn ci_swarm() {
+    let n = std::env::var("PAIRBD_SIM_CI_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_000);
+    let jobs = std::thread::available_parallelism().map_or(1, |j| j.get());
+    let swarm = run_swarm(0..n, jobs, Options::new, false);
+    println!("seeds 0..{n}\n{}", swarm.figures);
+    let reports: Vec<String> = swarm.failures.iter().map(|o| o.report(None)).collect();
+    assert!(reports.is_empty(), "{}", reports.join("\n"));
+}
