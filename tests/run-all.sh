@@ -12,3 +12,6 @@ if command -v cargo-nextest >/dev/null 2>&1; then
 else
   cargo test --workspace --locked --no-fail-fast
 fi
+# The simulator's CI swarm: thousands of seeds through the real core (release build;
+# PAIRBD_SIM_CI_SEEDS changes how many). It prints its figures.
+cargo test -p pairbd-sim --release --locked -- --ignored --nocapture
