@@ -112,8 +112,12 @@ pub struct StatusArgs {
 
 pub fn daemon(ctx: &Context, args: ResourceArg) -> anyhow::Result<ExitCode> {
     let (config, node) = ctx.load()?;
-    daemon::run(&config, &node, args.resource.as_deref())?;
-    Ok(ExitCode::SUCCESS)
+    Ok(
+        match daemon::run(&config, &node, args.resource.as_deref())? {
+            daemon::DaemonExit::Stopped => ExitCode::SUCCESS,
+            daemon::DaemonExit::Restart => ExitCode::from(daemon::RESTART_EXIT_CODE),
+        },
+    )
 }
 
 pub fn gen_cert(ctx: &Context, args: GenCertArgs) -> anyhow::Result<ExitCode> {
