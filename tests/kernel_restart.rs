@@ -1,0 +1,261 @@
+//! A restart of the Primary's daemon under a live mount, on a real Linux kernel (the
+//! qemu guest of tests/common/guest.rs) attached with `pairbd attach` over the
+//! kernel's nbd netlink interface.
+//!
+//! The guest attaches (two connections, a short request timeout so that requests
+//! lost with a dead socket are retried soon, a long dead-connection timeout), makes
+//! XFS, mounts it and delivers Maildir messages with fsync, printing each
+//! acknowledged one. While it delivers, the host restarts the Primary's daemon
+//! twice: once planned (`pairbd restart`: the daemon finishes in-flight requests,
+//! exits with code 75 leaving a restart marker, and is started again), once as a
+//! crash (SIGKILL, then started again, with `after-crash = "resume-primary"`). Each
+//! time the restarted daemon becomes Primary again once its peer agrees, and the
+//! attach supervisor in the guest hands the kernel new sockets (`NBD_CMD_RECONFIGURE`
+//! after `NBD_CMD_LINK_DEAD`).
+//!
+//! Then: every delivery succeeded (the guest script stops at the first failure),
+//! the kernel logged no I/O error, every acknowledged message is in new/ with its
+//! checksum, `xfs_repair -n` is clean, and after both daemons stop the two stores'
+//! data areas are identical. The host waits on result lines and status, never on
+//! sleeps; durations are printed, never asserted.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::guest::{
+    guest_image, mail_host_config, md5_hex, message_body, message_number, stripped_pairbd, Guest,
+    GuestConfig, GuestFile, NODE_ADDRESSES,
+};
+use common::pair::{self, PairFiles, NODES};
+use common::{Daemon, TestDir};
+
+/// The volume: mkfs.xfs refuses less than 300 MB.
+const SIZE: u64 = 320 << 20;
+/// How long the whole guest run may take (TCG on two shared cores).
+const RUN_LIMIT: Duration = Duration::from_secs(900);
+/// Messages the guest delivers: enough for both restarts with [`ACKS_BETWEEN`]
+/// deliveries before, between and after them, with room to spare.
+const MESSAGES: u64 = 90;
+/// Acknowledged deliveries before the first restart, and between the Primary's
+/// return and the next restart (and before the end of the test).
+const ACKS_BETWEEN: usize = 12;
+/// The request timeout and dead-connection timeout given to `pairbd attach`.
+const TIMEOUT_SECONDS: u32 = 10;
+const DEAD_TIMEOUT_SECONDS: u32 = 600;
+
+fn script() -> String {
+    format!(
+        r#". /guest/maildir.sh
+pairbd --config /etc/pairbd/pairbd.toml attach mail --timeout {TIMEOUT_SECONDS} \
+  --dead-timeout {DEAD_TIMEOUT_SECONDS} >/tmp/attach.log 2>&1 ||
+  {{ sed 's/^/LOG /' /tmp/attach.log >&3; fail "pairbd attach"; }}
+say "ATTACHED $(cat /tmp/attach.log)"
+dev=/dev/pairbd/mail
+mkfs.xfs -f -q $dev || fail "mkfs.xfs"
+mount $dev /mnt || fail "mount"
+maildir_create /mnt/maildir
+say DELIVERING
+deliver_range /mnt/maildir 1 {MESSAGES}
+say DELIVERED
+maildir_report /mnt/maildir
+umount /mnt || fail "umount"
+repair_check $dev
+dmesg | grep -iE "I/O error|Buffer I/O|blk_update_request|critical medium" | sed 's/^/KERNEL-ERROR /' >&3
+dmesg | grep -iE "nbd" | sed 's/^/KERNEL-NBD /' >&3
+sed 's/^/SUPERVISOR /' /run/pairbd/attach-mail.log >&3
+pairbd --config /etc/pairbd/pairbd.toml detach mail >/tmp/detach.log 2>&1 ||
+  {{ sed 's/^/LOG /' /tmp/detach.log >&3; fail "pairbd detach"; }}
+say "DONE"
+"#
+    )
+}
+
+fn boot(dir: &TestDir, files: &PairFiles) -> Guest {
+    Guest::boot(
+        dir.path(),
+        GuestConfig {
+            name: "restart".to_string(),
+            script: script(),
+            files: vec![
+                GuestFile::new("/usr/local/bin/pairbd", stripped_pairbd(dir.path()), 0o755),
+                GuestFile::new("/etc/pairbd/pairbd.toml", mail_host_config(SIZE), 0o644),
+            ],
+            forwards: NODES
+                .iter()
+                .zip(NODE_ADDRESSES)
+                .map(|(node, address)| (address.to_string(), files.socket(node)))
+                .collect::<Vec<(String, PathBuf)>>(),
+            cpus: 2,
+            memory_mib: 512,
+        },
+    )
+}
+
+/// How a restart is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    Planned,
+    Crash,
+}
+
+/// Restarts `daemon` (alpha, the Primary) and waits until it is Primary again with
+/// its peer connected. Returns the new daemon and how long the Primary was gone.
+fn restart(files: &PairFiles, daemon: Daemon, how: Restart) -> (Daemon, Duration) {
+    let started = Instant::now();
+    match how {
+        Restart::Planned => {
+            let out = files.cli("alpha", &["restart", "--json"]);
+            assert!(
+                out.status.success(),
+                "pairbd restart: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let status = daemon.stop_after_signal();
+            assert_eq!(
+                status.code(),
+                Some(75),
+                "a planned restart exits with 75: {status}"
+            );
+            assert!(
+                files.dir.join("alpha.ctl.restart").exists(),
+                "the planned restart left no marker"
+            );
+        }
+        Restart::Crash => daemon.kill(),
+    }
+    let daemon = files.start("alpha");
+    files.wait_for("alpha", "Primary again with its peer", |s| {
+        s["role"] == "Primary" && s["connection"] == "Connected"
+    });
+    let beta = files.status("beta");
+    assert_eq!(beta["role"], "Secondary", "{beta}");
+    (daemon, started.elapsed())
+}
+
+#[test]
+fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
+    let image = guest_image();
+    eprintln!("guest image {}:\n{}", image.dir.display(), image.manifest);
+    let dir = TestDir::new("guest-restart");
+    let files = pair::setup(&dir, SIZE, "after-crash = \"resume-primary\"\n");
+    let mut alpha = Some(files.start("alpha"));
+    let beta = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+
+    let booted = Instant::now();
+    let deadline = booted + RUN_LIMIT;
+    let mut guest = boot(&dir, &files);
+    let mut plan = vec![Restart::Planned, Restart::Crash].into_iter();
+    let mut acked: BTreeMap<String, String> = BTreeMap::new();
+    let mut acks_at_last_event = None;
+    let mut restarts = Vec::new();
+    while let Some(line) = guest.next_line(deadline) {
+        if line.starts_with("FAIL") {
+            panic!("the guest failed: {line}\n{}", guest.report());
+        }
+        if line == "DELIVERING" {
+            acks_at_last_event = Some(0);
+        }
+        if line == "DELIVERED" {
+            break;
+        }
+        let Some(rest) = line.strip_prefix("ACK ") else {
+            continue;
+        };
+        let (name, sum) = rest.split_once(' ').expect("ACK NAME MD5");
+        acked.insert(name.to_string(), sum.to_string());
+        let Some(since) = acks_at_last_event else {
+            continue;
+        };
+        if acked.len() < since + ACKS_BETWEEN {
+            continue;
+        }
+        match plan.next() {
+            Some(how) => {
+                let at = acked.len();
+                let (daemon, gone) = restart(&files, alpha.take().expect("alpha"), how);
+                alpha = Some(daemon);
+                eprintln!(
+                    "{how:?} restart after {at} acknowledged deliveries: Primary again in {:.1}s",
+                    gone.as_secs_f64()
+                );
+                restarts.push((how, at, gone));
+                acks_at_last_event = Some(acked.len());
+            }
+            None => acks_at_last_event = None,
+        }
+    }
+    assert_eq!(restarts.len(), 2, "the guest stopped delivering too early");
+    let code = guest.wait_for_exit(deadline);
+    let transcript = guest.transcript.clone();
+    let report = guest.report();
+    assert_eq!(code, 0, "the guest script failed\n{report}");
+    let lines = |prefix: &'static str| {
+        transcript
+            .iter()
+            .filter_map(move |line| line.strip_prefix(prefix))
+    };
+    let kernel_errors: Vec<&str> = lines("KERNEL-ERROR ").collect();
+    assert!(
+        kernel_errors.is_empty(),
+        "the guest's kernel logged I/O errors:\n{}\n{report}",
+        kernel_errors.join("\n")
+    );
+    let supervisor: Vec<&str> = lines("SUPERVISOR ").collect();
+    eprintln!("attach supervisor's log:\n{}", supervisor.join("\n"));
+    eprintln!(
+        "guest kernel's nbd lines:\n{}",
+        lines("KERNEL-NBD ").collect::<Vec<_>>().join("\n")
+    );
+    let reconfigured = supervisor
+        .iter()
+        .filter(|l| l.contains("reconfigured"))
+        .count();
+    assert!(
+        reconfigured >= restarts.len(),
+        "the supervisor reconfigured the device {reconfigured} times for {} restarts\n{report}",
+        restarts.len()
+    );
+    assert_eq!(lines("REPAIR ").collect::<Vec<_>>(), ["0"], "{report}");
+
+    let have: BTreeMap<String, String> = lines("HAVE ")
+        .map(|rest| {
+            let (name, sum) = rest.split_once(' ').expect("HAVE NAME MD5");
+            (name.to_string(), sum.to_string())
+        })
+        .collect();
+    for (name, sum) in &acked {
+        let expected = md5_hex(&message_body(message_number(name).expect("N.msg")));
+        assert_eq!(sum, &expected, "the guest acknowledged a wrong {name}");
+        assert_eq!(
+            have.get(name),
+            Some(sum),
+            "acknowledged message {name} is missing or changed\n{report}"
+        );
+    }
+    assert_eq!(
+        have.len(),
+        acked.len(),
+        "new/ holds unacknowledged messages"
+    );
+    eprintln!(
+        "{} messages delivered and checked across {} restarts ({:?}) in {:.1}s",
+        acked.len(),
+        restarts.len(),
+        restarts
+            .iter()
+            .map(|(how, at, gone)| format!("{how:?} at {at}: {:.1}s", gone.as_secs_f64()))
+            .collect::<Vec<_>>(),
+        booted.elapsed().as_secs_f64()
+    );
+
+    files.wait_in_sync();
+    assert!(alpha.take().expect("alpha").stop().success());
+    assert!(beta.stop().success());
+    files.assert_data_equal();
+}
