@@ -5,13 +5,15 @@
 //! The guest attaches (two connections, a short request timeout so that requests
 //! lost with a dead socket are retried soon, a long dead-connection timeout), makes
 //! XFS, mounts it and delivers Maildir messages with fsync, printing each
-//! acknowledged one. While it delivers, the host restarts the Primary's daemon
-//! twice: once planned (`pairbd restart`: the daemon finishes in-flight requests,
-//! exits with code 75 leaving a restart marker, and is started again), once as a
-//! crash (SIGKILL, then started again, with `after-crash = "resume-primary"`). Each
-//! time the restarted daemon becomes Primary again once its peer agrees, and the
-//! attach supervisor in the guest hands the kernel new sockets (`NBD_CMD_RECONFIGURE`
-//! after `NBD_CMD_LINK_DEAD`).
+//! acknowledged one. While it delivers (each time while a message is being written
+//! and fsynced), the host disturbs the Primary's daemon three times: a planned
+//! restart (`pairbd restart`: the daemon finishes in-flight requests, exits with code
+//! 75 leaving a restart marker, and is started again), a crash (SIGKILL, then started
+//! again, with `after-crash = "resume-primary"`), each time becoming Primary again
+//! once its peer agrees; and a failover (SIGKILL, `pairbd promote` on the other node,
+//! the killed one restarted: it stays Secondary). Each time the attach supervisor in
+//! the guest hands the kernel new sockets to whichever node is Primary
+//! (`NBD_CMD_RECONFIGURE` after `NBD_CMD_LINK_DEAD`).
 //!
 //! Then: every delivery succeeded (the guest script stops at the first failure),
 //! the kernel logged no I/O error, every acknowledged message is in new/ with its
@@ -36,9 +38,9 @@ use common::{Daemon, TestDir};
 const SIZE: u64 = 320 << 20;
 /// How long the whole guest run may take (TCG on two shared cores).
 const RUN_LIMIT: Duration = Duration::from_secs(900);
-/// Messages the guest delivers: enough for both restarts with [`ACKS_BETWEEN`]
+/// Messages the guest delivers: enough for the three events with [`ACKS_BETWEEN`]
 /// deliveries before, between and after them, with room to spare.
-const MESSAGES: u64 = 90;
+const MESSAGES: u64 = 100;
 /// Acknowledged deliveries before the first restart, and between the Primary's
 /// return and the next restart (and before the end of the test).
 const ACKS_BETWEEN: usize = 12;
@@ -94,20 +96,33 @@ fn boot(dir: &TestDir, files: &PairFiles) -> Guest {
     )
 }
 
-/// How a restart is made.
+/// What the host does to the Primary's daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restart {
+enum Event {
+    /// `pairbd restart`, then start it again: it resumes Primary.
     Planned,
+    /// SIGKILL, then start it again: it resumes Primary (after-crash = resume-primary).
     Crash,
+    /// SIGKILL, promote the other node (no --force), start the killed one again: it
+    /// returns Secondary, and the guest's supervisor finds the new Primary.
+    Failover,
 }
 
-/// Restarts `daemon` (alpha, the Primary) and waits until it is Primary again with
-/// its peer connected. Returns the new daemon and how long the Primary was gone.
-fn restart(files: &PairFiles, daemon: Daemon, how: Restart) -> (Daemon, Duration) {
+/// Does `event` to the Primary (`daemons[primary]`) and waits until the pair has a
+/// Primary again with its peer connected. Returns the new Primary's index and how
+/// long the pair had none.
+fn disturb(
+    files: &PairFiles,
+    daemons: &mut [Option<Daemon>; 2],
+    primary: usize,
+    event: Event,
+) -> (usize, Duration) {
     let started = Instant::now();
-    match how {
-        Restart::Planned => {
-            let out = files.cli("alpha", &["restart", "--json"]);
+    let node = NODES[primary];
+    let daemon = daemons[primary].take().expect("the Primary runs");
+    match event {
+        Event::Planned => {
+            let out = files.cli(node, &["restart", "--json"]);
             assert!(
                 out.status.success(),
                 "pairbd restart: {}{}",
@@ -121,19 +136,29 @@ fn restart(files: &PairFiles, daemon: Daemon, how: Restart) -> (Daemon, Duration
                 "a planned restart exits with 75: {status}"
             );
             assert!(
-                files.dir.join("alpha.ctl.restart").exists(),
+                files.dir.join(format!("{node}.ctl.restart")).exists(),
                 "the planned restart left no marker"
             );
         }
-        Restart::Crash => daemon.kill(),
+        Event::Crash | Event::Failover => daemon.kill(),
     }
-    let daemon = files.start("alpha");
-    files.wait_for("alpha", "Primary again with its peer", |s| {
+    let next = if event == Event::Failover {
+        let survivor = 1 - primary;
+        files.wait_for(NODES[survivor], "the peer gone", |s| {
+            s["connection"] != "Connected"
+        });
+        files.promote(NODES[survivor], false);
+        survivor
+    } else {
+        primary
+    };
+    daemons[primary] = Some(files.start(node));
+    files.wait_for(NODES[next], "Primary with its peer", |s| {
         s["role"] == "Primary" && s["connection"] == "Connected"
     });
-    let beta = files.status("beta");
-    assert_eq!(beta["role"], "Secondary", "{beta}");
-    (daemon, started.elapsed())
+    let other = files.status(NODES[1 - next]);
+    assert_eq!(other["role"], "Secondary", "{other}");
+    (next, started.elapsed())
 }
 
 #[test]
@@ -142,18 +167,20 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
     eprintln!("guest image {}:\n{}", image.dir.display(), image.manifest);
     let dir = TestDir::new("guest-restart");
     let files = pair::setup(&dir, SIZE, "after-crash = \"resume-primary\"\n");
-    let mut alpha = Some(files.start("alpha"));
-    let beta = files.start("beta");
+    let mut daemons = [Some(files.start("alpha")), Some(files.start("beta"))];
     files.promote("alpha", true);
     files.wait_in_sync();
 
     let booted = Instant::now();
     let deadline = booted + RUN_LIMIT;
     let mut guest = boot(&dir, &files);
-    let mut plan = vec![Restart::Planned, Restart::Crash].into_iter();
+    let mut plan = vec![Event::Planned, Event::Crash, Event::Failover].into_iter();
+    let mut primary = 0;
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
+    let mut last_ack: Option<Instant> = None;
+    // Acknowledgements counted since the last event, once deliveries began.
     let mut acks_at_last_event = None;
-    let mut restarts = Vec::new();
+    let mut events = Vec::new();
     while let Some(line) = guest.next_line(deadline) {
         if line.starts_with("FAIL") {
             panic!("the guest failed: {line}\n{}", guest.report());
@@ -164,11 +191,22 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
         if line == "DELIVERED" {
             break;
         }
-        let Some(rest) = line.strip_prefix("ACK ") else {
+        if let Some(rest) = line.strip_prefix("ACK ") {
+            let (name, sum) = rest.split_once(' ').expect("ACK NAME MD5");
+            acked.insert(name.to_string(), sum.to_string());
+            // The longest pause between two acknowledgements after an event is how
+            // long the guest's deliveries waited for it.
+            if let (Some(previous), Some(event)) = (last_ack, events.last_mut()) {
+                let (_, _, _, longest): &mut (Event, usize, Duration, Duration) = event;
+                *longest = (*longest).max(previous.elapsed());
+            }
+            last_ack = Some(Instant::now());
             continue;
-        };
-        let (name, sum) = rest.split_once(' ').expect("ACK NAME MD5");
-        acked.insert(name.to_string(), sum.to_string());
+        }
+        // Events come while a delivery writes and fsyncs its message: I/O in flight.
+        if !line.starts_with("STEP ") || !line.ends_with(" write") {
+            continue;
+        }
         let Some(since) = acks_at_last_event else {
             continue;
         };
@@ -176,21 +214,24 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
             continue;
         }
         match plan.next() {
-            Some(how) => {
+            Some(event) => {
                 let at = acked.len();
-                let (daemon, gone) = restart(&files, alpha.take().expect("alpha"), how);
-                alpha = Some(daemon);
+                let (next, gone) = disturb(&files, &mut daemons, primary, event);
                 eprintln!(
-                    "{how:?} restart after {at} acknowledged deliveries: Primary again in {:.1}s",
+                    "{event:?} of {}'s daemon after {at} acknowledged deliveries: {} Primary \
+                     with its peer {:.1}s later",
+                    NODES[primary],
+                    NODES[next],
                     gone.as_secs_f64()
                 );
-                restarts.push((how, at, gone));
+                primary = next;
+                events.push((event, at, gone, Duration::ZERO));
                 acks_at_last_event = Some(acked.len());
             }
             None => acks_at_last_event = None,
         }
     }
-    assert_eq!(restarts.len(), 2, "the guest stopped delivering too early");
+    assert_eq!(events.len(), 3, "the guest stopped delivering too early");
     let code = guest.wait_for_exit(deadline);
     let transcript = guest.transcript.clone();
     let report = guest.report();
@@ -217,9 +258,15 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
         .filter(|l| l.contains("reconfigured"))
         .count();
     assert!(
-        reconfigured >= restarts.len(),
-        "the supervisor reconfigured the device {reconfigured} times for {} restarts\n{report}",
-        restarts.len()
+        reconfigured >= events.len(),
+        "the supervisor reconfigured the device {reconfigured} times for {} events\n{report}",
+        events.len()
+    );
+    assert!(
+        supervisor
+            .iter()
+            .any(|l| l.contains("reconfigured") && l.contains("to node beta")),
+        "after the failover the supervisor should have found beta\n{report}"
     );
     assert_eq!(lines("REPAIR ").collect::<Vec<_>>(), ["0"], "{report}");
 
@@ -244,18 +291,23 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
         "new/ holds unacknowledged messages"
     );
     eprintln!(
-        "{} messages delivered and checked across {} restarts ({:?}) in {:.1}s",
+        "{} messages delivered and checked across {} events in {:.1}s:",
         acked.len(),
-        restarts.len(),
-        restarts
-            .iter()
-            .map(|(how, at, gone)| format!("{how:?} at {at}: {:.1}s", gone.as_secs_f64()))
-            .collect::<Vec<_>>(),
+        events.len(),
         booted.elapsed().as_secs_f64()
     );
+    for (event, at, gone, longest) in &events {
+        eprintln!(
+            "  {event:?} at {at} acknowledged: a Primary again after {:.1}s; the longest \
+             pause between two acknowledgements after it {:.1}s",
+            gone.as_secs_f64(),
+            longest.as_secs_f64()
+        );
+    }
 
     files.wait_in_sync();
-    assert!(alpha.take().expect("alpha").stop().success());
-    assert!(beta.stop().success());
+    for daemon in daemons.iter_mut() {
+        assert!(daemon.take().expect("daemon").stop().success());
+    }
     files.assert_data_equal();
 }
