@@ -1,7 +1,8 @@
 //! The daemon side of a restart under live mounts, with real daemons and no guest:
 //! `pairbd restart` stops a Primary so that the restarted daemon resumes Primary
 //! once its peer agrees (same generation, peer Secondary) — also with the default
-//! `after-crash = "secondary"` — and never when the peer was promoted meanwhile;
+//! `after-crash = "secondary"` — and never when the peer was promoted meanwhile
+//! (a Primary whose peer is away is not restarted unless forced);
 //! a restarted Secondary stays Secondary; a marker that does not match the
 //! metadata is ignored. (A crash with `after-crash = "resume-primary"` is in
 //! tests/roles.rs; under a live mount in tests/kernel_restart.rs.)
@@ -109,6 +110,21 @@ fn a_restarted_primary_stays_secondary_when_the_peer_was_promoted_meanwhile() {
     files.promote("alpha", true);
     files.wait_in_sync();
     write_pattern(&files, "alpha", 0x11);
+
+    // A Primary whose peer is away could not resume: refused unless forced.
+    let beta = {
+        assert!(beta.stop().success());
+        files.wait_for("alpha", "the peer gone", |s| s["connection"] != "Connected");
+        let out = files.cli("alpha", &["restart"]);
+        assert!(!out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("--force"), "{text}");
+        assert_eq!(files.status("alpha")["role"], "Primary");
+        let beta = files.start("beta");
+        files.wait_in_sync();
+        beta
+    };
 
     planned_restart(&files, "alpha", alpha);
     files.wait_for("beta", "the peer gone", |s| s["connection"] != "Connected");

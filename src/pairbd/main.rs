@@ -48,7 +48,7 @@ enum Command {
     /// Stop the daemon for a restart (upgrade) under live mounts: a Primary stays Primary
     /// on disk and resumes once its peer agrees; the daemon exits with code 75, which
     /// the systemd unit restarts.
-    Restart(admin::ResourceArg),
+    Restart(admin::RestartArgs),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
     Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         Command::Demote(args) => admin::demote(&ctx, args),
         Command::Connect(args) => admin::simple(&ctx, args, "connect"),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
-        Command::Restart(args) => admin::simple(&ctx, args, "restart"),
+        Command::Restart(args) => admin::restart(&ctx, args),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),
         Command::Attach(args) => attach::attach(&ctx, args),

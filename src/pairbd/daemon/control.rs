@@ -194,6 +194,18 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
             // again; a Primary resumes its role once its peer agrees.
             let status = status_json(&driver.status(), engine, &driver.attached_clients());
             let role = status["role"].as_str().unwrap_or_default().to_string();
+            let peer_agrees = status["connection"] == "Connected"
+                && status["peer"]["role"] == "Secondary"
+                && status["peer"]["disk"] == "UpToDate";
+            if role == "Primary" && !peer_agrees && !force {
+                return json!({
+                    "ok": false,
+                    "error": "the peer is not connected, Secondary and UpToDate: a restarted \
+                              Primary resumes only once its peer agrees, so the mail hosts' I/O \
+                              would wait for an operator; fix the peer first, or pass --force",
+                    "status": status,
+                });
+            }
             driver.restart.cancel();
             info!("restart requested (role {role})");
             return json!({
