@@ -6,12 +6,14 @@
 //! lost with a dead socket are retried soon, a long dead-connection timeout), makes
 //! XFS, mounts it and delivers Maildir messages with fsync, printing each
 //! acknowledged one. While it delivers (each time while a message is being written
-//! and fsynced), the host disturbs the Primary's daemon three times: a planned
+//! and fsynced), the host disturbs the Primary's daemon four times: a planned
 //! restart (`pairbd restart`: the daemon finishes in-flight requests, exits with code
 //! 75 leaving a restart marker, and is started again), a crash (SIGKILL, then started
 //! again, with `after-crash = "resume-primary"`), each time becoming Primary again
-//! once its peer agrees; and a failover (SIGKILL, `pairbd promote` on the other node,
-//! the killed one restarted: it stays Secondary). Each time the attach supervisor in
+//! once its peer agrees; a hang (SIGSTOP until the guest's kernel has timed the
+//! requests in flight out and the supervisor reconnects, then SIGKILL and start,
+//! as systemd's watchdog would); and a failover (SIGKILL, `pairbd promote` on the
+//! other node, the killed one restarted: it stays Secondary). Each time the attach supervisor in
 //! the guest hands the kernel new sockets to whichever node is Primary
 //! (`NBD_CMD_RECONFIGURE` after `NBD_CMD_LINK_DEAD`).
 //!
@@ -24,7 +26,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::guest::{
@@ -38,14 +40,17 @@ use common::{Daemon, TestDir};
 const SIZE: u64 = 320 << 20;
 /// How long the whole guest run may take (TCG on two shared cores).
 const RUN_LIMIT: Duration = Duration::from_secs(900);
-/// Messages the guest delivers: enough for the three events with [`ACKS_BETWEEN`]
+/// Messages the guest delivers: enough for the four events with [`ACKS_BETWEEN`]
 /// deliveries before, between and after them, with room to spare.
-const MESSAGES: u64 = 100;
+const MESSAGES: u64 = 120;
 /// Acknowledged deliveries before the first restart, and between the Primary's
 /// return and the next restart (and before the end of the test).
 const ACKS_BETWEEN: usize = 12;
 /// The request timeout and dead-connection timeout given to `pairbd attach`.
 const TIMEOUT_SECONDS: u32 = 10;
+/// How long the guest may take to notice a hung daemon (its request timeout, with
+/// a wide margin for TCG on shared cores).
+const HANG_LIMIT: Duration = Duration::from_secs(180);
 const DEAD_TIMEOUT_SECONDS: u32 = 600;
 
 fn script() -> String {
@@ -106,6 +111,21 @@ enum Event {
     /// SIGKILL, promote the other node (no --force), start the killed one again: it
     /// returns Secondary, and the guest's supervisor finds the new Primary.
     Failover,
+    /// SIGSTOP (a hung daemon with the guest's requests in flight): the guest's
+    /// kernel times them out after `--timeout`, marks the sockets dead and queues the
+    /// requests again; once the supervisor is seen reconnecting, SIGKILL and start
+    /// again (as systemd's watchdog would): it resumes Primary and the requests that
+    /// were in flight complete on the new sockets.
+    Hang,
+}
+
+/// Relays started so far (one per guest connection; see tests/common/guest.rs).
+fn relays_started(relay_log: &Path) -> usize {
+    std::fs::read_to_string(relay_log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| line.split(' ').nth(2) == Some("start"))
+        .count()
 }
 
 /// Does `event` to the Primary (`daemons[primary]`) and waits until the pair has a
@@ -116,6 +136,7 @@ fn disturb(
     daemons: &mut [Option<Daemon>; 2],
     primary: usize,
     event: Event,
+    relay_log: &Path,
 ) -> (usize, Duration) {
     let started = Instant::now();
     let node = NODES[primary];
@@ -141,6 +162,21 @@ fn disturb(
             );
         }
         Event::Crash | Event::Failover => daemon.kill(),
+        Event::Hang => {
+            let before = relays_started(relay_log);
+            common::signal(daemon.pid(), "STOP");
+            // The guest's kernel gives up on the stopped daemon after its request
+            // timeout; the supervisor's first new connection shows it did.
+            let limit = Instant::now() + HANG_LIMIT;
+            while relays_started(relay_log) == before {
+                assert!(
+                    Instant::now() < limit,
+                    "the guest never reconnected while the daemon hung"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            daemon.kill();
+        }
     }
     let next = if event == Event::Failover {
         let survivor = 1 - primary;
@@ -174,7 +210,7 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
     let booted = Instant::now();
     let deadline = booted + RUN_LIMIT;
     let mut guest = boot(&dir, &files);
-    let mut plan = vec![Event::Planned, Event::Crash, Event::Failover].into_iter();
+    let mut plan = vec![Event::Planned, Event::Crash, Event::Hang, Event::Failover].into_iter();
     let mut primary = 0;
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
     let mut last_ack: Option<Instant> = None;
@@ -216,7 +252,8 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
         match plan.next() {
             Some(event) => {
                 let at = acked.len();
-                let (next, gone) = disturb(&files, &mut daemons, primary, event);
+                let relay_log = guest.relay_log.clone();
+                let (next, gone) = disturb(&files, &mut daemons, primary, event, &relay_log);
                 eprintln!(
                     "{event:?} of {}'s daemon after {at} acknowledged deliveries: {} Primary \
                      with its peer {:.1}s later",
@@ -231,7 +268,7 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
             None => acks_at_last_event = None,
         }
     }
-    assert_eq!(events.len(), 3, "the guest stopped delivering too early");
+    assert_eq!(events.len(), 4, "the guest stopped delivering too early");
     let code = guest.wait_for_exit(deadline);
     let transcript = guest.transcript.clone();
     let report = guest.report();
@@ -246,6 +283,11 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
         kernel_errors.is_empty(),
         "the guest's kernel logged I/O errors:\n{}\n{report}",
         kernel_errors.join("\n")
+    );
+    // The hang made the kernel time requests out and queue them again (no error).
+    assert!(
+        lines("KERNEL-NBD ").any(|l| l.contains("timed out")),
+        "the guest's kernel never timed a request out during the hang\n{report}"
     );
     let supervisor: Vec<&str> = lines("SUPERVISOR ").collect();
     eprintln!("attach supervisor's log:\n{}", supervisor.join("\n"));
