@@ -3,7 +3,8 @@
 //! kernel's nbd netlink interface.
 //!
 //! The guest attaches (two connections, a short request timeout so that requests
-//! lost with a dead socket are retried soon, a long dead-connection timeout), makes
+//! lost with a dead socket are retried soon, a long dead-connection timeout), kills
+//! the attach supervisor and attaches again (a new supervisor adopts the device), makes
 //! XFS, mounts it and delivers Maildir messages with fsync, printing each
 //! acknowledged one. While it delivers (each time while a message is being written
 //! and fsynced), the host disturbs the Primary's daemon four times: a planned
@@ -61,6 +62,17 @@ pairbd --config /etc/pairbd/pairbd.toml attach mail --timeout {TIMEOUT_SECONDS} 
   {{ sed 's/^/LOG /' /tmp/attach.log >&3; fail "pairbd attach"; }}
 say "ATTACHED $(cat /tmp/attach.log)"
 dev=/dev/pairbd/mail
+# A supervisor that dies is replaced by attaching again: the new one adopts the
+# device, and every event below is handled by it.
+first=$(cat /sys/block/nbd0/pid)
+kill -9 $first
+while [ -d /proc/$first ] && ! grep -q '^State:.*[ZX]' /proc/$first/status 2>/dev/null; do
+  sleep 1
+done
+pairbd --config /etc/pairbd/pairbd.toml attach mail --timeout {TIMEOUT_SECONDS} \
+  --dead-timeout {DEAD_TIMEOUT_SECONDS} >/tmp/adopt.log 2>&1 ||
+  {{ sed 's/^/LOG /' /tmp/adopt.log >&3; fail "pairbd attach (adopt)"; }}
+say "ADOPTED $(cat /tmp/adopt.log)"
 mkfs.xfs -f -q $dev || fail "mkfs.xfs"
 mount $dev /mnt || fail "mount"
 maildir_create /mnt/maildir
@@ -73,6 +85,7 @@ repair_check $dev
 dmesg | grep -iE "I/O error|Buffer I/O|blk_update_request|critical medium" | sed 's/^/KERNEL-ERROR /' >&3
 dmesg | grep -iE "nbd" | sed 's/^/KERNEL-NBD /' >&3
 sed 's/^/SUPERVISOR /' /run/pairbd/attach-mail.log >&3
+say "SUPERVISORS $(ps | grep -c '[-]-supervise')"
 pairbd --config /etc/pairbd/pairbd.toml detach mail >/tmp/detach.log 2>&1 ||
   {{ sed 's/^/LOG /' /tmp/detach.log >&3; fail "pairbd detach"; }}
 say "DONE"
@@ -288,6 +301,13 @@ fn restarting_the_primary_daemon_under_a_live_mount_fails_no_guest_io() {
     assert!(
         lines("KERNEL-NBD ").any(|l| l.contains("timed out")),
         "the guest's kernel never timed a request out during the hang\n{report}"
+    );
+    let adopted = lines("ADOPTED ").next().expect("ADOPTED");
+    assert!(adopted.contains("re-supervised mail"), "{adopted}");
+    assert_eq!(
+        lines("SUPERVISORS ").next(),
+        Some("1"),
+        "one supervisor before the detach\n{report}"
     );
     let supervisor: Vec<&str> = lines("SUPERVISOR ").collect();
     eprintln!("attach supervisor's log:\n{}", supervisor.join("\n"));

@@ -95,6 +95,10 @@ pub struct AttachArgs {
     /// Internal: run as the supervisor of --device (started by attach itself).
     #[arg(long, hide = true, requires = "device")]
     supervise: bool,
+    /// Internal, with --supervise: adopt the device the (dead) supervisor PID
+    /// configured.
+    #[arg(long, hide = true, value_name = "PID", requires = "supervise")]
+    adopt: Option<u32>,
 }
 
 /// Arguments of `detach`.
@@ -151,6 +155,18 @@ pub fn attach(ctx: &Context, args: AttachArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(device) = attached_device(&link) {
+        if !args.nbd_client {
+            if let Some(previous) = orphaned_by(&device) {
+                let message = start_supervisor(ctx, resource, &device, &args, Some(previous))?;
+                println!(
+                    "re-supervised {}: {} -> {} ({message})",
+                    resource.name,
+                    link.display(),
+                    device.display(),
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
         bail!(
             "{} is already attached as {} ({}); `pairbd detach {}` first",
             resource.name,
@@ -182,7 +198,7 @@ pub fn attach(ctx: &Context, args: AttachArgs) -> anyhow::Result<ExitCode> {
             }
         };
     let message = if use_netlink {
-        start_supervisor(ctx, resource, &device, &args)?
+        start_supervisor(ctx, resource, &device, &args, None)?
     } else {
         attach_with_nbd_client(resource, &candidates, &device, &args)?
     };
@@ -237,6 +253,7 @@ fn start_supervisor(
     resource: &ResourceConfig,
     device: &Path,
     args: &AttachArgs,
+    adopt: Option<u32>,
 ) -> anyhow::Result<String> {
     use std::os::unix::process::CommandExt as _;
     std::fs::create_dir_all(LOG_DIR).with_context(|| format!("cannot create {LOG_DIR}"))?;
@@ -265,7 +282,11 @@ fn start_supervisor(
         .arg(args.timeout.to_string())
         .arg("--dead-timeout")
         .arg(args.dead_timeout.to_string())
-        .arg("--supervise")
+        .arg("--supervise");
+    if let Some(pid) = adopt {
+        command.arg("--adopt").arg(pid.to_string());
+    }
+    command
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(log)
@@ -320,6 +341,7 @@ fn run_supervisor(
         block_size_bytes: BLOCK_SIZE_BYTES,
         timeout_seconds: u64::from(args.timeout),
         dead_conn_timeout_seconds: u64::from(args.dead_timeout),
+        adopted_from: args.adopt,
     };
     let mut stdout = std::io::stdout();
     let result = supervise::run(&plan, &mut stdout, |c| {
@@ -365,9 +387,9 @@ pub fn detach(ctx: &Context, args: DetachArgs) -> anyhow::Result<ExitCode> {
     let nbd = nbd_name(&device)?;
     let index = device_index(&device)?;
     // The supervisor first, so that it does not reconnect what is being taken down.
-    if let Some(pid) = supervisor_pid(&nbd) {
-        // SAFETY: kill(2) takes no pointers; pid names our own supervisor (checked
-        // by its command line just before).
+    for pid in supervisor_pids(&device) {
+        // SAFETY: kill(2) takes no pointers; pid names a supervisor of this device
+        // (checked by its command line just before).
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
     }
     let by_netlink =
@@ -400,17 +422,52 @@ pub fn detach(ctx: &Context, args: DetachArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The pid of the attach supervisor that configured `nbd`, if one does.
-fn supervisor_pid(nbd: &str) -> Option<u32> {
-    let pid: u32 = std::fs::read_to_string(Path::new("/sys/block").join(nbd).join("pid"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let ours = words.contains(&&b"--supervise"[..]) && words.contains(&&b"attach"[..]);
-    (ours && pid != std::process::id()).then_some(pid)
+/// For a connected device configured over netlink by a supervisor that is gone: that
+/// supervisor's pid. (nbd-client's ioctl configuration lives only as long as its
+/// process: a connected device whose process is gone was configured over netlink.)
+fn orphaned_by(device: &Path) -> Option<u32> {
+    let pid = supervise::device_pid(device_index(device).ok()?)?;
+    (!process_alive(pid)).then_some(pid)
+}
+
+/// A process exists and is not a zombie (an orphaned supervisor killed under a PID 1
+/// that has not reaped it yet is gone all the same).
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses; STATE follows the
+    // last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("");
+    !matches!(state, "Z" | "X" | "")
+}
+
+/// The pids of the attach supervisors of `device` (the one that configured it, or
+/// one that adopted it): processes whose command line is `... attach ... --device
+/// DEVICE ... --supervise`.
+fn supervisor_pids(device: &Path) -> Vec<u32> {
+    let wanted = device.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            words.contains(&&b"--supervise"[..])
+                && words.contains(&&b"attach"[..])
+                && words
+                    .windows(2)
+                    .any(|pair| pair[0] == b"--device" && pair[1] == wanted)
+        })
+        .collect()
 }
 
 fn load_config(ctx: &Context) -> anyhow::Result<Config> {
@@ -710,6 +767,7 @@ control = "beta.ctl"
             nbd_client: true,
             dry_run: true,
             supervise: false,
+            adopt: None,
         };
         let tcp = Candidate {
             node: "alpha".into(),

@@ -15,6 +15,10 @@
 //!    passes.
 //! 3. When the device is no longer connected (`pairbd detach`, or the kernel gave
 //!    up), it exits.
+//!
+//! A device whose supervisor died (the kernel's pid attribute names a process that
+//! is gone) is adopted by a new one (`pairbd attach` again): it skips the connect,
+//! replaces any socket that died meanwhile, and supervises from there.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -47,6 +51,9 @@ pub struct Plan {
     pub block_size_bytes: u64,
     pub timeout_seconds: u64,
     pub dead_conn_timeout_seconds: u64,
+    /// Adopt a device already connected by the supervisor with this pid, which is
+    /// gone (no NBD_CMD_CONNECT then).
+    pub adopted_from: Option<u32>,
 }
 
 /// A set of connections to one node, in transmission phase.
@@ -119,14 +126,19 @@ fn log(text: &str) {
     );
 }
 
-/// The device is connected and configured by this process (the kernel shows the
-/// configuring process's pid).
-fn still_ours(index: u32) -> bool {
+/// The pid the kernel shows for a connected device: the process that configured it.
+pub fn device_pid(index: u32) -> Option<u32> {
     let path = format!("/sys/block/nbd{index}/pid");
     std::fs::read_to_string(Path::new(&path))
         .ok()
         .and_then(|pid| pid.trim().parse::<u32>().ok())
-        .is_some_and(|pid| pid == std::process::id())
+}
+
+/// The device is still connected under the configuration this supervisor looks
+/// after: configured by this process, or by the dead supervisor it adopted.
+fn still_ours(plan: &Plan) -> bool {
+    device_pid(plan.index)
+        .is_some_and(|pid| pid == std::process::id() || Some(pid) == plan.adopted_from)
 }
 
 /// Configures the device and reports on `report` (one line: `ok MESSAGE` or
@@ -141,6 +153,22 @@ pub fn run(
     events.join_group(netlink::nbd_group(&family)?)?;
     events.set_receive_timeout(Some(IDLE_CHECK))?;
 
+    if let Some(previous) = plan.adopted_from {
+        let message = format!("adopted from pid {previous}, netlink");
+        log(&format!("/dev/nbd{}: {message}", plan.index));
+        let _ = writeln!(report, "ok {message}");
+        let _ = report.flush();
+        // A socket may have died while nobody supervised: new sockets replace any
+        // dead one (the kernel drops those it has no place for).
+        reconnect(
+            plan,
+            &mut requests,
+            &family,
+            "adopted: replacing any socket that died",
+        );
+        supervise(plan, &mut requests, &family, &events);
+        return Ok(());
+    }
     let connections = open_to_primary(plan).map_err(SuperviseError::NoPrimary)?;
     let fds: Vec<i32> = connections.sockets.iter().map(|s| s.as_raw_fd()).collect();
     let request = ConnectRequest {
@@ -186,31 +214,28 @@ fn supervise(plan: &Plan, requests: &mut GenlSocket, family: &Family, events: &G
                 true
             }
         };
-        if !still_ours(plan.index) {
+        if !still_ours(plan) {
             log(&format!(
-                "/dev/nbd{} is no longer connected by this process: exiting",
+                "/dev/nbd{} is no longer connected by this supervisor: exiting",
                 plan.index
             ));
             return;
         }
         if dead {
-            reconnect(plan, requests, family);
+            reconnect(plan, requests, family, "a connection died");
         }
     }
 }
 
 /// Fresh connections to the Primary in place of the dead ones; retries until a
 /// node accepts or the device is gone.
-fn reconnect(plan: &Plan, requests: &mut GenlSocket, family: &Family) {
+fn reconnect(plan: &Plan, requests: &mut GenlSocket, family: &Family, why: &str) {
     let started = Instant::now();
-    log(&format!(
-        "/dev/nbd{}: a connection died; reconnecting",
-        plan.index
-    ));
+    log(&format!("/dev/nbd{}: {why}; reconnecting", plan.index));
     let mut pause = RETRY_FIRST;
     let mut attempts = 0u64;
     loop {
-        if !still_ours(plan.index) {
+        if !still_ours(plan) {
             return;
         }
         attempts += 1;
