@@ -151,8 +151,11 @@ fn every_replication_subcommand_has_help() {
         "promote",
         "demote",
         "resume-io",
+        "restart",
         "status",
         "demo",
+        "attach",
+        "detach",
     ] {
         let (code, text) = pairbd(&[sub, "--help"]);
         assert_eq!(code, 0, "{sub}: {text}");
@@ -163,6 +166,20 @@ fn every_replication_subcommand_has_help() {
     }
     let (_, text) = pairbd(&["status", "--help"]);
     assert!(text.contains("--json"), "{text}");
+    let (_, text) = pairbd(&["restart", "--help"]);
+    assert!(
+        text.contains("--json") && text.contains("--force"),
+        "{text}"
+    );
+    let (_, text) = pairbd(&["attach", "--help"]);
+    assert!(
+        text.contains("--dead-timeout") && text.contains("--nbd-client"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("--supervise"),
+        "the internal flag is hidden: {text}"
+    );
 }
 
 #[test]

@@ -5,8 +5,8 @@
 //! - Attach: `nbd-client -b 4096 -C 2` (two connections, each a fresh server connection
 //!   through its own relay), mkfs.xfs (which discards the whole device), Maildir
 //!   deliveries with fsync (XFS's log writes carry FUA), unmount, `xfs_repair -n`, detach;
-//!   then a second attach with `pairbd attach` (fresh connections again, /dev/pairbd/mail),
-//!   idle for a while, one more delivery, every message checked, `pairbd detach`; then
+//!   then a second attach with `pairbd attach` (over netlink, with its supervisor;
+//!   fresh connections again, /dev/pairbd/mail), idle for a while, one more delivery, every message checked, `pairbd detach`; then
 //!   the documented /etc/nbdtab line. The relays count the NBD requests: TRIM,
 //!   FLUSH and FUA reached pairbd; after both daemons stop cleanly the nodes' data areas
 //!   are equal, and the secondary's backing file lost its blocks to the discards.
@@ -26,8 +26,9 @@
 //!   Secondary, whose store (PAIRBD_TEST_VOLATILE_STORE) loses, keeps or tears what was
 //!   not flushed. The Secondary refuses to promote itself without --force, and once forced
 //!   holds every acknowledged message: FLUSH and FUA were honoured on its disk.
-//! - `pairbd attach` on a node itself (no guest): the nbd-client commands it would run
-//!   (`--dry-run`) negotiate with the real daemons over their Unix sockets.
+//! - `pairbd attach` on a node itself (no guest): its plan (`--dry-run`: netlink by
+//!   default), and the nbd-client commands of its fallback, which negotiate with the
+//!   real daemons over their Unix sockets.
 //!
 //! The guest runs under TCG (no KVM): a boot takes seconds, so volumes are the smallest
 //! mkfs.xfs accepts and messages are small. Durations are printed for whoever tunes the
@@ -463,7 +464,19 @@ fn pairbd_attach_names_the_nbd_client_commands_and_they_reach_the_primary() {
             .output()
             .expect("run pairbd")
     };
+    // The default: the kernel's netlink interface with a supervisor.
     let out = pairbd(&["attach", "--dry-run"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let plan = text.lines().next().unwrap_or_default();
+    assert!(
+        plan.starts_with("netlink NBD_CMD_CONNECT /dev/nbdN: 2 connection(s)")
+            && plan.contains("dead-connection timeout 120s")
+            && plan.find("alpha (unix:") < plan.find("beta (unix:"),
+        "{text}"
+    );
+    // The fallback: nbd-client.
+    let out = pairbd(&["attach", "--nbd-client", "--dry-run"]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let lines: Vec<&str> = text.lines().collect();
@@ -490,6 +503,7 @@ fn pairbd_attach_names_the_nbd_client_commands_and_they_reach_the_primary() {
         "/dev/nbd3",
         "--timeout",
         "5",
+        "--nbd-client",
         "--dry-run",
     ]);
     assert_eq!(

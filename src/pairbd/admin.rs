@@ -95,6 +95,21 @@ pub struct DemoteArgs {
     json: bool,
 }
 
+/// Arguments of `restart`.
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    /// The resource [default: the only one in the configuration].
+    #[arg(value_name = "RESOURCE")]
+    resource: Option<String>,
+    /// Restart a Primary even when its peer is not connected, Secondary and
+    /// UpToDate (it then cannot resume Primary by itself).
+    #[arg(long)]
+    force: bool,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Arguments of `status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -112,8 +127,12 @@ pub struct StatusArgs {
 
 pub fn daemon(ctx: &Context, args: ResourceArg) -> anyhow::Result<ExitCode> {
     let (config, node) = ctx.load()?;
-    daemon::run(&config, &node, args.resource.as_deref())?;
-    Ok(ExitCode::SUCCESS)
+    Ok(
+        match daemon::run(&config, &node, args.resource.as_deref())? {
+            daemon::DaemonExit::Stopped => ExitCode::SUCCESS,
+            daemon::DaemonExit::Restart => ExitCode::from(daemon::RESTART_EXIT_CODE),
+        },
+    )
 }
 
 pub fn gen_cert(ctx: &Context, args: GenCertArgs) -> anyhow::Result<ExitCode> {
@@ -236,6 +255,12 @@ pub fn promote(ctx: &Context, args: PromoteArgs) -> anyhow::Result<ExitCode> {
 pub fn demote(ctx: &Context, args: DemoteArgs) -> anyhow::Result<ExitCode> {
     let path = control_path(ctx, args.resource.as_deref())?;
     let answer = ask(&path, json!({"command": "demote", "force": args.force}))?;
+    Ok(report(&answer, args.json))
+}
+
+pub fn restart(ctx: &Context, args: RestartArgs) -> anyhow::Result<ExitCode> {
+    let path = control_path(ctx, args.resource.as_deref())?;
+    let answer = ask(&path, json!({"command": "restart", "force": args.force}))?;
     Ok(report(&answer, args.json))
 }
 

@@ -45,15 +45,19 @@ enum Command {
     Connect(admin::ResourceArg),
     /// Release writes held by on-peer-loss = "suspend-io" (they then go to this node only).
     ResumeIo(admin::ResourceArg),
+    /// Stop the daemon for a restart (upgrade) under live mounts: a Primary stays Primary
+    /// on disk and resumes once its peer agrees; the daemon exits with code 75, which
+    /// the systemd unit restarts.
+    Restart(admin::RestartArgs),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
     Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
     Serve(serve::ServeArgs),
     /// Run a replicated pair on local files (both nodes on this machine), for trying pairbd out.
     Demo(demo::DemoArgs),
-    /// On a mail host: attach the resource's Primary as /dev/nbdN (nbd-client) and name it /dev/pairbd/RESOURCE.
+    /// On a mail host: attach the resource's Primary as /dev/nbdN and name it /dev/pairbd/RESOURCE; a supervisor reconnects after daemon restarts.
     Attach(attach::AttachArgs),
-    /// On a mail host: disconnect /dev/pairbd/RESOURCE (nbd-client -d) and remove the name.
+    /// On a mail host: disconnect /dev/pairbd/RESOURCE, stop its supervisor and remove the name.
     Detach(attach::DetachArgs),
 }
 
@@ -73,6 +77,7 @@ fn main() -> ExitCode {
         Command::Demote(args) => admin::demote(&ctx, args),
         Command::Connect(args) => admin::simple(&ctx, args, "connect"),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
+        Command::Restart(args) => admin::restart(&ctx, args),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),
         Command::Attach(args) => attach::attach(&ctx, args),

@@ -4,7 +4,8 @@
 //! A Unix socket; each connection carries one JSON request line and gets one
 //! JSON answer line: `{"command": "status"}`, `{"command": "promote",
 //! "force": false}`, `{"command": "demote", "force": false}`,
-//! `{"command": "resume-io"}`, `{"command": "connect"}`.
+//! `{"command": "resume-io"}`, `{"command": "connect"}`, `{"command":
+//! "restart"}` (stop for a planned restart, see `daemon/mod.rs`).
 //! Answers are `{"ok": true, "message": ..., "status": {...}}` or
 //! `{"ok": false, "error": ...}`. A malformed request gets an error answer; it
 //! never disturbs the node.
@@ -186,6 +187,35 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
                 }
             }
             AdminCommand::Demote { force }
+        }
+        Some("restart") => {
+            // A planned restart: the daemon stops serving (the clients' in-flight
+            // requests finish), flushes, and exits for its supervisor to start it
+            // again; a Primary resumes its role once its peer agrees.
+            let status = status_json(&driver.status(), engine, &driver.attached_clients());
+            let role = status["role"].as_str().unwrap_or_default().to_string();
+            let peer_agrees = status["connection"] == "Connected"
+                && status["peer"]["role"] == "Secondary"
+                && status["peer"]["disk"] == "UpToDate";
+            if role == "Primary" && !peer_agrees && !force {
+                return json!({
+                    "ok": false,
+                    "error": "the peer is not connected, Secondary and UpToDate: a restarted \
+                              Primary resumes only once its peer agrees, so the mail hosts' I/O \
+                              would wait for an operator; fix the peer first, or pass --force",
+                    "status": status,
+                });
+            }
+            driver.restart.cancel();
+            info!("restart requested (role {role})");
+            return json!({
+                "ok": true,
+                "message": format!(
+                    "stopping for a restart ({role}; exit code {})",
+                    super::RESTART_EXIT_CODE
+                ),
+                "status": status,
+            });
         }
         Some("resume-io") => AdminCommand::ResumeIo,
         Some("connect") => AdminCommand::Connect,

@@ -80,6 +80,8 @@ pub struct Driver {
     pub clients: OnceLock<Clients>,
     /// Woken when the node may dial its peer again (it left StandAlone).
     pub reconnect: Notify,
+    /// Cancelled by the control command `restart`: stop for a planned restart.
+    pub restart: CancellationToken,
 }
 
 impl Driver {
@@ -102,6 +104,7 @@ impl Driver {
             failure: Mutex::new(None),
             clients: OnceLock::new(),
             reconnect: Notify::new(),
+            restart: CancellationToken::new(),
         })
     }
 
@@ -260,6 +263,15 @@ impl Driver {
     }
 
     /// Metadata writes since the daemon started.
+    /// The state the metadata holds now (what a restart would start from).
+    pub fn persisted(&self) -> pairbd_repl_core::PersistentState {
+        self.meta
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record()
+            .state
+    }
+
     pub fn meta_writes(&self) -> u64 {
         self.meta.lock().unwrap_or_else(|e| e.into_inner()).writes()
     }

@@ -7,6 +7,16 @@
 //! control socket; then print one `ready` line on stdout. SIGINT/SIGTERM: stop
 //! serving, finish in-flight requests, record a clean stop in the metadata,
 //! flush, exit. A fail-stop of the core exits with an error.
+//!
+//! A planned restart (`pairbd restart`, the control command `restart`) stops
+//! the same way but leaves the metadata as a crash would (a Primary stays
+//! Primary on disk), writes a restart marker naming the current generation
+//! beside the control socket, and exits with [`RESTART_EXIT_CODE`] (systemd's
+//! `RestartForceExitStatus=` starts it again). The next start of a node that
+//! finds the marker, and its metadata still Primary on that generation, uses
+//! `after-crash = resume-primary` for that one start: the core's existing rule
+//! then makes it Primary again only once the peer connects, is Secondary and
+//! holds no newer data. The marker is removed at that start, used or not.
 
 pub mod control;
 pub mod driver;
@@ -40,6 +50,64 @@ pub const TEST_VOLATILE_ENV: &str = "PAIRBD_TEST_VOLATILE_STORE";
 /// Tests only: `N:before|torn|after` — the daemon dies at its N-th metadata
 /// write, at that phase (see `pairbd_meta::CrashPhase`).
 pub const TEST_META_CRASH_ENV: &str = "PAIRBD_TEST_META_CRASH";
+
+/// The exit code of a daemon stopped for a planned restart (EX_TEMPFAIL).
+pub const RESTART_EXIT_CODE: u8 = 75;
+
+/// How `pairbd daemon` ended (errors aside).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonExit {
+    /// A clean stop: the role was left (a Primary demoted itself).
+    Stopped,
+    /// A planned restart: a Primary stays Primary on disk and resumes when safe.
+    Restart,
+}
+
+/// The restart marker of a node whose control socket is `control`.
+pub fn restart_marker_path(control: &std::path::Path) -> std::path::PathBuf {
+    let mut path = control.as_os_str().to_owned();
+    path.push(".restart");
+    std::path::PathBuf::from(path)
+}
+
+/// Reads and removes the restart marker; true if it allows resuming the Primary
+/// role recorded in `persisted` (same resource, node and current generation).
+fn take_restart_marker(
+    control: &std::path::Path,
+    res: &ResourceConfig,
+    node: &NodeConfig,
+    persisted: &pairbd_repl_core::PersistentState,
+) -> bool {
+    let path = restart_marker_path(control);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+        Err(e) => {
+            warn!(
+                "cannot read the restart marker {}: {e}; ignoring it",
+                path.display()
+            );
+            return false;
+        }
+    };
+    if let Err(e) = std::fs::remove_file(&path) {
+        warn!("cannot remove the restart marker {}: {e}", path.display());
+    }
+    let marker: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let matches = marker["resource"] == res.name.as_str()
+        && marker["node"] == node.name.as_str()
+        && marker["generation"].as_str()
+            == Some(format!("{:016x}", persisted.current_generation).as_str())
+        && persisted.role == pairbd_repl_core::Role::Primary;
+    if !matches {
+        warn!(
+            "the restart marker {} does not match this node's metadata ({}); a normal start",
+            path.display(),
+            text.trim()
+        );
+    }
+    matches
+}
 
 /// Where `pairbd` looks for its configuration unless told otherwise.
 pub const DEFAULT_CONFIG: &str = "/etc/pairbd/pairbd.toml";
@@ -87,7 +155,7 @@ pub fn check_record(
 }
 
 /// Runs `pairbd daemon` to completion.
-pub fn run(config: &Config, node_name: &str, resource: Option<&str>) -> anyhow::Result<()> {
+pub fn run(config: &Config, node_name: &str, resource: Option<&str>) -> anyhow::Result<DaemonExit> {
     let res = config.resource(resource)?.clone();
     // Before any thread exists: the I/O-flusher flag is inherited by threads
     // created later, not by those already running.
@@ -100,7 +168,7 @@ pub fn run(config: &Config, node_name: &str, resource: Option<&str>) -> anyhow::
     runtime.block_on(daemon(res, node_name.to_string()))
 }
 
-async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
+async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<DaemonExit> {
     let local = res.local(&node_name)?.clone();
     let peer = res.peer(&node_name)?.clone();
 
@@ -124,6 +192,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         meta.crash_for_tests(n, phase);
     }
     let persisted = meta.record().state;
+    let planned_restart = take_restart_marker(&local.control, &res, &local, &persisted);
 
     let mut store_cfg = StoreConfig::new(local.backing.clone());
     store_cfg.engine = match res.engine {
@@ -158,12 +227,18 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         probe_timeout: res.ping_timeout,
         generation_seed: control::random_u64(),
         after_crash: match res.after_crash {
+            _ if planned_restart => AfterCrash::ResumePrimary,
             pairbd_config::AfterCrash::Secondary => AfterCrash::Secondary,
             pairbd_config::AfterCrash::ResumePrimary => AfterCrash::ResumePrimary,
         },
     };
     let node = Node::new(core_cfg, persisted, Instant::now());
-    if persisted.role == pairbd_repl_core::Role::Primary {
+    if planned_restart {
+        info!(
+            "restarted after a planned restart as Primary: starting as Secondary, Primary again \
+             once the peer connects, is Secondary and holds no newer data"
+        );
+    } else if persisted.role == pairbd_repl_core::Role::Primary {
         info!("the metadata says Primary: this node stopped uncleanly; it starts as Secondary");
     }
     let driver = Driver::new(node, store.clone(), meta);
@@ -242,10 +317,12 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot catch SIGTERM")?;
     let trigger = shutdown.clone();
     let failed = driver.failed.clone();
+    let restart = driver.restart.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = interrupt.recv() => info!("SIGINT: finishing in-flight requests, then stopping"),
             _ = terminate.recv() => info!("SIGTERM: finishing in-flight requests, then stopping"),
+            _ = restart.cancelled() => info!("restart: finishing in-flight requests, then stopping for a restart"),
             _ = failed.cancelled() => error!("the node failed: stopping"),
         }
         trigger.cancel();
@@ -268,6 +345,9 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         endpoint.close();
         bail!("node {} failed: {reason}", local.name);
     }
+    if driver.restart.is_cancelled() {
+        return stop_for_restart(&driver, &store, endpoint, &local, &res).await;
+    }
     // A clean stop: the metadata records it, so this node comes back without
     // the suspicion an unclean primary carries.
     match driver.admin(AdminCommand::Shutdown).await {
@@ -280,5 +360,44 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
         .context("the final flush of the backing store failed")?;
     endpoint.close();
     info!("stopped");
-    Ok(())
+    Ok(DaemonExit::Stopped)
+}
+
+/// The planned restart's stop: no clients are left (the server finished their
+/// requests), the store is flushed, the metadata is left as it is, and the marker
+/// names the generation the restarted node may resume.
+async fn stop_for_restart(
+    driver: &Arc<Driver>,
+    store: &Store,
+    endpoint: Arc<pairbd_link::Endpoint>,
+    local: &NodeConfig,
+    res: &ResourceConfig,
+) -> anyhow::Result<DaemonExit> {
+    store
+        .flush()
+        .await
+        .context("the final flush of the backing store failed")?;
+    let persisted = driver.persisted();
+    if persisted.role == pairbd_repl_core::Role::Primary {
+        let marker = serde_json::json!({
+            "resource": res.name,
+            "node": local.name,
+            "generation": format!("{:016x}", persisted.current_generation),
+        });
+        let path = restart_marker_path(&local.control);
+        let temporary = restart_marker_path(&path);
+        std::fs::write(&temporary, format!("{marker}\n"))
+            .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .with_context(|| format!("cannot write the restart marker {}", path.display()))?;
+        info!(
+            "stopped for a restart as Primary (generation {:016x}); marker {}",
+            persisted.current_generation,
+            path.display()
+        );
+    } else {
+        info!("stopped for a restart (not Primary: nothing to resume)");
+    }
+    endpoint.close();
+    Ok(DaemonExit::Restart)
 }

@@ -1,30 +1,46 @@
-//! `pairbd attach` and `pairbd detach`: the mail host's side. `attach` runs the kernel's
-//! NBD client (`nbd-client`, Debian package nbd-client) against the resource's Primary
-//! with the options pairbd needs, and names the device `/dev/pairbd/RESOURCE` itself,
-//! because Debian 12's nbd-client sets nothing a udev rule could match. `detach`
-//! disconnects the device and removes the name.
+//! `pairbd attach` and `pairbd detach`: the mail host's side. `attach` connects
+//! /dev/nbdX to the resource's Primary and names it `/dev/pairbd/RESOURCE` itself
+//! (Debian 12's nbd-client sets nothing a udev rule could match); `detach` disconnects
+//! the device and removes the name.
+//!
+//! Two ways to configure the kernel's NBD client:
+//! - netlink (the default where the kernel offers the "nbd" generic-netlink family):
+//!   `attach` starts a supervisor process (`supervise.rs`) that does the NBD handshake
+//!   itself (`handshake.rs`), passes the connected sockets to the kernel with
+//!   `NBD_CMD_CONNECT` and a dead-connection timeout (`netlink.rs`), and stays: when
+//!   the daemon restarts (or another node is promoted) it reconnects and hands the
+//!   new sockets over with `NBD_CMD_RECONFIGURE`, so the mail host's I/O waits instead
+//!   of failing. Debian 12's nbd-client (3.24) does neither over netlink.
+//! - nbd-client (`--nbd-client`, or where netlink is missing): the old way, with
+//!   no reconnection: a restart of the Primary's daemon fails I/O after `--timeout`.
 //!
 //! Which node is Primary is not written down anywhere the mail host can read, so `attach`
 //! tries the nodes of the configuration in turn (the node named like this host first,
 //! then by id; `--node` names one): a Secondary refuses NBD clients, so the first node
-//! whose export the client can open is the Primary. nbd-client does the handshake before
-//! it touches the kernel, so a refused attempt leaves the device unconfigured.
+//! whose export the client can open is the Primary. The handshake comes before anything
+//! touches the kernel, so a refused attempt leaves the device unconfigured.
 //!
-//! The options, and why:
-//! - `-N EXPORT`: the resource's export name.
-//! - `-b 4096`: the preferred block size (the kernel's default 512 works, but splits
-//!   nothing and costs a read-modify-write in the page cache on XFS's 4 KiB blocks).
-//! - `-C 2`: two connections, so that the kernel's queues are not serialised on one
-//!   socket (pairbd makes a FLUSH on one connection cover writes on all of them).
-//! - `-t 30`: without a timeout the kernel waits forever on a dead server and the mail
-//!   host can neither unmount nor detach; with one, I/O on a dead Primary fails after it
-//!   (with several connections a request is first retried on another socket).
+//! The settings, and why:
+//! - block size 4096: the kernel's default 512 works, but costs a read-modify-write
+//!   in the page cache on XFS's 4 KiB blocks.
+//! - 2 connections, so that the kernel's queues are not serialised on one socket
+//!   (pairbd makes a FLUSH on one connection cover writes on all of them).
+//! - `--timeout 30`: a request unanswered this long is retried on another socket (the
+//!   kernel marks its socket dead, which the supervisor replaces); with nbd-client,
+//!   without any timeout the kernel would wait forever on a dead server.
+//! - `--dead-timeout 120` (netlink only): how long the kernel holds new requests while
+//!   every socket is dead, waiting for the supervisor's new ones; after it, I/O fails
+//!   (so a mail host whose pair is gone for good can still unmount).
 
-use std::io::ErrorKind;
+pub mod handshake;
+pub mod netlink;
+pub mod supervise;
+
+use std::io::{BufRead, ErrorKind};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Args;
@@ -36,9 +52,18 @@ use crate::daemon::DEFAULT_CONFIG;
 /// Where the stable device names live.
 pub const LINK_DIR: &str = "/dev/pairbd";
 
+/// Where the attach supervisors log: `attach-RESOURCE.log`.
+pub const LOG_DIR: &str = "/run/pairbd";
+
 /// How long one nbd-client run may take (TCP connect to a dead host, a handshake
 /// that never ends) before it is killed and the next node is tried.
 const NBD_CLIENT_LIMIT: Duration = Duration::from_secs(60);
+
+/// How long `detach` waits for the kernel to release a disconnected device.
+const RELEASE_LIMIT: Duration = Duration::from_secs(30);
+
+/// The block size given to the kernel.
+const BLOCK_SIZE_BYTES: u64 = 4096;
 
 /// Arguments of `attach`.
 #[derive(Debug, Args)]
@@ -49,17 +74,31 @@ pub struct AttachArgs {
     /// The NBD device to use [default: the first one not connected].
     #[arg(long, value_name = "/dev/nbdN")]
     device: Option<PathBuf>,
-    /// Connections to the server (nbd-client -C).
+    /// Connections to the server.
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=16))]
     connections: u32,
-    /// Seconds after which the kernel fails I/O to a server that does not answer
-    /// (nbd-client -t); 0 waits forever.
+    /// Seconds after which the kernel retries a request the server has not answered
+    /// (on a new connection; with --nbd-client, after which it fails); 0 waits forever.
     #[arg(long, value_name = "SECONDS", default_value_t = 30)]
     timeout: u32,
-    /// Print the nbd-client commands that would be tried, in order, and do nothing.
+    /// Seconds the kernel holds I/O while every connection is dead, waiting for the
+    /// supervisor to reconnect (a daemon restart, a failover), before failing it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+    dead_timeout: u32,
+    /// Use nbd-client (no reconnection) instead of the kernel's netlink interface.
+    #[arg(long)]
+    nbd_client: bool,
+    /// Print what would be done, in order, and do nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Internal: run as the supervisor of --device (started by attach itself).
+    #[arg(long, hide = true, requires = "device")]
+    supervise: bool,
+    /// Internal, with --supervise: adopt the device the (dead) supervisor PID
+    /// configured.
+    #[arg(long, hide = true, value_name = "PID", requires = "supervise")]
+    adopt: Option<u32>,
 }
 
 /// Arguments of `detach`.
@@ -72,9 +111,9 @@ pub struct DetachArgs {
 
 /// One way to reach one node's NBD server.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Candidate {
-    node: String,
-    address: ListenAddr,
+pub struct Candidate {
+    pub node: String,
+    pub address: ListenAddr,
 }
 
 pub fn attach(ctx: &Context, args: AttachArgs) -> anyhow::Result<ExitCode> {
@@ -82,19 +121,52 @@ pub fn attach(ctx: &Context, args: AttachArgs) -> anyhow::Result<ExitCode> {
     let resource = config.resource(args.resource.as_deref())?;
     let candidates = candidates(resource, ctx.node.as_deref(), &local_hostname())?;
     let link = Path::new(LINK_DIR).join(&resource.name);
+    if args.supervise {
+        return run_supervisor(resource, candidates, &args);
+    }
     if args.dry_run {
         let device = args
             .device
             .clone()
             .unwrap_or_else(|| PathBuf::from("/dev/nbdN"));
-        for candidate in &candidates {
-            let argv = nbd_client_args(candidate, &device, &resource.export, &args);
-            println!("nbd-client {}", shell_words(&argv));
+        if args.nbd_client {
+            for candidate in &candidates {
+                let argv = nbd_client_args(candidate, &device, &resource.export, &args);
+                println!("nbd-client {}", shell_words(&argv));
+            }
+        } else {
+            let nodes: Vec<String> = candidates
+                .iter()
+                .map(|c| format!("{} ({})", c.node, c.address))
+                .collect();
+            println!(
+                "netlink NBD_CMD_CONNECT {}: {} connection(s) to export {:?} on the first node \
+                 that accepts it of: {}; block size {BLOCK_SIZE_BYTES}, timeout {}s, \
+                 dead-connection timeout {}s; then supervise (reconnect on LINK_DEAD)",
+                device.display(),
+                args.connections,
+                resource.export,
+                nodes.join(", "),
+                args.timeout,
+                args.dead_timeout
+            );
         }
         println!("ln -sfn {} {}", device.display(), link.display());
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(device) = attached_device(&link) {
+        if !args.nbd_client {
+            if let Some(previous) = orphaned_by(&device) {
+                let message = start_supervisor(ctx, resource, &device, &args, Some(previous))?;
+                println!(
+                    "re-supervised {}: {} -> {} ({message})",
+                    resource.name,
+                    link.display(),
+                    device.display(),
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
         bail!(
             "{} is already attached as {} ({}); `pairbd detach {}` first",
             resource.name,
@@ -114,25 +186,52 @@ pub fn attach(ctx: &Context, args: AttachArgs) -> anyhow::Result<ExitCode> {
         }
         None => first_free_device()?,
     };
+    let use_netlink = !args.nbd_client
+        && match netlink::nbd_family() {
+            Ok(_) => true,
+            Err(error) => {
+                eprintln!(
+                    "pairbd attach: the kernel's nbd netlink interface is unusable ({error}); \
+                     falling back to nbd-client, which cannot reconnect after a daemon restart"
+                );
+                false
+            }
+        };
+    let message = if use_netlink {
+        start_supervisor(ctx, resource, &device, &args, None)?
+    } else {
+        attach_with_nbd_client(resource, &candidates, &device, &args)?
+    };
+    make_link(&link, &device)?;
+    println!(
+        "attached {}: {} -> {} ({message})",
+        resource.name,
+        link.display(),
+        device.display(),
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The old way: nbd-client against each node in turn. Returns where it attached.
+fn attach_with_nbd_client(
+    resource: &ResourceConfig,
+    candidates: &[Candidate],
+    device: &Path,
+    args: &AttachArgs,
+) -> anyhow::Result<String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     let mut refusals = Vec::new();
-    for candidate in &candidates {
-        let argv = nbd_client_args(candidate, &device, &resource.export, &args);
+    for candidate in candidates {
+        let argv = nbd_client_args(candidate, device, &resource.export, args);
         match runtime.block_on(run_nbd_client(&argv)) {
             Ok(()) => {
-                make_link(&link, &device)?;
-                println!(
-                    "attached {}: {} -> {} (node {}, {})",
-                    resource.name,
-                    link.display(),
-                    device.display(),
-                    candidate.node,
-                    candidate.address
-                );
-                return Ok(ExitCode::SUCCESS);
+                return Ok(format!(
+                    "node {}, {}, nbd-client",
+                    candidate.node, candidate.address
+                ))
             }
             Err(error) => refusals.push(format!(
                 "node {} ({}): {error:#}",
@@ -145,6 +244,128 @@ pub fn attach(ctx: &Context, args: AttachArgs) -> anyhow::Result<ExitCode> {
         resource.name,
         refusals.join("\n  ")
     )
+}
+
+/// Starts `pairbd attach --supervise` in its own process group, logging to
+/// /run/pairbd/attach-RESOURCE.log, and waits for its one report line.
+fn start_supervisor(
+    ctx: &Context,
+    resource: &ResourceConfig,
+    device: &Path,
+    args: &AttachArgs,
+    adopt: Option<u32>,
+) -> anyhow::Result<String> {
+    use std::os::unix::process::CommandExt as _;
+    std::fs::create_dir_all(LOG_DIR).with_context(|| format!("cannot create {LOG_DIR}"))?;
+    let log_path = Path::new(LOG_DIR).join(format!("attach-{}.log", resource.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find the pairbd binary")?;
+    let mut command = std::process::Command::new(exe);
+    if let Some(config) = &ctx.config {
+        command.arg("--config").arg(config);
+    }
+    if let Some(node) = &ctx.node {
+        command.arg("--node").arg(node);
+    }
+    command
+        .arg("attach")
+        .arg(&resource.name)
+        .arg("--device")
+        .arg(device)
+        .arg("--connections")
+        .arg(args.connections.to_string())
+        .arg("--timeout")
+        .arg(args.timeout.to_string())
+        .arg("--dead-timeout")
+        .arg(args.dead_timeout.to_string())
+        .arg("--supervise");
+    if let Some(pid) = adopt {
+        command.arg("--adopt").arg(pid.to_string());
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        // Its own process group: a ^C meant for attach's caller does not reach it.
+        .process_group(0);
+    let mut child = command
+        .spawn()
+        .context("cannot start the attach supervisor")?;
+    let stdout = child.stdout.take().context("the supervisor's stdout")?;
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("reading the supervisor's report")?;
+    if let Some(message) = line.trim_end().strip_prefix("ok ") {
+        return Ok(format!(
+            "{message}, supervised by pid {} (log {})",
+            child.id(),
+            log_path.display()
+        ));
+    }
+    let status = child.wait().context("waiting for the supervisor")?;
+    let text = line
+        .trim_end()
+        .strip_prefix("error ")
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!(
+                "the supervisor exited ({status}); see {}",
+                log_path.display()
+            )
+        });
+    bail!("{}", text.replace("\\n", "\n"))
+}
+
+/// `attach --supervise`: configure the device, report on stdout, then supervise it.
+fn run_supervisor(
+    resource: &ResourceConfig,
+    candidates: Vec<Candidate>,
+    args: &AttachArgs,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let device = args
+        .device
+        .as_deref()
+        .context("--supervise needs --device")?;
+    let index = device_index(device)?;
+    let plan = supervise::Plan {
+        candidates,
+        export: resource.export.clone(),
+        connections: args.connections,
+        index,
+        block_size_bytes: BLOCK_SIZE_BYTES,
+        timeout_seconds: u64::from(args.timeout),
+        dead_conn_timeout_seconds: u64::from(args.dead_timeout),
+        adopted_from: args.adopt,
+    };
+    let mut stdout = std::io::stdout();
+    let result = supervise::run(&plan, &mut stdout, |c| {
+        format!(
+            "node {}, {}, {} connection(s), netlink",
+            c.node,
+            c.address,
+            c.sockets.len()
+        )
+    });
+    if let Err(error) = &result {
+        let _ = writeln!(stdout, "error {}", error.to_string().replace('\n', "\\n"));
+        let _ = stdout.flush();
+    }
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// N of /dev/nbdN.
+fn device_index(device: &Path) -> anyhow::Result<u32> {
+    let name = nbd_name(device)?;
+    name.trim_start_matches("nbd")
+        .parse()
+        .with_context(|| format!("{} has no device number", device.display()))
 }
 
 pub fn detach(ctx: &Context, args: DetachArgs) -> anyhow::Result<ExitCode> {
@@ -163,17 +384,90 @@ pub fn detach(ctx: &Context, args: DetachArgs) -> anyhow::Result<ExitCode> {
         }
         Err(error) => return Err(error).context(format!("cannot read {}", link.display())),
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let argv = vec!["-d".to_string(), device.display().to_string()];
-    runtime
-        .block_on(run_nbd_client(&argv))
-        .with_context(|| format!("cannot detach {}", device.display()))?;
+    let nbd = nbd_name(&device)?;
+    let index = device_index(&device)?;
+    // The supervisor first, so that it does not reconnect what is being taken down.
+    for pid in supervisor_pids(&device) {
+        // SAFETY: kill(2) takes no pointers; pid names a supervisor of this device
+        // (checked by its command line just before).
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    }
+    let by_netlink =
+        netlink::nbd_family().and_then(|(mut socket, family)| socket.disconnect(family.id, index));
+    if let Err(error) = by_netlink {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let argv = vec!["-d".to_string(), device.display().to_string()];
+        runtime
+            .block_on(run_nbd_client(&argv))
+            .with_context(|| format!("cannot detach {} (netlink: {error})", device.display()))?;
+    }
+    // The kernel releases the device (and its pid attribute) once its last reference
+    // goes; a new attach of it before that would find it busy.
+    let deadline = Instant::now() + RELEASE_LIMIT;
+    while is_connected(&nbd) {
+        if Instant::now() > deadline {
+            bail!(
+                "{} is still connected {}s after the disconnect",
+                device.display(),
+                RELEASE_LIMIT.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::fs::remove_file(&link).with_context(|| format!("cannot remove {}", link.display()))?;
     println!("detached {name}: {} ({})", device.display(), link.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// For a connected device configured over netlink by a supervisor that is gone: that
+/// supervisor's pid. (nbd-client's ioctl configuration lives only as long as its
+/// process: a connected device whose process is gone was configured over netlink.)
+fn orphaned_by(device: &Path) -> Option<u32> {
+    let pid = supervise::device_pid(device_index(device).ok()?)?;
+    (!process_alive(pid)).then_some(pid)
+}
+
+/// A process exists and is not a zombie (an orphaned supervisor killed under a PID 1
+/// that has not reaped it yet is gone all the same).
+fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses; STATE follows the
+    // last ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .unwrap_or("");
+    !matches!(state, "Z" | "X" | "")
+}
+
+/// The pids of the attach supervisors of `device` (the one that configured it, or
+/// one that adopted it): processes whose command line is `... attach ... --device
+/// DEVICE ... --supervise`.
+fn supervisor_pids(device: &Path) -> Vec<u32> {
+    let wanted = device.as_os_str().as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id())
+        .filter(|pid| {
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let words: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            words.contains(&&b"--supervise"[..])
+                && words.contains(&&b"attach"[..])
+                && words
+                    .windows(2)
+                    .any(|pair| pair[0] == b"--device" && pair[1] == wanted)
+        })
+        .collect()
 }
 
 fn load_config(ctx: &Context) -> anyhow::Result<Config> {
@@ -469,7 +763,11 @@ control = "beta.ctl"
             device: None,
             connections: 2,
             timeout: 30,
+            dead_timeout: 120,
+            nbd_client: true,
             dry_run: true,
+            supervise: false,
+            adopt: None,
         };
         let tcp = Candidate {
             node: "alpha".into(),
