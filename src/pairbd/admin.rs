@@ -337,15 +337,34 @@ fn human_status(s: &Value) -> String {
             .map(|e| format!(", ETA {e:.0}s"))
             .unwrap_or_default();
         out.push_str(&format!(
-            "    full sync ({}): {:.1}% done, {:.1} MiB/s{eta}\n",
+            "    {} ({}): {:.1}% done ({} of {} bytes), {:.1} MiB/s{eta}\n",
+            match y["kind"].as_str() {
+                Some("full") => "full sync",
+                Some("bitmap") => "resync of the dirty regions",
+                _ => "sync",
+            },
             if y["direction"] == "source" {
                 "this node is the source"
             } else {
                 "this node is the target"
             },
             y["percent"].as_f64().unwrap_or(0.0),
+            y["done_bytes"].as_u64().unwrap_or(0),
+            y["total_bytes"].as_u64().unwrap_or(0),
             y["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
+    }
+    if let Some(b) = s["bitmap"].as_object() {
+        let oos = b["out_of_sync_bytes"].as_u64().unwrap_or(0);
+        let marked = b["marked_bytes"].as_u64().unwrap_or(0);
+        let resynced = b["resynced_bytes"].as_u64().unwrap_or(0);
+        if oos > 0 || marked > 0 || resynced > 0 {
+            out.push_str(&format!(
+                "  out of sync: {oos} bytes (since start: {marked} bytes marked, {resynced} \
+                 bytes resynced; {} bytes per bit)\n",
+                b["granularity_bytes"].as_u64().unwrap_or(0)
+            ));
+        }
     }
     if s["peer_sync_needed"].as_bool() == Some(true) {
         out.push_str(

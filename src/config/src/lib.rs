@@ -126,6 +126,9 @@ pub struct ResourceConfig {
     pub ack_timeout: Duration,
     pub sync_chunk_bytes: u64,
     pub sync_window: usize,
+    /// Bytes per bit of the dirty bitmap; `None`: the daemon picks the
+    /// smallest from 4 KiB up whose bitmap fits the metadata area.
+    pub bitmap_granularity_bytes: Option<u64>,
     pub engine: Engine,
     pub direct_io: bool,
     pub nodes: BTreeMap<String, NodeConfig>,

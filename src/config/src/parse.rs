@@ -39,6 +39,7 @@ struct RawResource {
     ack_timeout: Option<Spanned<String>>,
     sync_chunk: Option<Spanned<SizeValue>>,
     sync_window: Option<Spanned<i64>>,
+    bitmap_granularity: Option<Spanned<SizeValue>>,
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
     #[serde(default)]
@@ -303,6 +304,21 @@ fn resource(
             b
         }
     };
+    let bitmap_granularity_bytes = match &raw.bitmap_granularity {
+        None => None,
+        Some(v) => {
+            let k = format!("{key}.bitmap-granularity");
+            let b = size_value(ctx, v, &k)?;
+            if !b.is_power_of_two() || !(4096..=1 << 20).contains(&b) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &k,
+                    "must be a power of two from 4KiB to 1MiB",
+                ));
+            }
+            Some(b)
+        }
+    };
     let sync_window = match &raw.sync_window {
         None => 8,
         Some(v) => {
@@ -399,6 +415,7 @@ fn resource(
         ack_timeout,
         sync_chunk_bytes,
         sync_window,
+        bitmap_granularity_bytes,
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
         nodes,

@@ -67,6 +67,7 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
         })),
         "sync": s.sync.map(|y| json!({
             "direction": if y.source { "source" } else { "target" },
+            "kind": if !y.source { "unknown" } else if y.full { "full" } else { "bitmap" },
             "percent": (y.percent() * 10.0).round() / 10.0,
             "done_bytes": y.done_bytes,
             "total_bytes": y.total_bytes,
@@ -74,6 +75,12 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
             "eta_secs": y.eta_secs().map(|e| e.round()),
         })),
         "peer_sync_needed": s.peer_sync_needed,
+        "bitmap": json!({
+            "granularity_bytes": s.bitmap_granularity_bytes,
+            "out_of_sync_bytes": s.out_of_sync_bytes,
+            "marked_bytes": s.marked_bytes,
+            "resynced_bytes": s.resynced_bytes,
+        }),
         "io_suspended": s.io_suspended,
         "on_peer_loss": match s.on_peer_loss {
             OnPeerLoss::Continue => "continue",

@@ -190,5 +190,6 @@ fn share(msg: Message<AlignedBuf>) -> Msg {
         Message::SyncDoneAck { seq } => Message::SyncDoneAck { seq },
         Message::Ping { seq } => Message::Ping { seq },
         Message::Pong { seq } => Message::Pong { seq },
+        Message::DirtyRanges(d) => Message::DirtyRanges(d),
     }
 }

@@ -11,16 +11,18 @@
 //! client or to the peer depends on metadata the driver has not yet reported
 //! durable.
 
+pub mod bitmap;
 pub mod generations;
 mod node;
 mod ops;
 mod status;
 
+pub use bitmap::{BitmapPage, DirtyBitmap};
 pub use generations::Verdict;
 #[cfg(feature = "mutations")]
 pub use node::Mutation;
 pub use node::Node;
-pub use pairbd_repl_proto::{DiskState, Generations, Hello, Message, NodeState, Role};
+pub use pairbd_repl_proto::{DirtyRanges, DiskState, Generations, Hello, Message, NodeState, Role};
 pub use status::{disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus};
 
 use std::sync::Arc;
@@ -133,6 +135,9 @@ pub struct Config {
     pub generation_seed: u64,
     /// What a node that stopped as Primary without a clean demotion does.
     pub after_crash: AfterCrash,
+    /// Bytes of the data area per bit of the dirty bitmap (a power of two,
+    /// 4 KiB to 1 MiB; see `bitmap`).
+    pub bitmap_granularity_bytes: u64,
 }
 
 /// What a node that crashed as Primary does when it starts again.
@@ -258,10 +263,14 @@ pub struct AdminError(pub String);
 pub enum Output<P> {
     /// Run this operation on the local store; report with `handle_disk`.
     Disk { id: DiskOpId, op: DiskOp<P> },
-    /// Persist this state atomically; report with `handle_meta_done`.
+    /// Persist this state atomically; report with `handle_meta_done`. The
+    /// bitmap pages (those changed since the last write) go to the bitmap
+    /// area first, made durable before the state is written: the state's
+    /// slot is the commit point (docs/DURABILITY.md).
     WriteMeta {
         id: MetaWriteId,
         state: PersistentState,
+        bitmap: Vec<BitmapPage>,
     },
     /// Send this message to the peer, in order.
     Send(Message<P>),

@@ -11,7 +11,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::{Hello, Message, NodeState};
+use crate::{DirtyRanges, Hello, Message, NodeState};
 
 /// The header's size in bytes.
 pub const HEADER_LEN: usize = 48;
@@ -69,6 +69,7 @@ pub enum Kind {
     SyncDoneAck = 13,
     Ping = 14,
     Pong = 15,
+    DirtyRanges = 16,
 }
 
 impl Kind {
@@ -90,6 +91,7 @@ impl Kind {
             13 => SyncDoneAck,
             14 => Ping,
             15 => Pong,
+            16 => DirtyRanges,
             _ => return None,
         })
     }
@@ -99,13 +101,15 @@ impl Kind {
     }
 
     fn is_control(self) -> bool {
-        matches!(self, Kind::Hello | Kind::State)
+        matches!(self, Kind::Hello | Kind::State | Kind::DirtyRanges)
     }
 
     /// Which of seq, offset and length the kind carries; the others must be 0.
     fn uses(self) -> (bool, bool, bool) {
         match self {
-            Kind::Hello | Kind::State | Kind::SyncReady => (false, false, false),
+            Kind::Hello | Kind::State | Kind::SyncReady | Kind::DirtyRanges => {
+                (false, false, false)
+            }
             Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::SyncData => (true, true, true),
             Kind::Flush
             | Kind::Ack
@@ -179,6 +183,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::SyncDoneAck => "sync-done-ack",
         Kind::Ping => "ping",
         Kind::Pong => "pong",
+        Kind::DirtyRanges => "dirty-ranges",
     }
 }
 
@@ -382,6 +387,7 @@ pub fn decode_frame<P: AsRef<[u8]>>(h: &FrameHeader, payload: P) -> Result<Messa
         Kind::SyncDoneAck => Message::SyncDoneAck { seq },
         Kind::Ping => Message::Ping { seq },
         Kind::Pong => Message::Pong { seq },
+        Kind::DirtyRanges => Message::DirtyRanges(control::<DirtyRanges>(h.kind, bytes)?),
     })
 }
 
@@ -490,6 +496,10 @@ fn encode<P: AsRef<[u8]>>(msg: &Message<P>) -> (EncodedFrame, Option<FrameError>
         Message::SyncDoneAck { seq } => (Kind::SyncDoneAck, *seq, 0, 0, 0),
         Message::Ping { seq } => (Kind::Ping, *seq, 0, 0, 0),
         Message::Pong { seq } => (Kind::Pong, *seq, 0, 0, 0),
+        Message::DirtyRanges(d) => {
+            control = serialise(Kind::DirtyRanges, postcard::to_stdvec(d));
+            (Kind::DirtyRanges, 0, 0, 0, 0)
+        }
     };
     let body: &[u8] = data.unwrap_or(&control);
     // Saturate rather than truncate: u32::MAX is over every limit, so an

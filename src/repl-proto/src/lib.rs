@@ -80,6 +80,22 @@ pub struct Generations {
     pub history: [u64; 2],
 }
 
+/// Part of the sender's dirty bitmap, as byte ranges `(offset, length)`
+/// (so the two nodes may use different granularities). Each side sends its
+/// whole bitmap right after its hello, in batches of at most
+/// [`DIRTY_RANGES_MAX`] ranges; the batch with `last` set ends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRanges {
+    /// Regions where the sender's data may differ from the receiver's.
+    pub ranges: Vec<(u64, u64)>,
+    /// The sender's bitmap is complete with this batch.
+    pub last: bool,
+}
+
+/// The most ranges one `DirtyRanges` message carries (postcard needs at most
+/// 20 bytes a range: well inside the control payload limit).
+pub const DIRTY_RANGES_MAX: usize = 2048;
+
 /// One replication message. `P` is the caller's payload buffer type.
 ///
 /// Sequence numbers are assigned by the primary, one counter for every message
@@ -129,6 +145,8 @@ pub enum Message<P> {
     Ping { seq: u64 },
     /// The answer to `Ping`.
     Pong { seq: u64 },
+    /// Either way, after the hello: a batch of the sender's dirty regions.
+    DirtyRanges(DirtyRanges),
 }
 
 impl<P> Message<P> {
@@ -159,6 +177,7 @@ impl<P> Message<P> {
             Message::SyncDoneAck { .. } => "sync-done-ack",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
+            Message::DirtyRanges(_) => "dirty-ranges",
         }
     }
 }

@@ -70,6 +70,10 @@ fn all_messages() -> Vec<Message<Vec<u8>>> {
         Message::SyncDoneAck { seq: 7 },
         Message::Ping { seq: 8 },
         Message::Pong { seq: 8 },
+        Message::DirtyRanges(pairbd_repl_proto::DirtyRanges {
+            ranges: vec![(0, 4096), (1 << 20, 65536)],
+            last: true,
+        }),
     ]
 }
 

@@ -11,10 +11,14 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use pairbd_repl_core::bitmap::{bitmap_area_bytes, BITMAP_PAGE_BYTES};
 use pairbd_repl_core::{
-    AdminCommand, AdminId, AfterCrash, ClientOp, Config, DiskOp, DiskOpId, DiskResult, Message,
-    MetaWriteId, Node, OnPeerLoss, Output, PersistentState, ReplyError, RequestId,
+    AdminCommand, AdminId, AfterCrash, BitmapPage, ClientOp, Config, DiskOp, DiskOpId, DiskResult,
+    Message, MetaWriteId, Node, OnPeerLoss, Output, PersistentState, ReplyError, RequestId,
 };
+
+/// The harness's bitmap granularity (bytes per bit).
+pub const GRANULARITY: u64 = 4096;
 
 pub const SIZE: u64 = 1 << 20;
 
@@ -45,8 +49,10 @@ pub struct Sim {
     /// What survives a power cut: flushed writes.
     pub durable: Vec<u8>,
     pub meta: PersistentState,
+    /// The bitmap area as the metadata holds it.
+    pub bitmap_image: Vec<u8>,
     pub disk_queue: Vec<(DiskOpId, DiskOp<Vec<u8>>)>,
-    pub meta_queue: VecDeque<(MetaWriteId, PersistentState)>,
+    pub meta_queue: VecDeque<(MetaWriteId, PersistentState, Vec<BitmapPage>)>,
     pub inbox: VecDeque<Message<Vec<u8>>>,
     pub replies: BTreeMap<RequestId, Result<(), ReplyError>>,
     pub admin: BTreeMap<AdminId, Result<String, String>>,
@@ -77,6 +83,7 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         // daemon's random seed makes sure.
         generation_seed: SEEDS.fetch_add(0x1234_5678_9ABC, std::sync::atomic::Ordering::Relaxed),
         after_crash: AfterCrash::Secondary,
+        bitmap_granularity_bytes: GRANULARITY,
     }
 }
 
@@ -89,6 +96,7 @@ impl Sim {
             data: vec![0; SIZE as usize],
             durable: vec![0; SIZE as usize],
             meta,
+            bitmap_image: vec![0; bitmap_area_bytes(SIZE, GRANULARITY) as usize],
             disk_queue: Vec::new(),
             meta_queue: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -211,7 +219,9 @@ impl Pair {
     fn route(&mut self, i: usize, out: Output<Vec<u8>>) {
         match out {
             Output::Disk { id, op } => self.nodes[i].disk_queue.push((id, op)),
-            Output::WriteMeta { id, state } => self.nodes[i].meta_queue.push_back((id, state)),
+            Output::WriteMeta { id, state, bitmap } => {
+                self.nodes[i].meta_queue.push_back((id, state, bitmap))
+            }
             Output::Send(m) => {
                 if self.link_up {
                     self.nodes[1 - i].inbox.push_back(m);
@@ -278,10 +288,14 @@ impl Pair {
     }
 
     pub fn complete_meta(&mut self, i: usize) {
-        let (id, state) = self.nodes[i]
+        let (id, state, pages) = self.nodes[i]
             .meta_queue
             .pop_front()
             .expect("a metadata write");
+        for p in pages {
+            let at = p.index as usize * BITMAP_PAGE_BYTES;
+            self.nodes[i].bitmap_image[at..at + BITMAP_PAGE_BYTES].copy_from_slice(&p.bytes);
+        }
         self.nodes[i].meta = state;
         self.nodes[i].node.handle_meta_done(self.now, id, Ok(()));
         self.drain();
@@ -364,6 +378,7 @@ impl Pair {
         s.meta_queue.clear();
         s.inbox.clear();
         s.node = Node::new(cfg, s.meta, self.now);
+        s.node.restore_bitmap(GRANULARITY, &s.bitmap_image);
         s.failed = None;
     }
 
