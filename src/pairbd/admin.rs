@@ -43,6 +43,18 @@ pub struct ResourceArg {
     json: bool,
 }
 
+/// Arguments of `connect`.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    resource: ResourceArg,
+    /// On the node the operator sacrifices after a split brain: its changes
+    /// are rolled back (the peer resyncs both nodes' dirty regions onto it).
+    /// The node must be Secondary.
+    #[arg(long)]
+    discard_my_data: bool,
+}
+
 /// Arguments of `gen-cert`.
 #[derive(Debug, Args)]
 pub struct GenCertArgs {
@@ -243,6 +255,15 @@ pub fn simple(ctx: &Context, args: ResourceArg, command: &str) -> anyhow::Result
     let path = control_path(ctx, args.resource.as_deref())?;
     let answer = ask(&path, json!({"command": command}))?;
     Ok(report(&answer, args.json))
+}
+
+pub fn connect(ctx: &Context, args: ConnectArgs) -> anyhow::Result<ExitCode> {
+    let path = control_path(ctx, args.resource.resource.as_deref())?;
+    let answer = ask(
+        &path,
+        json!({"command": "connect", "discard_my_data": args.discard_my_data}),
+    )?;
+    Ok(report(&answer, args.resource.json))
 }
 
 pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {

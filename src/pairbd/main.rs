@@ -41,8 +41,9 @@ enum Command {
     Promote(admin::PromoteArgs),
     /// Make this node Secondary (refused while NBD clients are attached, unless --force).
     Demote(admin::DemoteArgs),
-    /// Leave StandAlone (after a split brain or unrelated data) and try the peer again.
-    Connect(admin::ResourceArg),
+    /// Leave StandAlone (after a split brain or unrelated data) and try the peer again
+    /// (--discard-my-data: on the node whose split-brain changes are to be thrown away).
+    Connect(admin::ConnectArgs),
     /// Release writes held by on-peer-loss = "suspend-io" (they then go to this node only).
     ResumeIo(admin::ResourceArg),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
@@ -71,7 +72,7 @@ fn main() -> ExitCode {
         Command::CreateMd(args) => admin::create_md(&ctx, args),
         Command::Promote(args) => admin::promote(&ctx, args),
         Command::Demote(args) => admin::demote(&ctx, args),
-        Command::Connect(args) => admin::simple(&ctx, args, "connect"),
+        Command::Connect(args) => admin::connect(&ctx, args),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),

@@ -77,6 +77,15 @@ pub enum AfterCrash {
     ResumePrimary,
 }
 
+/// What a node does when it finds itself in split brain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSplitBrain {
+    /// StandAlone until the operator resolves it (the default).
+    Disconnect,
+    /// Discard the side that changed nothing, if exactly one did.
+    DiscardZeroChanges,
+}
+
 /// The disk engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -122,6 +131,7 @@ pub struct ResourceConfig {
     pub export: String,
     pub on_peer_loss: OnPeerLoss,
     pub after_crash: AfterCrash,
+    pub after_split_brain: AfterSplitBrain,
     pub ping_timeout: Duration,
     pub ack_timeout: Duration,
     pub sync_chunk_bytes: u64,

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    AfterCrash, Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig, OnPeerLoss,
-    ResourceConfig,
+    AfterCrash, AfterSplitBrain, Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig,
+    OnPeerLoss, ResourceConfig,
 };
 
 #[derive(Deserialize)]
@@ -35,6 +35,7 @@ struct RawResource {
     export: Option<String>,
     on_peer_loss: Option<Spanned<String>>,
     after_crash: Option<Spanned<String>>,
+    after_split_brain: Option<Spanned<String>>,
     ping_timeout: Option<Spanned<String>>,
     ack_timeout: Option<Spanned<String>>,
     sync_chunk: Option<Spanned<SizeValue>>,
@@ -353,6 +354,16 @@ fn resource(
             ("resume-primary", AfterCrash::ResumePrimary),
         ],
     )?;
+    let after_split_brain = choice(
+        ctx,
+        &raw.after_split_brain,
+        &format!("{key}.after-split-brain"),
+        AfterSplitBrain::Disconnect,
+        &[
+            ("disconnect", AfterSplitBrain::Disconnect),
+            ("discard-zero-changes", AfterSplitBrain::DiscardZeroChanges),
+        ],
+    )?;
     let engine = choice(
         ctx,
         &raw.engine,
@@ -411,6 +422,7 @@ fn resource(
         export: raw.export.clone().unwrap_or_else(|| name.to_string()),
         on_peer_loss,
         after_crash,
+        after_split_brain,
         ping_timeout,
         ack_timeout,
         sync_chunk_bytes,

@@ -4,7 +4,8 @@
 //! A Unix socket; each connection carries one JSON request line and gets one
 //! JSON answer line: `{"command": "status"}`, `{"command": "promote",
 //! "force": false}`, `{"command": "demote", "force": false}`,
-//! `{"command": "resume-io"}`, `{"command": "connect"}`.
+//! `{"command": "resume-io"}`, `{"command": "connect"}` (with
+//! `"discard_my_data": true` on a split brain's sacrificed node).
 //! Answers are `{"ok": true, "message": ..., "status": {...}}` or
 //! `{"ok": false, "error": ...}`. A malformed request gets an error answer; it
 //! never disturbs the node.
@@ -195,7 +196,13 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
             AdminCommand::Demote { force }
         }
         Some("resume-io") => AdminCommand::ResumeIo,
-        Some("connect") => AdminCommand::Connect,
+        Some("connect") => {
+            if request.get("discard_my_data").and_then(Value::as_bool) == Some(true) {
+                AdminCommand::ConnectDiscardingMyData
+            } else {
+                AdminCommand::Connect
+            }
+        }
         Some("power-cut") => {
             // Tests only (see TEST_VOLATILE_ENV): refused by an ordinary store.
             let seed = request.get("seed").and_then(Value::as_u64).unwrap_or(0);
@@ -216,7 +223,10 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         None => return json!({"ok": false, "error": "the request names no command"}),
     };
     let name = request["command"].as_str().unwrap_or_default().to_string();
-    let connect = cmd == AdminCommand::Connect;
+    let connect = matches!(
+        cmd,
+        AdminCommand::Connect | AdminCommand::ConnectDiscardingMyData
+    );
     let result = driver.admin(cmd).await;
     if connect && result.is_ok() {
         driver.reconnect.notify_one();

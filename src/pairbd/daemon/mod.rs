@@ -23,7 +23,7 @@ use anyhow::{bail, Context};
 use pairbd_config::{Config, Engine, MetaLocation, NodeConfig, ResourceConfig};
 use pairbd_meta::MetaStore;
 use pairbd_nbd_server::{ConnectionLimits, ExportConfig, Server};
-use pairbd_repl_core::{AdminCommand, AfterCrash, Node, OnPeerLoss};
+use pairbd_repl_core::{AdminCommand, AfterCrash, AfterSplitBrain, Node, OnPeerLoss};
 use pairbd_store::{EngineChoice, Store, StoreConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -198,6 +198,12 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
             pairbd_config::AfterCrash::ResumePrimary => AfterCrash::ResumePrimary,
         },
         bitmap_granularity_bytes: granularity,
+        after_split_brain: match res.after_split_brain {
+            pairbd_config::AfterSplitBrain::Disconnect => AfterSplitBrain::Disconnect,
+            pairbd_config::AfterSplitBrain::DiscardZeroChanges => {
+                AfterSplitBrain::DiscardZeroChanges
+            }
+        },
     };
     let mut node = Node::new(core_cfg, persisted, Instant::now());
     node.restore_bitmap(recorded_granularity, &bitmap_image);

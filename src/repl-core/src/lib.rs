@@ -138,6 +138,21 @@ pub struct Config {
     /// Bytes of the data area per bit of the dirty bitmap (a power of two,
     /// 4 KiB to 1 MiB; see `bitmap`).
     pub bitmap_granularity_bytes: u64,
+    /// What a split brain does without the operator.
+    pub after_split_brain: AfterSplitBrain,
+}
+
+/// What a node does when it finds itself in split brain with its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterSplitBrain {
+    /// Both go StandAlone until the operator resolves it (the default).
+    #[default]
+    Disconnect,
+    /// DRBD's discard-zero-changes: if exactly one node changed nothing the
+    /// other lacks (an empty dirty bitmap, not a crashed primary), its side
+    /// is discarded and it syncs from the other; otherwise StandAlone. Both
+    /// nodes should be configured alike.
+    DiscardZeroChanges,
 }
 
 /// What a node that crashed as Primary does when it starts again.
@@ -247,6 +262,11 @@ pub enum AdminCommand {
     Demote { force: bool },
     /// Leave StandAlone (after a split brain) and try the peer again.
     Connect,
+    /// `Connect`, and if the nodes are found in split brain, throw this
+    /// node's changes away: it becomes the sync target of the other, which
+    /// copies the union of both dirty bitmaps (or everything, without a
+    /// common bitmap generation). Refused on a Primary.
+    ConnectDiscardingMyData,
     /// Release writes held by `on-peer-loss = "suspend-io"`.
     ResumeIo,
     /// Clean shutdown: record that this node stopped cleanly.

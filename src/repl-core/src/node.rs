@@ -27,9 +27,9 @@ use crate::generations::{self, GenerationSource, Verdict};
 use crate::ops::{OpTable, Range};
 use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus};
 use crate::{
-    AdminCommand, AdminError, AdminId, AfterCrash, ClientOp, Config, DirtyRanges, DiskOp, DiskOpId,
-    DiskResult, DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output, Payload,
-    PersistentState, ReplyError, RequestId, Role,
+    AdminCommand, AdminError, AdminId, AfterCrash, AfterSplitBrain, ClientOp, Config, DirtyRanges,
+    DiskOp, DiskOpId, DiskResult, DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output,
+    Payload, PersistentState, ReplyError, RequestId, Role,
 };
 use pairbd_repl_proto::DIRTY_RANGES_MAX;
 
@@ -236,6 +236,9 @@ pub struct Node<P> {
     transfer_spill: Option<(Box<DirtyBitmap>, u64)>,
     marked_bytes: u64,
     resynced_bytes: u64,
+    /// `connect --discard-my-data`: a split brain makes this node the sync
+    /// target (until a sync into it finishes).
+    discard_my_data: bool,
     io_suspended: bool,
     failed: Option<String>,
     probe: Option<Probe>,
@@ -300,6 +303,7 @@ impl<P: Payload> Node<P> {
             transfer_spill: None,
             marked_bytes: 0,
             resynced_bytes: 0,
+            discard_my_data: false,
             io_suspended: false,
             failed: None,
             probe: None,
@@ -1100,6 +1104,8 @@ impl<P: Payload> Node<P> {
             state: self.my_state(),
             peer_sync_needed: self.wanted.peer_sync_needed,
             unclean_primary: self.unclean_primary,
+            discard_my_data: self.discard_my_data,
+            dirty_bytes: self.bitmap.dirty_bytes(),
         })));
         // Then this node's dirty regions: the peer's half of the union a
         // resync covers.
@@ -1441,6 +1447,29 @@ impl<P: Payload> Node<P> {
         }
     }
 
+    /// A split brain, unless one side's data is to be discarded: by the
+    /// operator (`connect --discard-my-data`), or by `after-split-brain =
+    /// "discard-zero-changes"` when exactly one side changed nothing. Both
+    /// nodes reach the mirrored answer from the two hellos.
+    fn resolve_split_brain(&self, h: &Hello) -> Verdict {
+        let auto = self.cfg.after_split_brain == AfterSplitBrain::DiscardZeroChanges;
+        let my_zero = self.bitmap.is_empty() && !self.unclean_primary;
+        let peer_zero = h.dirty_bytes == 0 && !h.unclean_primary;
+        let i_discard = self.discard_my_data || (auto && my_zero && !peer_zero);
+        let peer_discards = h.discard_my_data || (auto && peer_zero && !my_zero);
+        match (i_discard, peer_discards) {
+            (true, false) => {
+                tracing::warn!(resource = %self.cfg.resource, "split brain resolved: this node's changes are discarded; it syncs from {}", h.node_name);
+                Verdict::Behind
+            }
+            (false, true) => {
+                tracing::warn!(resource = %self.cfg.resource, "split brain resolved: {}'s changes are discarded; this node's data wins", h.node_name);
+                Verdict::Ahead
+            }
+            _ => Verdict::SplitBrain,
+        }
+    }
+
     fn on_dirty_ranges(&mut self, d: DirtyRanges) -> Result<(), String> {
         let (size, granularity) = (self.cfg.size_bytes, self.bitmap.granularity());
         let peer = self.peer.as_mut().ok_or("dirty ranges before hello")?;
@@ -1511,7 +1540,10 @@ impl<P: Payload> Node<P> {
         }
         let mine = self.wanted.generations();
         let theirs = h.state.generations;
-        let verdict = generations::compare(self.wanted.disk, mine, h.state.disk, theirs);
+        let mut verdict = generations::compare(self.wanted.disk, mine, h.state.disk, theirs);
+        if verdict == Verdict::SplitBrain {
+            verdict = self.resolve_split_brain(&h);
+        }
         let both = format!(
             "this node {} has generations {}, the peer {} has {}",
             self.cfg.node_name,
@@ -1680,6 +1712,7 @@ impl<P: Payload> Node<P> {
         // its own dirty regions (sent at connect) were part of the sync.
         self.wanted.peer_sync_needed = false;
         self.bitmap.clear_all();
+        self.discard_my_data = false;
         // The peer's dirty regions (sent at connect) now hold the peer's
         // data here too: they must not seed a later sync the other way.
         if let Some(p) = &mut self.peer {
@@ -1853,7 +1886,16 @@ impl<P: Payload> Node<P> {
         // writes are recorded nowhere). Otherwise: everything.
         let mine = self.wanted.generations();
         let theirs = peer.state.generations.current;
-        let common = theirs != 0 && (theirs == mine.current || theirs == mine.bitmap);
+        // After a split brain resolved by discarding the peer's side, both
+        // left the same generation (their bitmap identifiers are equal): each
+        // side's bitmap holds its changes since, and the union is the
+        // difference.
+        let peer_left_same = {
+            let pb = peer.state.generations.bitmap;
+            pb != 0 && pb == mine.bitmap && peer.behind
+        };
+        let common =
+            theirs != 0 && (theirs == mine.current || theirs == mine.bitmap) || peer_left_same;
         let quick = common && !peer.unclean_primary;
         let name = peer.name.clone();
         if quick {
@@ -2042,6 +2084,17 @@ impl<P: Payload> Node<P> {
                 }
                 self.check_demote();
                 Ok(())
+            }
+            AdminCommand::ConnectDiscardingMyData => {
+                if self.wanted.role == Role::Primary {
+                    return Err(AdminError(
+                        "this node is Primary: its data cannot be discarded while it serves; \
+                         demote it first (`pairbd demote`), then connect --discard-my-data"
+                            .into(),
+                    ));
+                }
+                self.discard_my_data = true;
+                self.admin(id, AdminCommand::Connect)
             }
             AdminCommand::Connect => {
                 let msg = if self.conn == ConnectionState::StandAlone {
@@ -2285,6 +2338,8 @@ impl<P: Payload> Node<P> {
             self.wanted.peer_sync_needed = true;
         }
         self.unclean_primary = false;
+        // A node that serves is not one whose data the operator gave up.
+        self.discard_my_data = false;
         self.wanted.role = Role::Primary;
         let v = self.request_meta();
         self.promotion_version = v;

@@ -52,6 +52,12 @@ pub struct Hello {
     /// The sender was primary and stopped without a clean demotion: writes may
     /// have been in flight, so its peer's copy may differ in those regions.
     pub unclean_primary: bool,
+    /// The operator chose this node's data to be thrown away if the two
+    /// nodes are found in split brain (`pairbd connect --discard-my-data`).
+    pub discard_my_data: bool,
+    /// Bytes the sender's dirty bitmap marks (0: it changed nothing the peer
+    /// may lack — the case an automatic split-brain policy may resolve).
+    pub dirty_bytes: u64,
 }
 
 /// A node's role, disk state and generation identifiers, sent on every change.

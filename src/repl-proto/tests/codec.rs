@@ -20,6 +20,8 @@ fn hello() -> Hello {
         },
         peer_sync_needed: true,
         unclean_primary: false,
+        discard_my_data: true,
+        dirty_bytes: 1 << 20,
     }
 }
 
@@ -387,6 +389,8 @@ fn any_message() -> impl Strategy<Value = Message<Vec<u8>>> {
                 state,
                 peer_sync_needed: sync,
                 unclean_primary: unclean,
+                discard_my_data: sync && !unclean,
+                dirty_bytes: size_bytes / 3,
             })
         });
     prop_oneof![

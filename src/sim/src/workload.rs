@@ -4,7 +4,7 @@
 //! write-zeroes over a small hot set of blocks to whichever node the
 //! operator attached them to.
 
-use pairbd_repl_core::{AfterCrash, ClientOp, OnPeerLoss};
+use pairbd_repl_core::{AfterCrash, AfterSplitBrain, ClientOp, OnPeerLoss};
 
 use crate::checker::ReadSnapshot;
 use crate::content::{encode, BLOCK_BYTES};
@@ -96,6 +96,8 @@ pub struct Profile {
     pub on_peer_loss: OnPeerLoss,
     /// What a crashed primary does when it starts again.
     pub after_crash: AfterCrash,
+    /// Whether a split brain with one side unchanged resolves itself.
+    pub after_split_brain: AfterSplitBrain,
     /// Concurrent clients.
     pub clients: usize,
     /// Requests in flight per client, at most.
@@ -142,6 +144,11 @@ impl Profile {
                 AfterCrash::ResumePrimary
             } else {
                 AfterCrash::Secondary
+            },
+            after_split_brain: if rng.percent(30) {
+                AfterSplitBrain::DiscardZeroChanges
+            } else {
+                AfterSplitBrain::Disconnect
             },
             clients: rng.between(1, 4) as usize,
             max_depth: rng.between(1, 4),

@@ -44,6 +44,8 @@ impl Rng {
 
 pub struct Sim {
     pub node: Node<Vec<u8>>,
+    /// The configuration the node runs with.
+    pub cfg: Config,
     /// What reads return: completed writes.
     pub data: Vec<u8>,
     /// What survives a power cut: flushed writes.
@@ -84,15 +86,22 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         generation_seed: SEEDS.fetch_add(0x1234_5678_9ABC, std::sync::atomic::Ordering::Relaxed),
         after_crash: AfterCrash::Secondary,
         bitmap_granularity_bytes: GRANULARITY,
+        after_split_brain: pairbd_repl_core::AfterSplitBrain::Disconnect,
     }
 }
 
 static SEEDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Sim {
+    /// The node's configuration (for a restart with changes).
+    pub fn node_config(&self) -> Config {
+        self.cfg.clone()
+    }
+
     fn new(cfg: Config, meta: PersistentState, now: Instant) -> Sim {
         Sim {
-            node: Node::new(cfg, meta, now),
+            node: Node::new(cfg.clone(), meta, now),
+            cfg,
             data: vec![0; SIZE as usize],
             durable: vec![0; SIZE as usize],
             meta,
@@ -110,12 +119,22 @@ impl Sim {
 
 impl Pair {
     pub fn new(policy: OnPeerLoss) -> Pair {
+        Pair::new_with(policy, |_| {})
+    }
+
+    /// `new`, with both configurations changed by `f`.
+    pub fn new_with(policy: OnPeerLoss, f: impl Fn(&mut Config)) -> Pair {
         let now = Instant::now();
+        let cfg = |name| {
+            let mut c = config(name, policy);
+            f(&mut c);
+            c
+        };
         Pair {
             now,
             nodes: [
-                Sim::new(config("alpha", policy), PersistentState::fresh(), now),
-                Sim::new(config("beta", policy), PersistentState::fresh(), now),
+                Sim::new(cfg("alpha"), PersistentState::fresh(), now),
+                Sim::new(cfg("beta"), PersistentState::fresh(), now),
             ],
             link_up: false,
             disconnects: Vec::new(),
@@ -126,7 +145,12 @@ impl Pair {
 
     /// A connected pair, alpha Primary and beta UpToDate after the initial sync.
     pub fn synced(policy: OnPeerLoss) -> Pair {
-        let mut p = Pair::new(policy);
+        Pair::synced_with(policy, |_| {})
+    }
+
+    /// `synced`, with both configurations changed by `f`.
+    pub fn synced_with(policy: OnPeerLoss, f: impl Fn(&mut Config)) -> Pair {
+        let mut p = Pair::new_with(policy, f);
         p.connect();
         p.run_until_idle();
         let r = p.admin(
@@ -377,7 +401,8 @@ impl Pair {
         s.disk_queue.clear();
         s.meta_queue.clear();
         s.inbox.clear();
-        s.node = Node::new(cfg, s.meta, self.now);
+        s.node = Node::new(cfg.clone(), s.meta, self.now);
+        s.cfg = cfg;
         s.node.restore_bitmap(GRANULARITY, &s.bitmap_image);
         s.failed = None;
     }
