@@ -46,6 +46,8 @@ enum Command {
     Connect(admin::ConnectArgs),
     /// Release writes held by on-peer-loss = "suspend-io" (they then go to this node only).
     ResumeIo(admin::ResourceArg),
+    /// Throw this Secondary's data away: it becomes Inconsistent and receives a full sync.
+    Invalidate(admin::ResourceArg),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
     Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Command::Demote(args) => admin::demote(&ctx, args),
         Command::Connect(args) => admin::connect(&ctx, args),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
+        Command::Invalidate(args) => admin::simple(&ctx, args, "invalidate"),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),
         Command::Attach(args) => attach::attach(&ctx, args),

@@ -196,6 +196,7 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
             AdminCommand::Demote { force }
         }
         Some("resume-io") => AdminCommand::ResumeIo,
+        Some("invalidate") => AdminCommand::Invalidate,
         Some("connect") => {
             if request.get("discard_my_data").and_then(Value::as_bool) == Some(true) {
                 AdminCommand::ConnectDiscardingMyData

@@ -269,6 +269,9 @@ pub enum AdminCommand {
     ConnectDiscardingMyData,
     /// Release writes held by `on-peer-loss = "suspend-io"`.
     ResumeIo,
+    /// `pairbd invalidate`: this Secondary's data stops counting (it becomes
+    /// Inconsistent, durably) and the next sync into it covers everything.
+    Invalidate,
     /// Clean shutdown: record that this node stopped cleanly.
     Shutdown,
 }

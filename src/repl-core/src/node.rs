@@ -2085,6 +2085,42 @@ impl<P: Payload> Node<P> {
                 self.check_demote();
                 Ok(())
             }
+            AdminCommand::Invalidate => {
+                if self.wanted.role == Role::Primary {
+                    return Err(AdminError(
+                        "this node is Primary: its data is the current copy; demote it first \
+                         (`pairbd demote`), then invalidate it"
+                            .into(),
+                    ));
+                }
+                if self.sync_target.is_some() {
+                    return Err(AdminError(
+                        "a sync into this node is running: it is Inconsistent already and \
+                         receives only what the source marked; wait for it to finish, then \
+                         invalidate again"
+                            .into(),
+                    ));
+                }
+                // Every region counts as differing: the peer's next sync (its
+                // union with this node's bitmap) copies the whole volume.
+                self.bitmap.set_all();
+                self.wanted.disk = DiskState::Inconsistent;
+                let v = self.request_meta();
+                self.defer(
+                    v,
+                    Deferred::Admin(
+                        id,
+                        "invalidated: this node is Inconsistent and receives a full sync from \
+                         the Primary"
+                            .into(),
+                    ),
+                );
+                if self.conn == ConnectionState::Connected {
+                    // A fresh hello carries the new bitmap and disk state.
+                    self.drop_link("invalidated: reconnecting for a full sync".into());
+                }
+                Ok(())
+            }
             AdminCommand::ConnectDiscardingMyData => {
                 if self.wanted.role == Role::Primary {
                     return Err(AdminError(

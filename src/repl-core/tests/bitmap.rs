@@ -257,3 +257,20 @@ fn a_primary_restarted_cleanly_keeps_its_bitmap() {
         ConnectionState::Connected
     );
 }
+
+#[test]
+fn invalidate_makes_the_next_sync_a_full_one() {
+    let mut p = Pair::synced(OnPeerLoss::Continue);
+    let e = p.admin(A, AdminCommand::Invalidate).unwrap_err();
+    assert!(e.contains("Primary"), "{e}");
+    // Beta's store silently differs from alpha's (a bad disk, say).
+    p.nodes[B].data[12345] ^= 0xFF;
+    p.admin(B, AdminCommand::Invalidate).unwrap();
+    assert_eq!(p.nodes[B].meta.disk, DiskState::Inconsistent, "durably");
+    assert!(!p.link_up, "the link is renewed");
+    p.connect();
+    let starts = run_counting_syncs(&mut p);
+    assert_eq!(starts, vec![SIZE], "a full sync");
+    assert_same(&p, "after the full sync");
+    assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
+}
