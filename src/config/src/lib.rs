@@ -139,6 +139,8 @@ pub struct ResourceConfig {
     /// Bytes per bit of the dirty bitmap; `None`: the daemon picks the
     /// smallest from 4 KiB up whose bitmap fits the metadata area.
     pub bitmap_granularity_bytes: Option<u64>,
+    /// The most bytes per second a sync sends (`None`: unlimited).
+    pub sync_rate_bytes_per_sec: Option<u64>,
     pub engine: Engine,
     pub direct_io: bool,
     pub nodes: BTreeMap<String, NodeConfig>,

@@ -41,6 +41,7 @@ struct RawResource {
     sync_chunk: Option<Spanned<SizeValue>>,
     sync_window: Option<Spanned<i64>>,
     bitmap_granularity: Option<Spanned<SizeValue>>,
+    sync_rate: Option<Spanned<SizeValue>>,
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
     #[serde(default)]
@@ -320,6 +321,15 @@ fn resource(
             Some(b)
         }
     };
+    // Bytes per second; 0 or absent: unlimited.
+    let sync_rate_bytes_per_sec = match &raw.sync_rate {
+        None => None,
+        Some(v) => {
+            let k = format!("{key}.sync-rate");
+            let b = size_value(ctx, v, &k)?;
+            (b > 0).then_some(b)
+        }
+    };
     let sync_window = match &raw.sync_window {
         None => 8,
         Some(v) => {
@@ -428,6 +438,7 @@ fn resource(
         sync_chunk_bytes,
         sync_window,
         bitmap_granularity_bytes,
+        sync_rate_bytes_per_sec,
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
         nodes,

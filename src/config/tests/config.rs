@@ -185,11 +185,12 @@ fn bitmap_granularity_and_after_split_brain_are_checked() {
     );
     let text = GOOD.replace(
         "engine = \"pool\"",
-        "engine = \"pool\"\nbitmap-granularity = \"64KiB\"\nafter-split-brain = \"discard-zero-changes\"",
+        "engine = \"pool\"\nbitmap-granularity = \"64KiB\"\nafter-split-brain = \"discard-zero-changes\"\nsync-rate = \"100MiB\"",
     );
     let c = parse(&text).unwrap();
     let r = c.resource(None).unwrap();
     assert_eq!(r.bitmap_granularity_bytes, Some(64 << 10));
+    assert_eq!(r.sync_rate_bytes_per_sec, Some(100 << 20));
     assert_eq!(
         r.after_split_brain,
         pairbd_config::AfterSplitBrain::DiscardZeroChanges

@@ -198,6 +198,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<()> {
             pairbd_config::AfterCrash::ResumePrimary => AfterCrash::ResumePrimary,
         },
         bitmap_granularity_bytes: granularity,
+        sync_rate_bytes_per_sec: res.sync_rate_bytes_per_sec,
         after_split_brain: match res.after_split_brain {
             pairbd_config::AfterSplitBrain::Disconnect => AfterSplitBrain::Disconnect,
             pairbd_config::AfterSplitBrain::DiscardZeroChanges => {

@@ -140,6 +140,10 @@ pub struct Config {
     pub bitmap_granularity_bytes: u64,
     /// What a split brain does without the operator.
     pub after_split_brain: AfterSplitBrain,
+    /// The most bytes per second a sync source reads and sends (`None`: as
+    /// fast as the window allows), so that a resync leaves the disks to the
+    /// clients.
+    pub sync_rate_bytes_per_sec: Option<u64>,
 }
 
 /// What a node does when it finds itself in split brain with its peer.

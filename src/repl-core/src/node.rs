@@ -186,6 +186,8 @@ struct SyncSource {
     unflushed: Vec<(u64, u64, u64)>,
     /// A SyncFlush is outstanding.
     flush_pending: bool,
+    /// With a rate limit: no chunk starts before this.
+    next_chunk_at: Instant,
 }
 
 struct SyncTarget {
@@ -386,7 +388,13 @@ impl<P: Payload> Node<P> {
             .filter(|s| s.phase == SyncPhase::WaitingReady)
             .map(|s| s.started + self.cfg.ack_timeout);
         let probe = self.probe.as_ref().map(|p| p.deadline);
-        [ack, self.handshake_deadline, ready, probe]
+        // A rate-limited sync waits for its next chunk's turn.
+        let paced = self
+            .sync
+            .as_ref()
+            .filter(|s| s.phase == SyncPhase::Sending && s.next_chunk_at > self.now)
+            .map(|s| s.next_chunk_at);
+        [ack, self.handshake_deadline, ready, probe, paced]
             .into_iter()
             .flatten()
             .min()
@@ -1923,6 +1931,7 @@ impl<P: Payload> Node<P> {
             started: self.now,
             unflushed: Vec::new(),
             flush_pending: false,
+            next_chunk_at: self.now,
         });
         self.out
             .push_back(Output::Send(Message::SyncStart { total_bytes }));
@@ -1937,6 +1946,7 @@ impl<P: Payload> Node<P> {
         let max_bits = (self.cfg.sync_chunk_bytes / granularity).max(1);
         let window = self.cfg.sync_window.max(1);
         let mut exhausted = false;
+        let rate = self.cfg.sync_rate_bytes_per_sec.filter(|r| *r > 0);
         loop {
             let Some(s) = &mut self.sync else { return };
             if s.in_flight >= window {
@@ -1946,8 +1956,17 @@ impl<P: Payload> Node<P> {
                 exhausted = true;
                 break;
             };
+            if rate.is_some() && s.next_chunk_at > self.now {
+                break;
+            }
             let (offset, length) = self.bitmap.bit_range(bit, bits);
             s.next_bit = bit + bits;
+            if let Some(rate) = rate {
+                // The chunk's share of a second at the configured rate.
+                let nanos = u128::from(length) * 1_000_000_000 / u128::from(rate);
+                let pause = std::time::Duration::from_nanos(nanos.min(u64::MAX as u128) as u64);
+                s.next_chunk_at = s.next_chunk_at.max(self.now) + pause;
+            }
             s.in_flight += 1;
             let epoch = s.epoch;
             let id = self.ops.insert(
@@ -1999,6 +2018,13 @@ impl<P: Payload> Node<P> {
                 self.cfg.probe_timeout
             ));
             return;
+        }
+        if self
+            .sync
+            .as_ref()
+            .is_some_and(|s| s.phase == SyncPhase::Sending && s.next_chunk_at <= now)
+        {
+            self.pump_sync();
         }
         if let Some(s) = &self.sync {
             if s.phase == SyncPhase::WaitingReady && now >= s.started + self.cfg.ack_timeout {

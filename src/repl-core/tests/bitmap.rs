@@ -274,3 +274,46 @@ fn invalidate_makes_the_next_sync_a_full_one() {
     assert_same(&p, "after the full sync");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
 }
+
+#[test]
+fn a_rate_limited_resync_paces_its_chunks_by_the_clock() {
+    // 64 KiB chunks at 64 KiB/s: one chunk per simulated second.
+    let mut p = Pair::synced(OnPeerLoss::Continue);
+    p.cut_link("partition");
+    for k in 0..4u64 {
+        let id = p.write(A, k * 65536, 3, 65536);
+        p.run_until_idle();
+        assert_eq!(p.reply(A, id), Some(&Ok(())));
+    }
+    // alpha stops cleanly and comes back with the rate limit.
+    p.admin(A, AdminCommand::Demote { force: false }).unwrap();
+    let mut cfg = p.nodes[A].node_config();
+    cfg.sync_rate_bytes_per_sec = Some(65536);
+    p.restart_with(A, cfg);
+    p.connect();
+    p.run_until_idle();
+    p.admin(
+        A,
+        AdminCommand::Promote {
+            force: false,
+            new_generation: 5,
+        },
+    )
+    .unwrap();
+    p.run_until_idle();
+    let sync = p.nodes[A].node.status(p.now).sync.expect("a sync runs");
+    assert_eq!(sync.done_bytes, 65536, "only the first chunk went at once");
+    assert!(
+        p.nodes[A].node.poll_timeout().is_some(),
+        "the next chunk's turn is armed"
+    );
+    for _ in 0..3 {
+        p.advance(std::time::Duration::from_secs(1));
+        p.run_until_idle();
+    }
+    assert!(
+        p.nodes[A].node.status(p.now).sync.is_none(),
+        "done after 3 s"
+    );
+    assert_same(&p, "after the paced resync");
+}

@@ -98,6 +98,9 @@ pub struct Profile {
     pub after_crash: AfterCrash,
     /// Whether a split brain with one side unchanged resolves itself.
     pub after_split_brain: AfterSplitBrain,
+    /// The sync rate limit (a simulated volume of 32 KiB takes 125 ms at
+    /// 256 KiB/s: the pacing timer runs, the liveness phase still ends).
+    pub sync_rate_bytes_per_sec: Option<u64>,
     /// Concurrent clients.
     pub clients: usize,
     /// Requests in flight per client, at most.
@@ -150,6 +153,7 @@ impl Profile {
             } else {
                 AfterSplitBrain::Disconnect
             },
+            sync_rate_bytes_per_sec: rng.percent(30).then_some(256 << 10),
             clients: rng.between(1, 4) as usize,
             max_depth: rng.between(1, 4),
             think_us: [200, 2_000, 20_000][rng.below(3) as usize],

@@ -363,7 +363,7 @@ impl Sim {
             let line = match self.status(n) {
                 None => format!("    {name} down (metadata {:?})", self.nodes[n].meta),
                 Some(st) => format!(
-                    "    {} {:?}/{:?}/{:?} gens {} psn {} sync {:?} diverged {}",
+                    "    {} {:?}/{:?}/{:?} gens {} psn {} sync {:?} diverged {} dirty {}",
                     name,
                     st.role,
                     st.disk,
@@ -371,7 +371,8 @@ impl Sim {
                     pairbd_repl_core::generations::describe(st.generations),
                     st.peer_sync_needed,
                     st.sync.map(|s| (s.source, s.percent() as u32)),
-                    self.checker.diverged(n)
+                    self.checker.diverged(n),
+                    st.out_of_sync_bytes
                 ),
             };
             self.note(line);
@@ -701,6 +702,7 @@ impl Sim {
             after_crash: self.profile.after_crash,
             bitmap_granularity_bytes: BITMAP_GRANULARITY,
             after_split_brain: self.profile.after_split_brain,
+            sync_rate_bytes_per_sec: self.profile.sync_rate_bytes_per_sec,
         }
     }
 
@@ -1355,6 +1357,24 @@ impl Sim {
                 .as_ref()
                 .is_some_and(|c| c.status(self.instant()).connection == ConnectionState::Connected)
         });
+        // `after-split-brain = "discard-zero-changes"`: a node that diverged
+        // only by a forced promotion, with no write of its own, is
+        // discarded by the policy, as an operator would: the model gives its
+        // data up. (A wrong choice still fails the sync's checks.)
+        let zero_changes = (0..2).find(|&n| !self.checker.changed_alone(n));
+        if connected
+            && self.profile.after_split_brain
+                == pairbd_repl_core::AfterSplitBrain::DiscardZeroChanges
+        {
+            if let Some(victim) = zero_changes {
+                self.note(format!(
+                    "discard-zero-changes: {} changed nothing alone; its data is given up",
+                    NAMES[victim]
+                ));
+                self.checker.discarded(victim);
+                return;
+            }
+        }
         if connected {
             self.fail(Violation::UndetectedSplitBrain(
                 "both nodes acknowledged writes the other does not have, and they connected \

@@ -119,7 +119,7 @@ fn promoting_an_outdated_node_is_caught() {
 
 #[test]
 fn clearing_a_bit_before_the_target_flushed_is_caught() {
-    // Seed 569 catches it today.
+    // Seed 327 catches it today (as a silent divergence).
     let (_, v) = first_catch_within(Mutation::BitClearedBeforeTargetFlush, 2000);
     assert!(
         matches!(

@@ -87,6 +87,7 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         after_crash: AfterCrash::Secondary,
         bitmap_granularity_bytes: GRANULARITY,
         after_split_brain: pairbd_repl_core::AfterSplitBrain::Disconnect,
+        sync_rate_bytes_per_sec: None,
     }
 }
 
