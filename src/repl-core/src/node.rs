@@ -768,9 +768,15 @@ impl<P: Payload> Node<P> {
                 local_done,
                 peer,
             }) => {
+                // The flush of a demotion answers no client: suspend-io does
+                // not hold it (it would wait forever for a peer that may never
+                // return, and block the demotion), only the durable mark
+                // does. (Found by the simulator.)
+                let leaving_allowed = *req == LEAVING_FLUSH
+                    && (!self.wanted.peer_sync_needed || self.persisted.peer_sync_needed);
                 let confirmed = match peer {
                     PeerAck::Done => true,
-                    PeerAck::NotNeeded => allowed,
+                    PeerAck::NotNeeded => allowed || leaving_allowed,
                     PeerAck::Waiting => early,
                 };
                 (*local_done && confirmed).then_some(*req)
