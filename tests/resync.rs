@@ -237,3 +237,33 @@ fn invalidate_gives_the_secondary_a_full_sync() {
     assert!(b.stop().success());
     files.assert_data_equal();
 }
+
+#[test]
+fn a_rate_limited_sync_is_followed_by_status_watch() {
+    // 4 MiB at 1 MiB/s: the sync takes about four seconds.
+    let size = 4 << 20;
+    let dir = TestDir::new("resync-watch");
+    let files = pair::setup(&dir, size, "sync-rate = \"1MiB\"");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_for("alpha", "a sync running", |s| !s["sync"].is_null());
+    let out = Command::new(common::pairbd_binary())
+        .arg("--config")
+        .arg(&files.config)
+        .args(["--node", "alpha", "status", "--watch", "mail"])
+        .output()
+        .expect("run status --watch");
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("full sync, this node is the source"),
+        "progress lines: {text}"
+    );
+    assert!(text.contains("role:Primary"), "the final status: {text}");
+    files.wait_in_sync();
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    files.assert_data_equal();
+}

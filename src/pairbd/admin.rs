@@ -120,6 +120,11 @@ pub struct StatusArgs {
     /// `peer.disk` (strings bare, other values as JSON; missing: nothing, exit 1).
     #[arg(long, value_name = "PATH", conflicts_with = "json")]
     field: Option<String>,
+    /// Follow a running sync with a live progress bar (refreshed every second;
+    /// one line per refresh when not on a terminal, or one JSON status with
+    /// --json) until no sync runs, then print the status.
+    #[arg(long, conflicts_with = "field")]
+    watch: bool,
 }
 
 pub fn daemon(ctx: &Context, args: ResourceArg) -> anyhow::Result<ExitCode> {
@@ -272,6 +277,9 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     if !answer["ok"].as_bool().unwrap_or(false) {
         return Ok(report(&answer, args.json));
     }
+    if args.watch {
+        return watch(&path, answer, args.json);
+    }
     let s = &answer["status"];
     if args.json {
         println!("{s}");
@@ -296,6 +304,67 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     print!("{}", human_status(s));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `status --watch`: a progress bar while a sync runs (indicatif draws
+/// nothing when stderr is not a terminal: then a line per refresh), then the
+/// status. The refresh interval is the display's pace, not a synchronisation.
+fn watch(path: &PathBuf, mut answer: Value, json_out: bool) -> anyhow::Result<ExitCode> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg}\n[{bar:40}] {percent}% ({bytes}/{total_bytes})")
+            .context("the progress bar template")?
+            .progress_chars("=> "),
+    );
+    loop {
+        if !answer["ok"].as_bool().unwrap_or(false) {
+            bar.finish_and_clear();
+            return Ok(report(&answer, json_out));
+        }
+        let s = &answer["status"];
+        let Some(y) = s["sync"].as_object() else {
+            bar.finish_and_clear();
+            if json_out {
+                println!("{s}");
+            } else {
+                print!("{}", human_status(s));
+            }
+            return Ok(ExitCode::SUCCESS);
+        };
+        let done = y["done_bytes"].as_u64().unwrap_or(0);
+        let total = y["total_bytes"].as_u64().unwrap_or(0);
+        let kind = match y["kind"].as_str() {
+            Some("full") => "full sync",
+            Some("bitmap") => "resync of the dirty regions",
+            _ => "sync",
+        };
+        let eta = y["eta_secs"]
+            .as_f64()
+            .map(|e| format!(", ETA {e:.0}s"))
+            .unwrap_or_default();
+        let text = |v: &Value| v.as_str().unwrap_or("?").to_string();
+        let msg = format!(
+            "{} {kind}, this node is the {}: {:.1} MiB/s{eta}",
+            text(&s["resource"]),
+            text(&y["direction"]),
+            y["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1048576.0
+        );
+        if json_out {
+            println!("{s}");
+        } else if bar.is_hidden() {
+            println!(
+                "{msg}: {:.1}% ({done} of {total} bytes)",
+                y["percent"].as_f64().unwrap_or(0.0)
+            );
+        } else {
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(msg);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        answer = ask(path, json!({"command": "status"}))?;
+    }
 }
 
 /// `drbdadm status`-like text.
