@@ -267,3 +267,47 @@ fn a_rate_limited_sync_is_followed_by_status_watch() {
     assert!(b.stop().success());
     files.assert_data_equal();
 }
+
+#[test]
+fn verify_finds_the_blocks_corrupted_on_the_secondary_and_repairs_them() {
+    let dir = TestDir::new("resync-verify");
+    let files = pair::setup(&dir, SIZE, "");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    // Corrupt three blocks of beta's store behind pairbd's back (buffered
+    // I/O: the daemon reads the page cache the test writes).
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(files.backing("beta"))
+            .unwrap();
+        for at in [10u64 << 20, (10 << 20) + 4096, 50 << 20] {
+            f.write_all_at(&[0xC3; 100], at + 7).unwrap();
+        }
+    }
+    let out = files.cli("beta", &["verify", "mail"]);
+    assert!(!out.status.success(), "a Secondary refuses verify");
+    let out = files.cli("alpha", &["verify", "mail"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (s, _) = files.wait_for("alpha", "the verify's result", |s| {
+        !s["last_verify"].is_null()
+    });
+    let v = &s["last_verify"];
+    eprintln!("verify: {v}");
+    assert_eq!(v["differing_blocks"], 3, "{s:#}");
+    assert_eq!(
+        v["ranges"],
+        serde_json::json!([[10u64 << 20, 8192], [50u64 << 20, 4096]])
+    );
+    files.wait_in_sync();
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+    files.assert_data_equal();
+}

@@ -444,6 +444,24 @@ fn human_status(s: &Value) -> String {
             y["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
     }
+    if let Some(v) = s["verify"].as_object() {
+        out.push_str(&format!(
+            "    verify: {:.1}% compared\n",
+            v["percent"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if let Some(v) = s["last_verify"].as_object() {
+        out.push_str(&format!(
+            "  last verify: {} bytes compared, {} 4 KiB blocks differed{}\n",
+            v["checked_bytes"].as_u64().unwrap_or(0),
+            v["differing_blocks"].as_u64().unwrap_or(0),
+            if v["differing_blocks"].as_u64().unwrap_or(0) > 0 {
+                " (marked out of sync and resynced)"
+            } else {
+                ""
+            }
+        ));
+    }
     if let Some(b) = s["bitmap"].as_object() {
         let oos = b["out_of_sync_bytes"].as_u64().unwrap_or(0);
         let marked = b["marked_bytes"].as_u64().unwrap_or(0);

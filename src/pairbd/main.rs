@@ -48,6 +48,8 @@ enum Command {
     ResumeIo(admin::ResourceArg),
     /// Throw this Secondary's data away: it becomes Inconsistent and receives a full sync.
     Invalidate(admin::ResourceArg),
+    /// On the Primary: compare both copies block by block; differing blocks are resynced.
+    Verify(admin::ResourceArg),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
     Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Command::Connect(args) => admin::connect(&ctx, args),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
         Command::Invalidate(args) => admin::simple(&ctx, args, "invalidate"),
+        Command::Verify(args) => admin::simple(&ctx, args, "verify"),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),
         Command::Attach(args) => attach::attach(&ctx, args),

@@ -76,6 +76,18 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
             "eta_secs": y.eta_secs().map(|e| e.round()),
         })),
         "peer_sync_needed": s.peer_sync_needed,
+        "verify": s.verify.map(|y| json!({
+            "percent": (y.percent() * 10.0).round() / 10.0,
+            "done_bytes": y.done_bytes,
+            "total_bytes": y.total_bytes,
+            "rate_bytes_per_sec": y.rate_bytes_per_sec().round(),
+            "eta_secs": y.eta_secs().map(|e| e.round()),
+        })),
+        "last_verify": s.last_verify.as_ref().map(|v| json!({
+            "checked_bytes": v.checked_bytes,
+            "differing_blocks": v.differing_blocks,
+            "ranges": v.ranges,
+        })),
         "bitmap": json!({
             "granularity_bytes": s.bitmap_granularity_bytes,
             "out_of_sync_bytes": s.out_of_sync_bytes,
@@ -197,6 +209,7 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         }
         Some("resume-io") => AdminCommand::ResumeIo,
         Some("invalidate") => AdminCommand::Invalidate,
+        Some("verify") => AdminCommand::Verify,
         Some("connect") => {
             if request.get("discard_my_data").and_then(Value::as_bool) == Some(true) {
                 AdminCommand::ConnectDiscardingMyData

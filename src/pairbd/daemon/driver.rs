@@ -41,6 +41,9 @@ impl Payload for SharedBuf {
     fn len(&self) -> usize {
         self.0.len()
     }
+    fn bytes(&self) -> &[u8] {
+        self.0.as_ref()
+    }
 }
 
 /// A message as the daemon handles it.

@@ -23,7 +23,9 @@ pub use generations::Verdict;
 pub use node::Mutation;
 pub use node::Node;
 pub use pairbd_repl_proto::{DirtyRanges, DiskState, Generations, Hello, Message, NodeState, Role};
-pub use status::{disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus};
+pub use status::{
+    disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +84,8 @@ impl PersistentState {
 pub trait Payload: Clone {
     /// The payload's length in bytes.
     fn len(&self) -> usize;
+    /// The bytes (online verify checksums them; nothing else looks inside).
+    fn bytes(&self) -> &[u8];
     /// Whether the payload is empty.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -92,11 +96,17 @@ impl Payload for Vec<u8> {
     fn len(&self) -> usize {
         Vec::len(self)
     }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
 }
 
 impl<T: AsRef<[u8]> + ?Sized> Payload for Arc<T> {
     fn len(&self) -> usize {
         self.as_ref().as_ref().len()
+    }
+    fn bytes(&self) -> &[u8] {
+        self.as_ref().as_ref()
     }
 }
 
@@ -273,6 +283,10 @@ pub enum AdminCommand {
     ConnectDiscardingMyData,
     /// Release writes held by `on-peer-loss = "suspend-io"`.
     ResumeIo,
+    /// `pairbd verify`: on a Primary connected to an UpToDate Secondary,
+    /// compare both copies block by block (crc32c of 4 KiB); blocks that
+    /// differ are marked in the dirty bitmap and resynced when it ends.
+    Verify,
     /// `pairbd invalidate`: this Secondary's data stops counting (it becomes
     /// Inconsistent, durably) and the next sync into it covers everything.
     Invalidate,

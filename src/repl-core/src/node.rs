@@ -25,13 +25,16 @@ use pairbd_repl_proto::Hello;
 use crate::bitmap::DirtyBitmap;
 use crate::generations::{self, GenerationSource, Verdict};
 use crate::ops::{OpTable, Range};
-use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus};
+use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult};
 use crate::{
     AdminCommand, AdminError, AdminId, AfterCrash, AfterSplitBrain, ClientOp, Config, DirtyRanges,
     DiskOp, DiskOpId, DiskResult, DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output,
     Payload, PersistentState, ReplyError, RequestId, Role,
 };
-use pairbd_repl_proto::DIRTY_RANGES_MAX;
+use pairbd_repl_proto::{VerifyReply, DIRTY_RANGES_MAX, VERIFY_BLOCK_BYTES, VERIFY_MAX_BYTES};
+
+/// Differing ranges a verify remembers for status (the count is exact).
+const VERIFY_RANGES_MAX: usize = 64;
 
 /// Writes the transfer log remembers one by one; beyond it, their regions go
 /// to a spill bitmap (bounded by the volume) until a peer flush covers them.
@@ -102,6 +105,16 @@ enum Op<P> {
         epoch: u64,
         sync_done: bool,
     },
+    /// An online-verify chunk on the primary: read and checksummed, then
+    /// compared with the secondary's checksums (`crcs` once read).
+    VerifyChunk {
+        offset: u64,
+        length: u64,
+        epoch: u64,
+        crcs: Option<Vec<u32>>,
+    },
+    /// The secondary's read for a VerifyRequest.
+    PeerVerify { seq: u64, epoch: u64 },
     /// A sync chunk on the primary: read, then sent, then acknowledged. It
     /// covers `bits` bits of the dirty bitmap from `bit`.
     SyncChunk {
@@ -112,6 +125,14 @@ enum Op<P> {
         epoch: u64,
         sent: bool,
     },
+}
+
+/// The crc32c of each `VERIFY_BLOCK_BYTES` block of `bytes`.
+fn block_crcs(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(VERIFY_BLOCK_BYTES as usize)
+        .map(crc32c::crc32c)
+        .collect()
 }
 
 impl<P> Op<P> {
@@ -128,6 +149,8 @@ enum Pending {
     /// A flush the sync source asked for, to clear the bits of the chunks
     /// acknowledged before it.
     SyncFlush,
+    /// The checksums of a verify chunk (its operation id).
+    Verify(u64),
 }
 
 /// Work deferred until a metadata version is durable.
@@ -190,6 +213,16 @@ struct SyncSource {
     next_chunk_at: Instant,
 }
 
+struct VerifySource {
+    epoch: u64,
+    next_offset: u64,
+    done_bytes: u64,
+    in_flight: usize,
+    started: Instant,
+    next_chunk_at: Instant,
+    result: VerifyResult,
+}
+
 struct SyncTarget {
     done_bytes: u64,
     total_bytes: u64,
@@ -229,6 +262,8 @@ pub struct Node<P> {
 
     sync: Option<SyncSource>,
     sync_target: Option<SyncTarget>,
+    verify: Option<VerifySource>,
+    last_verify: Option<VerifyResult>,
     /// Regions the peer may lack (see `bitmap`).
     bitmap: DirtyBitmap,
     /// Writes sent to the peer since its last completed flush: (seq, range).
@@ -300,6 +335,8 @@ impl<P: Payload> Node<P> {
             sec_flushes: VecDeque::new(),
             sync: None,
             sync_target: None,
+            verify: None,
+            last_verify: None,
             bitmap,
             transfer_log: VecDeque::new(),
             transfer_spill: None,
@@ -394,10 +431,22 @@ impl<P: Payload> Node<P> {
             .as_ref()
             .filter(|s| s.phase == SyncPhase::Sending && s.next_chunk_at > self.now)
             .map(|s| s.next_chunk_at);
-        [ack, self.handshake_deadline, ready, probe, paced]
-            .into_iter()
-            .flatten()
-            .min()
+        let verify_paced = self
+            .verify
+            .as_ref()
+            .filter(|v| v.next_chunk_at > self.now && v.next_offset < self.cfg.size_bytes)
+            .map(|v| v.next_chunk_at);
+        [
+            ack,
+            self.handshake_deadline,
+            ready,
+            probe,
+            paced,
+            verify_paced,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Whether this node serves clients now (Primary, durably).
@@ -482,6 +531,14 @@ impl<P: Payload> Node<P> {
             failed: self.failed.clone(),
             generations: self.wanted.generations(),
             demoting: self.demoting.is_some(),
+            verify: self.verify.as_ref().map(|v| SyncStatus {
+                source: true,
+                full: true,
+                done_bytes: v.done_bytes,
+                total_bytes: self.cfg.size_bytes,
+                elapsed_secs: now.saturating_duration_since(v.started).as_secs_f64(),
+            }),
+            last_verify: self.last_verify.clone(),
             out_of_sync_bytes: self.bitmap.dirty_bytes(),
             marked_bytes: self.marked_bytes,
             resynced_bytes: self.resynced_bytes,
@@ -562,6 +619,7 @@ impl<P: Payload> Node<P> {
 
     fn start_op(&mut self, id: u64) {
         self.ops.activate(id);
+        let range_of = self.ops.range(id);
         let replicate = self.peer_replicates();
         #[cfg(feature = "mutations")]
         let replicate_flush = replicate && !self.mutated(Mutation::FlushNotForwarded);
@@ -651,11 +709,20 @@ impl<P: Payload> Node<P> {
             }
             Some(Op::PeerWrite { op, .. }) => disk = Some(op.clone()),
             Some(Op::PeerFlush { .. }) => disk = Some(DiskOp::Flush),
-            Some(Op::SyncChunk { offset, length, .. }) => {
+            Some(Op::SyncChunk { offset, length, .. })
+            | Some(Op::VerifyChunk { offset, length, .. }) => {
                 disk = Some(DiskOp::Read {
                     offset: *offset,
                     length: *length,
                 })
+            }
+            Some(Op::PeerVerify { .. }) => {
+                if let Some(r) = range_of {
+                    disk = Some(DiskOp::Read {
+                        offset: r.start,
+                        length: r.end - r.start,
+                    })
+                }
             }
             None => {}
         }
@@ -862,6 +929,68 @@ impl<P: Payload> Node<P> {
                         self.out.push_back(Output::Send(Message::FlushAck { seq }));
                     }
                 }
+            }
+            Some(Op::PeerVerify { seq, epoch }) => {
+                let (seq, epoch) = (*seq, *epoch);
+                let crcs = match &result {
+                    DiskResult::Read(payload) => block_crcs(payload.bytes()),
+                    _ => {
+                        self.fail_stop(format!(
+                            "invariant broken: verify read {seq} completed without data"
+                        ));
+                        return;
+                    }
+                };
+                self.ops.remove(id);
+                if connected_epoch == Some(epoch) {
+                    self.out
+                        .push_back(Output::Send(Message::VerifyReply(VerifyReply {
+                            seq,
+                            crcs,
+                        })));
+                }
+                self.start_ready();
+            }
+            Some(Op::VerifyChunk {
+                offset,
+                length,
+                epoch,
+                crcs,
+            }) => {
+                let (offset, length, epoch) = (*offset, *length, *epoch);
+                if crcs.is_some() {
+                    self.fail_stop(format!(
+                        "invariant broken: verify chunk at {offset} completed twice"
+                    ));
+                    return;
+                }
+                let live = self.verify.as_ref().is_some_and(|v| v.epoch == epoch)
+                    && connected_epoch == Some(epoch);
+                let payload = match &result {
+                    DiskResult::Read(p) if p.len() as u64 == length => p,
+                    _ => {
+                        self.fail_stop(format!(
+                            "invariant broken: verify read at {offset} returned no or short data"
+                        ));
+                        return;
+                    }
+                };
+                if !live {
+                    self.ops.remove(id);
+                    self.start_ready();
+                    return;
+                }
+                let local = block_crcs(payload.bytes());
+                if let Some(Op::VerifyChunk { crcs, .. }) = self.ops.get_mut(id) {
+                    *crcs = Some(local);
+                }
+                let seq = self.alloc_seq();
+                self.peer_pending.insert(seq, (Pending::Verify(id), now));
+                self.out.push_back(Output::Send(Message::VerifyRequest {
+                    seq,
+                    offset,
+                    length,
+                }));
             }
             Some(Op::SyncChunk {
                 offset,
@@ -1203,6 +1332,8 @@ impl<P: Payload> Node<P> {
                 }
                 // A chunk still being read is dropped when its read ends.
                 Some(Op::SyncChunk { sent, .. }) => *sent || !active,
+                Some(Op::VerifyChunk { crcs, .. }) => crcs.is_some() || !active,
+                Some(Op::PeerVerify { .. }) => !active,
                 // Running ones finish silently (their epoch is stale); waiting
                 // ones were never acknowledged: drop them.
                 Some(Op::PeerWrite { .. }) | Some(Op::PeerFlush { .. }) => !active,
@@ -1227,6 +1358,9 @@ impl<P: Payload> Node<P> {
             self.rejoin_line();
         }
         self.sync_target = None;
+        if self.verify.take().is_some() {
+            tracing::warn!(resource = %self.cfg.resource, "online verify stopped: the link went");
+        }
         if self.wanted.role == Role::Primary {
             if unconfirmed {
                 self.note_unreplicated_write();
@@ -1384,6 +1518,31 @@ impl<P: Payload> Node<P> {
                 Ok(())
             }
             Message::DirtyRanges(d) => self.on_dirty_ranges(d),
+            Message::VerifyRequest {
+                seq,
+                offset,
+                length,
+            } => {
+                self.check_from_primary(seq)?;
+                let fits = offset
+                    .checked_add(length)
+                    .is_some_and(|end| end <= self.cfg.size_bytes);
+                if !fits || length == 0 || length > VERIFY_MAX_BYTES {
+                    return Err(format!("verify of {length} bytes at {offset}"));
+                }
+                let id = self.ops.insert(
+                    Some(Range::new(offset, length)),
+                    Op::PeerVerify {
+                        seq,
+                        epoch: self.epoch,
+                    },
+                );
+                if self.ops.may_start(id) {
+                    self.start_op(id);
+                }
+                Ok(())
+            }
+            Message::VerifyReply(r) => self.on_verify_reply(r),
             Message::Ack { seq } => self.on_ack(seq, false),
             Message::FlushAck { seq } => self.on_ack(seq, true),
             Message::SyncDoneAck { seq } => {
@@ -1481,6 +1640,118 @@ impl<P: Payload> Node<P> {
                 Verdict::Ahead
             }
             _ => Verdict::SplitBrain,
+        }
+    }
+
+    fn on_verify_reply(&mut self, r: VerifyReply) -> Result<(), String> {
+        let Some((Pending::Verify(id), _)) = self.peer_pending.remove(&r.seq) else {
+            return Err(format!("verify reply {} to no request", r.seq));
+        };
+        let Some(Op::VerifyChunk {
+            offset,
+            length,
+            crcs: Some(local),
+            ..
+        }) = self.ops.remove(id)
+        else {
+            return Err(format!("verify reply {} for no chunk", r.seq));
+        };
+        if local.len() != r.crcs.len() {
+            return Err(format!(
+                "verify reply {} has {} checksums, not {}",
+                r.seq,
+                r.crcs.len(),
+                local.len()
+            ));
+        }
+        let mut differing = Vec::new();
+        for (i, (a, b)) in local.iter().zip(&r.crcs).enumerate() {
+            if a != b {
+                let at = offset + i as u64 * VERIFY_BLOCK_BYTES;
+                differing.push((at, VERIFY_BLOCK_BYTES.min(offset + length - at)));
+            }
+        }
+        for &(at, len) in &differing {
+            self.mark(at, len);
+        }
+        if let Some(v) = &mut self.verify {
+            v.done_bytes += length;
+            v.in_flight -= 1;
+            for (at, len) in differing {
+                v.result.differing_blocks += 1;
+                let ranges = &mut v.result.ranges;
+                let n = ranges.len();
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == at => last.1 += len,
+                    _ if n < VERIFY_RANGES_MAX => ranges.push((at, len)),
+                    _ => {}
+                }
+            }
+        }
+        self.start_ready();
+        self.pump_verify();
+        Ok(())
+    }
+
+    /// Starts verify chunks up to the window (and the sync rate), and ends
+    /// the verify when every chunk was compared: differing blocks were
+    /// marked, and a resync of them starts.
+    fn pump_verify(&mut self) {
+        let chunk = self
+            .cfg
+            .sync_chunk_bytes
+            .clamp(VERIFY_BLOCK_BYTES, VERIFY_MAX_BYTES);
+        let window = self.cfg.sync_window.max(1);
+        let rate = self.cfg.sync_rate_bytes_per_sec.filter(|r| *r > 0);
+        loop {
+            let Some(v) = &mut self.verify else { return };
+            if v.in_flight >= window
+                || v.next_offset >= self.cfg.size_bytes
+                || (rate.is_some() && v.next_chunk_at > self.now)
+            {
+                break;
+            }
+            let offset = v.next_offset;
+            let length = chunk.min(self.cfg.size_bytes - offset);
+            v.next_offset += length;
+            v.in_flight += 1;
+            if let Some(rate) = rate {
+                let nanos = u128::from(length) * 1_000_000_000 / u128::from(rate);
+                let pause = std::time::Duration::from_nanos(nanos.min(u64::MAX as u128) as u64);
+                v.next_chunk_at = v.next_chunk_at.max(self.now) + pause;
+            }
+            let epoch = v.epoch;
+            let id = self.ops.insert(
+                Some(Range::new(offset, length)),
+                Op::VerifyChunk {
+                    offset,
+                    length,
+                    epoch,
+                    crcs: None,
+                },
+            );
+            if self.ops.may_start(id) {
+                self.start_op(id);
+            }
+        }
+        let done = self
+            .verify
+            .as_ref()
+            .is_some_and(|v| v.in_flight == 0 && v.next_offset >= self.cfg.size_bytes);
+        if done {
+            if let Some(v) = self.verify.take() {
+                tracing::info!(
+                    resource = %self.cfg.resource,
+                    "online verify finished: {} bytes compared, {} blocks differ",
+                    v.result.checked_bytes.max(v.done_bytes),
+                    v.result.differing_blocks
+                );
+                let mut result = v.result;
+                result.checked_bytes = v.done_bytes;
+                self.last_verify = Some(result);
+            }
+            // Marked blocks are resynced now.
+            self.maybe_start_sync();
         }
     }
 
@@ -2032,6 +2303,9 @@ impl<P: Payload> Node<P> {
         {
             self.pump_sync();
         }
+        if self.verify.as_ref().is_some_and(|v| v.next_chunk_at <= now) {
+            self.pump_verify();
+        }
         if let Some(s) = &self.sync {
             if s.phase == SyncPhase::WaitingReady && now >= s.started + self.cfg.ack_timeout {
                 self.drop_link("the peer did not answer the sync start in time".into());
@@ -2115,6 +2389,48 @@ impl<P: Payload> Node<P> {
                     }
                 }
                 self.check_demote();
+                Ok(())
+            }
+            AdminCommand::Verify => {
+                let peer_ok = self.conn == ConnectionState::Connected
+                    && self.peer.as_ref().is_some_and(|p| {
+                        p.state.role == Role::Secondary
+                            && p.state.disk == DiskState::UpToDate
+                            && !p.behind
+                    });
+                if !self.serves_clients() || !peer_ok {
+                    return Err(AdminError(
+                        "verify runs on the Primary while it is connected to an UpToDate \
+                         Secondary"
+                            .into(),
+                    ));
+                }
+                if self.sync.is_some() || self.verify.is_some() {
+                    return Err(AdminError(
+                        "a sync or a verify is running; wait for it to end".into(),
+                    ));
+                }
+                self.verify = Some(VerifySource {
+                    epoch: self.epoch,
+                    next_offset: 0,
+                    done_bytes: 0,
+                    in_flight: 0,
+                    started: self.now,
+                    next_chunk_at: self.now,
+                    result: VerifyResult {
+                        checked_bytes: 0,
+                        differing_blocks: 0,
+                        ranges: Vec::new(),
+                    },
+                });
+                tracing::info!(resource = %self.cfg.resource, "online verify starting");
+                self.pump_verify();
+                self.out.push_back(Output::AdminDone {
+                    id,
+                    result: Ok(
+                        "verify started; `pairbd status` shows its progress and result".into(),
+                    ),
+                });
                 Ok(())
             }
             AdminCommand::Invalidate => {
@@ -2244,6 +2560,9 @@ impl<P: Payload> Node<P> {
         self.demoting = None;
         if self.sync.take().is_some() {
             tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+        }
+        if self.verify.take().is_some() {
+            tracing::warn!(resource = %self.cfg.resource, "demoted during an online verify: it stops");
         }
         self.wanted.role = Role::Secondary;
         self.io_suspended = false;

@@ -128,6 +128,22 @@ pub struct Status {
     pub resynced_bytes: u64,
     /// The dirty bitmap's granularity (bytes per bit).
     pub bitmap_granularity_bytes: u64,
+    /// An online verify in progress (as a sync: bytes compared of the volume).
+    pub verify: Option<SyncStatus>,
+    /// The last finished verify: bytes compared, 4 KiB blocks that differed,
+    /// and the first differing ranges (offset, length).
+    pub last_verify: Option<VerifyResult>,
+}
+
+/// What an online verify found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyResult {
+    /// Bytes compared.
+    pub checked_bytes: u64,
+    /// 4 KiB blocks whose checksums differed (marked out of sync).
+    pub differing_blocks: u64,
+    /// The first differing ranges, adjacent blocks merged (at most 64).
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// Display names for roles and disk states (DRBD's spelling).

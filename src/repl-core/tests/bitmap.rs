@@ -317,3 +317,30 @@ fn a_rate_limited_resync_paces_its_chunks_by_the_clock() {
     );
     assert_same(&p, "after the paced resync");
 }
+
+#[test]
+fn verify_finds_exactly_the_corrupted_blocks_and_the_resync_repairs_them() {
+    let mut p = Pair::synced(OnPeerLoss::Continue);
+    assert!(
+        p.admin(B, AdminCommand::Verify).is_err(),
+        "not on a Secondary"
+    );
+    // Two adjacent blocks and one far away, corrupted behind the pair's back.
+    for at in [40_960usize, 45_056, 700_000] {
+        p.nodes[B].data[at] ^= 0x55;
+    }
+    // A write in flight during the verify is no difference.
+    let w = p.write(A, 0, 9, 4096);
+    p.admin(A, AdminCommand::Verify).unwrap();
+    p.run_until_idle();
+    assert_eq!(p.reply(A, w), Some(&Ok(())));
+    let st = p.nodes[A].node.status(p.now);
+    let result = st.last_verify.expect("a verify result");
+    assert_eq!(result.checked_bytes, SIZE);
+    assert_eq!(result.differing_blocks, 3);
+    assert_eq!(result.ranges, vec![(40_960, 8192), (696_320, 4096)]);
+    assert!(st.verify.is_none());
+    assert_same(&p, "after the resync of the marked blocks");
+    assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
+    assert_eq!(st.out_of_sync_bytes, 0);
+}

@@ -102,6 +102,22 @@ pub struct DirtyRanges {
 /// 20 bytes a range: well inside the control payload limit).
 pub const DIRTY_RANGES_MAX: usize = 2048;
 
+/// The answer to `VerifyRequest`: crc32c of each 4096-byte block of the
+/// range as the secondary's store holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReply {
+    /// The request's sequence number.
+    pub seq: u64,
+    /// One crc32c per block, in order.
+    pub crcs: Vec<u32>,
+}
+
+/// Bytes per checksum of online verify.
+pub const VERIFY_BLOCK_BYTES: u64 = 4096;
+/// The longest range one `VerifyRequest` may ask for (its reply's crcs fit
+/// the control payload limit).
+pub const VERIFY_MAX_BYTES: u64 = 8 << 20;
+
 /// One replication message. `P` is the caller's payload buffer type.
 ///
 /// Sequence numbers are assigned by the primary, one counter for every message
@@ -153,6 +169,11 @@ pub enum Message<P> {
     Pong { seq: u64 },
     /// Either way, after the hello: a batch of the sender's dirty regions.
     DirtyRanges(DirtyRanges),
+    /// Primary → secondary (online verify): read this range after every
+    /// earlier write to it and answer with its blocks' checksums.
+    VerifyRequest { seq: u64, offset: u64, length: u64 },
+    /// Secondary → primary: the checksums of `VerifyRequest` `seq`.
+    VerifyReply(VerifyReply),
 }
 
 impl<P> Message<P> {
@@ -184,6 +205,8 @@ impl<P> Message<P> {
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
             Message::DirtyRanges(_) => "dirty-ranges",
+            Message::VerifyRequest { .. } => "verify-request",
+            Message::VerifyReply(_) => "verify-reply",
         }
     }
 }

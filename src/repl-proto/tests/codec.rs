@@ -76,6 +76,15 @@ fn all_messages() -> Vec<Message<Vec<u8>>> {
             ranges: vec![(0, 4096), (1 << 20, 65536)],
             last: true,
         }),
+        Message::VerifyRequest {
+            seq: 9,
+            offset: 1 << 20,
+            length: 1 << 20,
+        },
+        Message::VerifyReply(pairbd_repl_proto::VerifyReply {
+            seq: 9,
+            crcs: vec![1, 2, 0xFFFF_FFFF],
+        }),
     ]
 }
 
