@@ -43,6 +43,18 @@ pub struct ResourceArg {
     json: bool,
 }
 
+/// Arguments of `connect`.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    #[command(flatten)]
+    resource: ResourceArg,
+    /// On the node the operator sacrifices after a split brain: its changes
+    /// are rolled back (the peer resyncs both nodes' dirty regions onto it).
+    /// The node must be Secondary.
+    #[arg(long)]
+    discard_my_data: bool,
+}
+
 /// Arguments of `gen-cert`.
 #[derive(Debug, Args)]
 pub struct GenCertArgs {
@@ -123,6 +135,11 @@ pub struct StatusArgs {
     /// `peer.disk` (strings bare, other values as JSON; missing: nothing, exit 1).
     #[arg(long, value_name = "PATH", conflicts_with = "json")]
     field: Option<String>,
+    /// Follow a running sync with a live progress bar (refreshed every second;
+    /// one line per refresh when not on a terminal, or one JSON status with
+    /// --json) until no sync runs, then print the status.
+    #[arg(long, conflicts_with = "field")]
+    watch: bool,
 }
 
 pub fn daemon(ctx: &Context, args: ResourceArg) -> anyhow::Result<ExitCode> {
@@ -270,11 +287,23 @@ pub fn simple(ctx: &Context, args: ResourceArg, command: &str) -> anyhow::Result
     Ok(report(&answer, args.json))
 }
 
+pub fn connect(ctx: &Context, args: ConnectArgs) -> anyhow::Result<ExitCode> {
+    let path = control_path(ctx, args.resource.resource.as_deref())?;
+    let answer = ask(
+        &path,
+        json!({"command": "connect", "discard_my_data": args.discard_my_data}),
+    )?;
+    Ok(report(&answer, args.resource.json))
+}
+
 pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     let path = control_path(ctx, args.resource.as_deref())?;
     let answer = ask(&path, json!({"command": "status"}))?;
     if !answer["ok"].as_bool().unwrap_or(false) {
         return Ok(report(&answer, args.json));
+    }
+    if args.watch {
+        return watch(&path, answer, args.json);
     }
     let s = &answer["status"];
     if args.json {
@@ -300,6 +329,67 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     }
     print!("{}", human_status(s));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `status --watch`: a progress bar while a sync runs (indicatif draws
+/// nothing when stderr is not a terminal: then a line per refresh), then the
+/// status. The refresh interval is the display's pace, not a synchronisation.
+fn watch(path: &PathBuf, mut answer: Value, json_out: bool) -> anyhow::Result<ExitCode> {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{msg}\n[{bar:40}] {percent}% ({bytes}/{total_bytes})")
+            .context("the progress bar template")?
+            .progress_chars("=> "),
+    );
+    loop {
+        if !answer["ok"].as_bool().unwrap_or(false) {
+            bar.finish_and_clear();
+            return Ok(report(&answer, json_out));
+        }
+        let s = &answer["status"];
+        let Some(y) = s["sync"].as_object() else {
+            bar.finish_and_clear();
+            if json_out {
+                println!("{s}");
+            } else {
+                print!("{}", human_status(s));
+            }
+            return Ok(ExitCode::SUCCESS);
+        };
+        let done = y["done_bytes"].as_u64().unwrap_or(0);
+        let total = y["total_bytes"].as_u64().unwrap_or(0);
+        let kind = match y["kind"].as_str() {
+            Some("full") => "full sync",
+            Some("bitmap") => "resync of the dirty regions",
+            _ => "sync",
+        };
+        let eta = y["eta_secs"]
+            .as_f64()
+            .map(|e| format!(", ETA {e:.0}s"))
+            .unwrap_or_default();
+        let text = |v: &Value| v.as_str().unwrap_or("?").to_string();
+        let msg = format!(
+            "{} {kind}, this node is the {}: {:.1} MiB/s{eta}",
+            text(&s["resource"]),
+            text(&y["direction"]),
+            y["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1048576.0
+        );
+        if json_out {
+            println!("{s}");
+        } else if bar.is_hidden() {
+            println!(
+                "{msg}: {:.1}% ({done} of {total} bytes)",
+                y["percent"].as_f64().unwrap_or(0.0)
+            );
+        } else {
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(msg);
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        answer = ask(path, json!({"command": "status"}))?;
+    }
 }
 
 /// `drbdadm status`-like text.
@@ -362,15 +452,52 @@ fn human_status(s: &Value) -> String {
             .map(|e| format!(", ETA {e:.0}s"))
             .unwrap_or_default();
         out.push_str(&format!(
-            "    full sync ({}): {:.1}% done, {:.1} MiB/s{eta}\n",
+            "    {} ({}): {:.1}% done ({} of {} bytes), {:.1} MiB/s{eta}\n",
+            match y["kind"].as_str() {
+                Some("full") => "full sync",
+                Some("bitmap") => "resync of the dirty regions",
+                _ => "sync",
+            },
             if y["direction"] == "source" {
                 "this node is the source"
             } else {
                 "this node is the target"
             },
             y["percent"].as_f64().unwrap_or(0.0),
+            y["done_bytes"].as_u64().unwrap_or(0),
+            y["total_bytes"].as_u64().unwrap_or(0),
             y["rate_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1048576.0
         ));
+    }
+    if let Some(v) = s["verify"].as_object() {
+        out.push_str(&format!(
+            "    verify: {:.1}% compared\n",
+            v["percent"].as_f64().unwrap_or(0.0)
+        ));
+    }
+    if let Some(v) = s["last_verify"].as_object() {
+        out.push_str(&format!(
+            "  last verify: {} bytes compared, {} 4 KiB blocks differed{}\n",
+            v["checked_bytes"].as_u64().unwrap_or(0),
+            v["differing_blocks"].as_u64().unwrap_or(0),
+            if v["differing_blocks"].as_u64().unwrap_or(0) > 0 {
+                " (marked out of sync and resynced)"
+            } else {
+                ""
+            }
+        ));
+    }
+    if let Some(b) = s["bitmap"].as_object() {
+        let oos = b["out_of_sync_bytes"].as_u64().unwrap_or(0);
+        let marked = b["marked_bytes"].as_u64().unwrap_or(0);
+        let resynced = b["resynced_bytes"].as_u64().unwrap_or(0);
+        if oos > 0 || marked > 0 || resynced > 0 {
+            out.push_str(&format!(
+                "  out of sync: {oos} bytes (since start: {marked} bytes marked, {resynced} \
+                 bytes resynced; {} bytes per bit)\n",
+                b["granularity_bytes"].as_u64().unwrap_or(0)
+            ));
+        }
     }
     if s["peer_sync_needed"].as_bool() == Some(true) {
         out.push_str(

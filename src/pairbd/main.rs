@@ -41,14 +41,19 @@ enum Command {
     Promote(admin::PromoteArgs),
     /// Make this node Secondary (refused while NBD clients are attached, unless --force).
     Demote(admin::DemoteArgs),
-    /// Leave StandAlone (after a split brain or unrelated data) and try the peer again.
-    Connect(admin::ResourceArg),
+    /// Leave StandAlone (after a split brain or unrelated data) and try the peer again
+    /// (--discard-my-data: on the node whose split-brain changes are to be thrown away).
+    Connect(admin::ConnectArgs),
     /// Release writes held by on-peer-loss = "suspend-io" (they then go to this node only).
     ResumeIo(admin::ResourceArg),
     /// Stop the daemon for a restart (upgrade) under live mounts: a Primary stays Primary
     /// on disk and resumes once its peer agrees; the daemon exits with code 75, which
     /// the systemd unit restarts.
     Restart(admin::RestartArgs),
+    /// Throw this Secondary's data away: it becomes Inconsistent and receives a full sync.
+    Invalidate(admin::ResourceArg),
+    /// On the Primary: compare both copies block by block; differing blocks are resynced.
+    Verify(admin::ResourceArg),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
     Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
@@ -75,9 +80,11 @@ fn main() -> ExitCode {
         Command::CreateMd(args) => admin::create_md(&ctx, args),
         Command::Promote(args) => admin::promote(&ctx, args),
         Command::Demote(args) => admin::demote(&ctx, args),
-        Command::Connect(args) => admin::simple(&ctx, args, "connect"),
+        Command::Connect(args) => admin::connect(&ctx, args),
         Command::ResumeIo(args) => admin::simple(&ctx, args, "resume-io"),
         Command::Restart(args) => admin::restart(&ctx, args),
+        Command::Invalidate(args) => admin::simple(&ctx, args, "invalidate"),
+        Command::Verify(args) => admin::simple(&ctx, args, "verify"),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),
         Command::Attach(args) => attach::attach(&ctx, args),

@@ -217,7 +217,17 @@ impl PairFiles {
         if force {
             args.push("--force");
         }
-        let out = self.cli(node, &args);
+        // The one refusal that asks to be retried: the link is in its
+        // handshake (a daemon just started). Polled like `wait_for`.
+        let start = Instant::now();
+        let mut out = self.cli(node, &args);
+        while !out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("being set up")
+            && start.elapsed() < WAIT_LIMIT
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            out = self.cli(node, &args);
+        }
         assert!(
             out.status.success(),
             "promote {node} refused: {}{}",

@@ -77,6 +77,15 @@ pub enum AfterCrash {
     ResumePrimary,
 }
 
+/// What a node does when it finds itself in split brain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSplitBrain {
+    /// StandAlone until the operator resolves it (the default).
+    Disconnect,
+    /// Discard the side that changed nothing, if exactly one did.
+    DiscardZeroChanges,
+}
+
 /// The disk engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
@@ -122,10 +131,16 @@ pub struct ResourceConfig {
     pub export: String,
     pub on_peer_loss: OnPeerLoss,
     pub after_crash: AfterCrash,
+    pub after_split_brain: AfterSplitBrain,
     pub ping_timeout: Duration,
     pub ack_timeout: Duration,
     pub sync_chunk_bytes: u64,
     pub sync_window: usize,
+    /// Bytes per bit of the dirty bitmap; `None`: the daemon picks the
+    /// smallest from 4 KiB up whose bitmap fits the metadata area.
+    pub bitmap_granularity_bytes: Option<u64>,
+    /// The most bytes per second a sync sends (`None`: unlimited).
+    pub sync_rate_bytes_per_sec: Option<u64>,
     pub engine: Engine,
     pub direct_io: bool,
     pub nodes: BTreeMap<String, NodeConfig>,

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::{
-    AfterCrash, Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig, OnPeerLoss,
-    ResourceConfig,
+    AfterCrash, AfterSplitBrain, Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig,
+    OnPeerLoss, ResourceConfig,
 };
 
 #[derive(Deserialize)]
@@ -35,10 +35,13 @@ struct RawResource {
     export: Option<String>,
     on_peer_loss: Option<Spanned<String>>,
     after_crash: Option<Spanned<String>>,
+    after_split_brain: Option<Spanned<String>>,
     ping_timeout: Option<Spanned<String>>,
     ack_timeout: Option<Spanned<String>>,
     sync_chunk: Option<Spanned<SizeValue>>,
     sync_window: Option<Spanned<i64>>,
+    bitmap_granularity: Option<Spanned<SizeValue>>,
+    sync_rate: Option<Spanned<SizeValue>>,
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
     #[serde(default)]
@@ -303,6 +306,30 @@ fn resource(
             b
         }
     };
+    let bitmap_granularity_bytes = match &raw.bitmap_granularity {
+        None => None,
+        Some(v) => {
+            let k = format!("{key}.bitmap-granularity");
+            let b = size_value(ctx, v, &k)?;
+            if !b.is_power_of_two() || !(4096..=1 << 20).contains(&b) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &k,
+                    "must be a power of two from 4KiB to 1MiB",
+                ));
+            }
+            Some(b)
+        }
+    };
+    // Bytes per second; 0 or absent: unlimited.
+    let sync_rate_bytes_per_sec = match &raw.sync_rate {
+        None => None,
+        Some(v) => {
+            let k = format!("{key}.sync-rate");
+            let b = size_value(ctx, v, &k)?;
+            (b > 0).then_some(b)
+        }
+    };
     let sync_window = match &raw.sync_window {
         None => 8,
         Some(v) => {
@@ -335,6 +362,16 @@ fn resource(
         &[
             ("secondary", AfterCrash::Secondary),
             ("resume-primary", AfterCrash::ResumePrimary),
+        ],
+    )?;
+    let after_split_brain = choice(
+        ctx,
+        &raw.after_split_brain,
+        &format!("{key}.after-split-brain"),
+        AfterSplitBrain::Disconnect,
+        &[
+            ("disconnect", AfterSplitBrain::Disconnect),
+            ("discard-zero-changes", AfterSplitBrain::DiscardZeroChanges),
         ],
     )?;
     let engine = choice(
@@ -395,10 +432,13 @@ fn resource(
         export: raw.export.clone().unwrap_or_else(|| name.to_string()),
         on_peer_loss,
         after_crash,
+        after_split_brain,
         ping_timeout,
         ack_timeout,
         sync_chunk_bytes,
         sync_window,
+        bitmap_granularity_bytes,
+        sync_rate_bytes_per_sec,
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
         nodes,

@@ -173,3 +173,30 @@ fn after_crash_takes_its_two_values_and_names_a_typo() {
     assert!(e.contains("line 8"), "{e}");
     assert!(e.contains("after-crash"), "{e}");
 }
+
+#[test]
+fn bitmap_granularity_and_after_split_brain_are_checked() {
+    let r = parse(GOOD).unwrap();
+    let r = r.resource(None).unwrap();
+    assert_eq!(r.bitmap_granularity_bytes, None);
+    assert_eq!(
+        r.after_split_brain,
+        pairbd_config::AfterSplitBrain::Disconnect
+    );
+    let text = GOOD.replace(
+        "engine = \"pool\"",
+        "engine = \"pool\"\nbitmap-granularity = \"64KiB\"\nafter-split-brain = \"discard-zero-changes\"\nsync-rate = \"100MiB\"",
+    );
+    let c = parse(&text).unwrap();
+    let r = c.resource(None).unwrap();
+    assert_eq!(r.bitmap_granularity_bytes, Some(64 << 10));
+    assert_eq!(r.sync_rate_bytes_per_sec, Some(100 << 20));
+    assert_eq!(
+        r.after_split_brain,
+        pairbd_config::AfterSplitBrain::DiscardZeroChanges
+    );
+    let e = error(&GOOD.replace("engine = \"pool\"", "bitmap-granularity = \"3KiB\""));
+    assert!(e.contains("bitmap-granularity"), "{e}");
+    let e = error(&GOOD.replace("engine = \"pool\"", "after-split-brain = \"merge\""));
+    assert!(e.contains("after-split-brain"), "{e}");
+}

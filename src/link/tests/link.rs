@@ -46,6 +46,8 @@ fn every_kind(base: u64) -> Vec<Message<Vec<u8>>> {
             },
             peer_sync_needed: true,
             unclean_primary: false,
+            discard_my_data: false,
+            dirty_bytes: 0,
         }),
         Message::State(NodeState {
             role: Role::Primary,

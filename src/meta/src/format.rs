@@ -15,9 +15,11 @@
 //! | 48..64 | history generations |
 //! | 64..128 | node name (length byte + up to 63 bytes) |
 //! | 128..192 | resource name (length byte + up to 63 bytes) |
+//! | 192 | format 2: log2 of the dirty bitmap's granularity (0: no bitmap recorded) |
 //! | 4092..4096 | crc32c of bytes 0..4092 |
 //!
-//! Everything else is zero. Decoding checks every field; any byte sequence
+//! Everything else is zero. Format 1 (before the dirty bitmap) is read as a
+//! record with no bitmap. Decoding checks every field; any byte sequence
 //! yields a record or an error, never a panic.
 
 use pairbd_repl_core::{DiskState, PersistentState, Role};
@@ -25,7 +27,7 @@ use pairbd_repl_core::{DiskState, PersistentState, Role};
 /// The size of one slot.
 pub const SLOT_BYTES: usize = 4096;
 /// The format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"PAIRBDMD";
 const NAME_MAX: usize = 63;
 const CRC_AT: usize = SLOT_BYTES - 4;
@@ -47,6 +49,9 @@ pub struct MetaRecord {
     pub resource: String,
     /// What the replication core persists.
     pub state: PersistentState,
+    /// Bytes per bit of the dirty bitmap in the bitmap area (0: none
+    /// recorded). Written with the pages (`MetaStore::write_with_bitmap`).
+    pub bitmap_granularity_bytes: u64,
 }
 
 impl MetaRecord {
@@ -70,6 +75,7 @@ impl MetaRecord {
             node_name: node_name.to_string(),
             resource: resource.to_string(),
             state: PersistentState::fresh(),
+            bitmap_granularity_bytes: 0,
         })
     }
 }
@@ -108,7 +114,9 @@ fn get_name(buf: &[u8], what: &'static str) -> Result<String, SlotError> {
 pub fn encode_slot(r: &MetaRecord) -> [u8; SLOT_BYTES] {
     let mut b = [0u8; SLOT_BYTES];
     b[0..8].copy_from_slice(MAGIC);
-    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    // A record keeps the format it was read in (so a slot re-encodes to its
+    // own bytes); `MetaStore::write` moves it to FORMAT_VERSION.
+    b[8..12].copy_from_slice(&r.format_version.to_le_bytes());
     b[12..20].copy_from_slice(&r.counter.to_le_bytes());
     b[20..28].copy_from_slice(&r.data_size_bytes.to_le_bytes());
     b[28] = r.node_id;
@@ -128,6 +136,11 @@ pub fn encode_slot(r: &MetaRecord) -> [u8; SLOT_BYTES] {
     b[56..64].copy_from_slice(&r.state.history_generations[1].to_le_bytes());
     put_name(&mut b[64..128], &r.node_name);
     put_name(&mut b[128..192], &r.resource);
+    b[192] = if r.format_version >= 2 && r.bitmap_granularity_bytes.is_power_of_two() {
+        r.bitmap_granularity_bytes.trailing_zeros() as u8
+    } else {
+        0
+    };
     let crc = crc32c::crc32c(&b[..CRC_AT]);
     b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     b
@@ -175,8 +188,16 @@ pub fn decode_slot(b: &[u8]) -> Result<MetaRecord, SlotError> {
     if b[31] > 1 {
         return Err(SlotError::Field("flags"));
     }
-    if b[192..CRC_AT].iter().any(|&x| x != 0) {
+    let (log2, reserved_from) = if version >= 2 {
+        (b[192], 193)
+    } else {
+        (0, 192)
+    };
+    if b[reserved_from..CRC_AT].iter().any(|&x| x != 0) {
         return Err(SlotError::Field("reserved bytes"));
+    }
+    if log2 != 0 && !(12..=20).contains(&log2) {
+        return Err(SlotError::Field("bitmap granularity"));
     }
     Ok(MetaRecord {
         format_version: version,
@@ -193,6 +214,7 @@ pub fn decode_slot(b: &[u8]) -> Result<MetaRecord, SlotError> {
             history_generations: [u64_at(b, 48), u64_at(b, 56)],
             peer_sync_needed: b[31] == 1,
         },
+        bitmap_granularity_bytes: if log2 == 0 { 0 } else { 1 << log2 },
     })
 }
 
@@ -209,6 +231,7 @@ mod tests {
         r.state.current_generation = 0xDEAD_BEEF;
         r.state.history_generations = [7, 8];
         r.state.peer_sync_needed = true;
+        r.bitmap_granularity_bytes = 65536;
         r
     }
 
@@ -235,6 +258,22 @@ mod tests {
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(decode_slot(&b), Err(SlotError::NewerFormat(9)));
+    }
+
+    #[test]
+    fn format_1_reads_as_no_bitmap() {
+        let mut b = encode_slot(&sample());
+        b[8..12].copy_from_slice(&1u32.to_le_bytes());
+        b[192] = 0;
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        let r = decode_slot(&b).unwrap();
+        assert_eq!(r.bitmap_granularity_bytes, 0);
+        assert_eq!(r.format_version, 1);
+        b[192] = 16;
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_slot(&b), Err(SlotError::Field("reserved bytes")));
     }
 
     #[test]

@@ -15,10 +15,19 @@
 //! configuration is then reported as a mismatch instead of being looked for
 //! (and, worse, created) inside the data. External metadata is a file of its
 //! own whose first 8 KiB are the two slots.
+//!
+//! The dirty bitmap follows the slots: internal, in the rest of the reserved
+//! area ([`BITMAP_CAPACITY_INTERNAL_BYTES`], enough for 31 GiB at 4 KiB per
+//! bit or 507 GiB at 64 KiB); external, from byte 8192 of the file on (it
+//! grows as needed). Pages are written in place and made durable before the
+//! slot that follows them (`write_with_bitmap`): the slot is the commit
+//! point, so a torn page is harmless (docs/DURABILITY.md argues it).
 
 mod format;
 
 pub use format::{decode_slot, encode_slot, MetaRecord, SlotError, FORMAT_VERSION, SLOT_BYTES};
+
+use pairbd_repl_core::bitmap::{BitmapPage, BITMAP_PAGE_BYTES};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -30,6 +39,9 @@ use pairbd_repl_core::PersistentState;
 /// Bytes reserved at the end of a backing store for internal metadata (room
 /// for bitmaps later).
 pub const META_RESERVED_BYTES: u64 = 1 << 20;
+
+/// Bytes of bitmap the reserved area of internal metadata holds.
+pub const BITMAP_CAPACITY_INTERNAL_BYTES: u64 = META_RESERVED_BYTES - 2 * SLOT_BYTES as u64;
 
 /// Where a node's metadata lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +241,8 @@ pub struct MetaStore {
     /// The slot holding `record`.
     slot: usize,
     poisoned: bool,
+    /// Internal metadata (the bitmap area is bounded by the reserved area).
+    internal: bool,
     /// Tests only: the write (counted from 1) at which to simulate a crash.
     crash: Option<(u64, CrashPhase)>,
     writes: u64,
@@ -271,6 +285,7 @@ impl MetaStore {
                     record,
                     slot,
                     poisoned: false,
+                    internal,
                     crash: None,
                     writes: 0,
                 })
@@ -341,6 +356,116 @@ impl MetaStore {
         self.writes
     }
 
+    /// How many bytes of bitmap the area holds (`None`: unbounded, external
+    /// metadata grows its file).
+    pub fn bitmap_capacity_bytes(&self) -> Option<u64> {
+        self.internal.then_some(BITMAP_CAPACITY_INTERNAL_BYTES)
+    }
+
+    /// Reads `len` bytes of the bitmap area (past the end of the file:
+    /// zeroes).
+    pub fn read_bitmap(&self, len: u64) -> Result<Vec<u8>, MetaError> {
+        let len = usize::try_from(len).map_err(|_| MetaError::Invalid {
+            what: "bitmap",
+            detail: format!("{len} bytes"),
+        })?;
+        let mut buf = vec![0u8; len];
+        let at = self.offset + 2 * SLOT_BYTES as u64;
+        let mut filled = 0;
+        while filled < len {
+            let n = self
+                .file
+                .read_at(&mut buf[filled..], at + filled as u64)
+                .map_err(io("read", &self.path))?;
+            if n == 0 {
+                break;
+            }
+            filled += n;
+        }
+        Ok(buf)
+    }
+
+    /// Writes the bitmap `pages` (recorded at `granularity` bytes per bit)
+    /// and makes them durable, then writes `state` as [`MetaStore::write`]
+    /// does. Each of the two steps counts as one write for the crash hook
+    /// (a torn bitmap write leaves half of its first page).
+    pub fn write_with_bitmap(
+        &mut self,
+        state: PersistentState,
+        granularity: u64,
+        pages: &[BitmapPage],
+    ) -> Result<(), MetaError> {
+        if !pages.is_empty() {
+            self.write_pages(granularity, pages)?;
+        }
+        self.write(state)
+    }
+
+    fn write_pages(&mut self, granularity: u64, pages: &[BitmapPage]) -> Result<(), MetaError> {
+        if self.poisoned {
+            return Err(MetaError::Poisoned);
+        }
+        let area = self.offset + 2 * SLOT_BYTES as u64;
+        for p in pages {
+            let end = (u64::from(p.index) + 1) * BITMAP_PAGE_BYTES as u64;
+            if p.bytes.len() != BITMAP_PAGE_BYTES
+                || self.bitmap_capacity_bytes().is_some_and(|cap| end > cap)
+            {
+                self.poisoned = true;
+                return Err(MetaError::Invalid {
+                    what: "bitmap page",
+                    detail: format!(
+                        "page {} of {} bytes does not fit the bitmap area",
+                        p.index,
+                        p.bytes.len()
+                    ),
+                });
+            }
+        }
+        self.writes += 1;
+        let crash = self
+            .crash
+            .filter(|(n, _)| *n == self.writes)
+            .map(|(_, phase)| phase);
+        match crash {
+            Some(CrashPhase::Before) => {
+                self.poisoned = true;
+                return Err(MetaError::TestCrash);
+            }
+            Some(CrashPhase::Torn) => {
+                self.poisoned = true;
+                let p = &pages[0];
+                let at = area + u64::from(p.index) * BITMAP_PAGE_BYTES as u64;
+                self.file
+                    .write_all_at(&p.bytes[..BITMAP_PAGE_BYTES / 2], at)
+                    .map_err(io("write", &self.path))?;
+                self.file.sync_data().map_err(io("fdatasync", &self.path))?;
+                return Err(MetaError::TestCrash);
+            }
+            _ => {}
+        }
+        let result = pages
+            .iter()
+            .try_for_each(|p| {
+                let at = area + u64::from(p.index) * BITMAP_PAGE_BYTES as u64;
+                self.file
+                    .write_all_at(&p.bytes, at)
+                    .map_err(io("write", &self.path))
+            })
+            .and_then(|()| self.file.sync_data().map_err(io("fdatasync", &self.path)));
+        if result.is_err() {
+            self.poisoned = true;
+        }
+        result?;
+        // The next slot records the granularity these pages were written at.
+        self.record.bitmap_granularity_bytes = granularity;
+        if crash == Some(CrashPhase::After) {
+            self.poisoned = true;
+            return Err(MetaError::TestCrash);
+        }
+        Ok(())
+    }
+
     /// Writes `state` atomically (the other slot, then fdatasync). After a
     /// failure the store refuses further writes: what is on disk is unknown.
     pub fn write(&mut self, state: PersistentState) -> Result<(), MetaError> {
@@ -364,6 +489,7 @@ impl MetaStore {
                 detail: format!("{} has reached its maximum", self.path.display()),
             })?;
         next.state = state;
+        next.format_version = FORMAT_VERSION;
         let slot = 1 - self.slot;
         match crash {
             Some(CrashPhase::Before) => {
@@ -479,6 +605,7 @@ pub fn create_md(
         record: record.clone(),
         slot: 0,
         poisoned: false,
+        internal,
         crash: None,
         writes: 0,
     };

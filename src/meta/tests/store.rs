@@ -303,3 +303,47 @@ fn a_crash_at_any_phase_of_a_write_leaves_the_old_or_the_new_state() {
         }
     }
 }
+
+#[test]
+fn bitmap_pages_round_trip_and_a_torn_page_write_keeps_the_slot() {
+    use pairbd_meta::CrashPhase;
+    use pairbd_repl_core::bitmap::{bitmap_area_bytes, DirtyBitmap};
+    let dir = tempfile::tempdir().unwrap();
+    let (backing, loc) = internal(&dir);
+    create_md(&backing, &loc, DATA, 1, "alpha", "mail", false).unwrap();
+    let mut m = MetaStore::open(&loc).unwrap();
+    assert_eq!(m.record().bitmap_granularity_bytes, 0);
+    let mut bits = DirtyBitmap::new(DATA, 4096);
+    bits.mark(12288, 100);
+    bits.mark(DATA - 1, 1);
+    let mut st = m.record().state;
+    st.peer_sync_needed = true;
+    m.write_with_bitmap(st, 4096, &bits.take_unsaved_pages())
+        .unwrap();
+    assert_eq!(m.writes(), 2, "the pages, then the slot");
+    let m2 = MetaStore::open(&loc).unwrap();
+    assert_eq!(m2.record().bitmap_granularity_bytes, 4096);
+    let image = m2.read_bitmap(bitmap_area_bytes(DATA, 4096)).unwrap();
+    let mut back = DirtyBitmap::new(DATA, 4096);
+    back.load(&image);
+    assert_eq!(back.ranges(), bits.ranges());
+    // A crash halfway through the next page write: the slot still holds
+    // the last state (the pages are committed by the slot after them).
+    let mut m3 = MetaStore::open(&loc).unwrap();
+    m3.crash_for_tests(1, CrashPhase::Torn);
+    bits.set_all();
+    st.peer_sync_needed = false;
+    assert!(matches!(
+        m3.write_with_bitmap(st, 4096, &bits.take_unsaved_pages()),
+        Err(MetaError::TestCrash)
+    ));
+    let m4 = MetaStore::open(&loc).unwrap();
+    assert!(m4.record().state.peer_sync_needed);
+    // The data area is untouched by any of it.
+    let mut first = vec![0u8; 4096];
+    std::fs::File::open(&backing)
+        .unwrap()
+        .read_at(&mut first, DATA - 4096)
+        .unwrap();
+    assert!(first.iter().all(|&b| b == 0));
+}

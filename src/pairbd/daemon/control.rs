@@ -4,7 +4,8 @@
 //! A Unix socket; each connection carries one JSON request line and gets one
 //! JSON answer line: `{"command": "status"}`, `{"command": "promote",
 //! "force": false}`, `{"command": "demote", "force": false}`,
-//! `{"command": "resume-io"}`, `{"command": "connect"}`, `{"command":
+//! `{"command": "resume-io"}`, `{"command": "connect"}` (with
+//! `"discard_my_data": true` on a split brain's sacrificed node), `{"command":
 //! "restart"}` (stop for a planned restart, see `daemon/mod.rs`).
 //! Answers are `{"ok": true, "message": ..., "status": {...}}` or
 //! `{"ok": false, "error": ...}`. A malformed request gets an error answer; it
@@ -68,6 +69,7 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
         })),
         "sync": s.sync.map(|y| json!({
             "direction": if y.source { "source" } else { "target" },
+            "kind": if !y.source { "unknown" } else if y.full { "full" } else { "bitmap" },
             "percent": (y.percent() * 10.0).round() / 10.0,
             "done_bytes": y.done_bytes,
             "total_bytes": y.total_bytes,
@@ -75,6 +77,24 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
             "eta_secs": y.eta_secs().map(|e| e.round()),
         })),
         "peer_sync_needed": s.peer_sync_needed,
+        "verify": s.verify.map(|y| json!({
+            "percent": (y.percent() * 10.0).round() / 10.0,
+            "done_bytes": y.done_bytes,
+            "total_bytes": y.total_bytes,
+            "rate_bytes_per_sec": y.rate_bytes_per_sec().round(),
+            "eta_secs": y.eta_secs().map(|e| e.round()),
+        })),
+        "last_verify": s.last_verify.as_ref().map(|v| json!({
+            "checked_bytes": v.checked_bytes,
+            "differing_blocks": v.differing_blocks,
+            "ranges": v.ranges,
+        })),
+        "bitmap": json!({
+            "granularity_bytes": s.bitmap_granularity_bytes,
+            "out_of_sync_bytes": s.out_of_sync_bytes,
+            "marked_bytes": s.marked_bytes,
+            "resynced_bytes": s.resynced_bytes,
+        }),
         "io_suspended": s.io_suspended,
         "on_peer_loss": match s.on_peer_loss {
             OnPeerLoss::Continue => "continue",
@@ -218,7 +238,15 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
             });
         }
         Some("resume-io") => AdminCommand::ResumeIo,
-        Some("connect") => AdminCommand::Connect,
+        Some("invalidate") => AdminCommand::Invalidate,
+        Some("verify") => AdminCommand::Verify,
+        Some("connect") => {
+            if request.get("discard_my_data").and_then(Value::as_bool) == Some(true) {
+                AdminCommand::ConnectDiscardingMyData
+            } else {
+                AdminCommand::Connect
+            }
+        }
         Some("power-cut") => {
             // Tests only (see TEST_VOLATILE_ENV): refused by an ordinary store.
             let seed = request.get("seed").and_then(Value::as_u64).unwrap_or(0);
@@ -239,7 +267,10 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         None => return json!({"ok": false, "error": "the request names no command"}),
     };
     let name = request["command"].as_str().unwrap_or_default().to_string();
-    let connect = cmd == AdminCommand::Connect;
+    let connect = matches!(
+        cmd,
+        AdminCommand::Connect | AdminCommand::ConnectDiscardingMyData
+    );
     let result = driver.admin(cmd).await;
     if connect && result.is_ok() {
         driver.reconnect.notify_one();

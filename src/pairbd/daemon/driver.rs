@@ -19,7 +19,7 @@ use std::time::Instant;
 use pairbd_meta::MetaStore;
 use pairbd_nbd_server::Clients;
 use pairbd_repl_core::{
-    AdminCommand, AdminError, AdminId, ClientOp, DiskOp, DiskOpId, DiskResult, Message,
+    AdminCommand, AdminError, AdminId, BitmapPage, ClientOp, DiskOp, DiskOpId, DiskResult, Message,
     MetaWriteId, Node, Output, Payload, PersistentState, ReplyError, RequestId, Status,
 };
 use pairbd_store::{AlignedBuf, Store};
@@ -40,6 +40,9 @@ impl AsRef<[u8]> for SharedBuf {
 impl Payload for SharedBuf {
     fn len(&self) -> usize {
         self.0.len()
+    }
+    fn bytes(&self) -> &[u8] {
+        self.0.as_ref()
     }
 }
 
@@ -123,7 +126,10 @@ impl Driver {
         while let Some(out) = inner.node.poll() {
             match out {
                 Output::Disk { id, op } => self.spawn_disk(id, op),
-                Output::WriteMeta { id, state } => self.spawn_meta(id, state),
+                Output::WriteMeta { id, state, bitmap } => {
+                    let granularity = inner.node.bitmap().granularity();
+                    self.spawn_meta(id, state, granularity, bitmap)
+                }
                 Output::Send(m) => {
                     if let Some(link) = &inner.link {
                         // A closed queue means the link is going; the core hears
@@ -204,12 +210,21 @@ impl Driver {
         });
     }
 
-    fn spawn_meta(self: &Arc<Self>, id: MetaWriteId, state: PersistentState) {
+    fn spawn_meta(
+        self: &Arc<Self>,
+        id: MetaWriteId,
+        state: PersistentState,
+        granularity: u64,
+        bitmap: Vec<BitmapPage>,
+    ) {
         let driver = Arc::clone(self);
         tokio::spawn(async move {
             let meta = Arc::clone(&driver.meta);
             let result = tokio::task::spawn_blocking(move || {
-                match meta.lock().unwrap_or_else(|e| e.into_inner()).write(state) {
+                // The core has at most one metadata write in flight, so the
+                // pages and slots are written in the order it emitted them.
+                let mut meta = meta.lock().unwrap_or_else(|e| e.into_inner());
+                match meta.write_with_bitmap(state, granularity, &bitmap) {
                     Ok(()) => Ok(()),
                     Err(pairbd_meta::MetaError::TestCrash) => {
                         // Tests only (PAIRBD_TEST_META_CRASH): the process dies

@@ -190,5 +190,16 @@ fn share(msg: Message<AlignedBuf>) -> Msg {
         Message::SyncDoneAck { seq } => Message::SyncDoneAck { seq },
         Message::Ping { seq } => Message::Ping { seq },
         Message::Pong { seq } => Message::Pong { seq },
+        Message::DirtyRanges(d) => Message::DirtyRanges(d),
+        Message::VerifyRequest {
+            seq,
+            offset,
+            length,
+        } => Message::VerifyRequest {
+            seq,
+            offset,
+            length,
+        },
+        Message::VerifyReply(r) => Message::VerifyReply(r),
     }
 }

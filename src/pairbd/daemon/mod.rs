@@ -33,7 +33,7 @@ use anyhow::{bail, Context};
 use pairbd_config::{Config, Engine, MetaLocation, NodeConfig, ResourceConfig};
 use pairbd_meta::MetaStore;
 use pairbd_nbd_server::{ConnectionLimits, ExportConfig, Server};
-use pairbd_repl_core::{AdminCommand, AfterCrash, Node, OnPeerLoss};
+use pairbd_repl_core::{AdminCommand, AfterCrash, AfterSplitBrain, Node, OnPeerLoss};
 use pairbd_store::{EngineChoice, Store, StoreConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -168,6 +168,36 @@ pub fn run(config: &Config, node_name: &str, resource: Option<&str>) -> anyhow::
     runtime.block_on(daemon(res, node_name.to_string()))
 }
 
+/// The dirty bitmap's granularity: the configured one, which must fit the
+/// metadata area, or the smallest from 4 KiB up whose bitmap fits it.
+fn bitmap_granularity(res: &ResourceConfig, capacity: Option<u64>) -> anyhow::Result<u64> {
+    use pairbd_repl_core::bitmap::{
+        bitmap_area_bytes, GRANULARITY_MAX_BYTES, GRANULARITY_MIN_BYTES,
+    };
+    let fits = |g: u64| capacity.is_none_or(|cap| bitmap_area_bytes(res.size_bytes, g) <= cap);
+    match res.bitmap_granularity_bytes {
+        Some(g) if fits(g) => Ok(g),
+        Some(g) => anyhow::bail!(
+            "bitmap-granularity = {g} bytes needs {} bytes of bitmap for {} bytes of data, more than the {} bytes internal metadata holds: choose a larger granularity, or external metadata (`meta = PATH`)",
+            bitmap_area_bytes(res.size_bytes, g),
+            res.size_bytes,
+            capacity.unwrap_or(0)
+        ),
+        None => {
+            let mut g = GRANULARITY_MIN_BYTES;
+            while !fits(g) {
+                g *= 2;
+                anyhow::ensure!(
+                    g <= GRANULARITY_MAX_BYTES,
+                    "{} bytes of data are too many for a dirty bitmap in internal metadata; use external metadata (`meta = PATH`)",
+                    res.size_bytes
+                );
+            }
+            Ok(g)
+        }
+    }
+}
+
 async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<DaemonExit> {
     let local = res.local(&node_name)?.clone();
     let peer = res.peer(&node_name)?.clone();
@@ -193,6 +223,12 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
     }
     let persisted = meta.record().state;
     let planned_restart = take_restart_marker(&local.control, &res, &local, &persisted);
+    let granularity = bitmap_granularity(&res, meta.bitmap_capacity_bytes())?;
+    let bitmap_bytes = pairbd_repl_core::bitmap::bitmap_area_bytes(res.size_bytes, granularity);
+    let bitmap_image = meta
+        .read_bitmap(bitmap_bytes)
+        .context("cannot read the dirty bitmap")?;
+    let recorded_granularity = meta.record().bitmap_granularity_bytes;
 
     let mut store_cfg = StoreConfig::new(local.backing.clone());
     store_cfg.engine = match res.engine {
@@ -231,8 +267,26 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
             pairbd_config::AfterCrash::Secondary => AfterCrash::Secondary,
             pairbd_config::AfterCrash::ResumePrimary => AfterCrash::ResumePrimary,
         },
+        bitmap_granularity_bytes: granularity,
+        sync_rate_bytes_per_sec: res.sync_rate_bytes_per_sec,
+        after_split_brain: match res.after_split_brain {
+            pairbd_config::AfterSplitBrain::Disconnect => AfterSplitBrain::Disconnect,
+            pairbd_config::AfterSplitBrain::DiscardZeroChanges => {
+                AfterSplitBrain::DiscardZeroChanges
+            }
+        },
     };
-    let node = Node::new(core_cfg, persisted, Instant::now());
+    let mut node = Node::new(core_cfg, persisted, Instant::now());
+    node.restore_bitmap(recorded_granularity, &bitmap_image);
+    if recorded_granularity != 0 && recorded_granularity != granularity {
+        warn!(
+            "the dirty bitmap was kept at {recorded_granularity} bytes per bit, the configuration says {granularity}: it counts as all dirty (one full sync)"
+        );
+    }
+    let dirty = node.bitmap().dirty_bytes();
+    if dirty > 0 {
+        info!("dirty bitmap: {dirty} bytes out of sync at {granularity} bytes per bit");
+    }
     if planned_restart {
         info!(
             "restarted after a planned restart as Primary: starting as Secondary, Primary again \

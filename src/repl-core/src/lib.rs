@@ -11,17 +11,21 @@
 //! client or to the peer depends on metadata the driver has not yet reported
 //! durable.
 
+pub mod bitmap;
 pub mod generations;
 mod node;
 mod ops;
 mod status;
 
+pub use bitmap::{BitmapPage, DirtyBitmap};
 pub use generations::Verdict;
 #[cfg(feature = "mutations")]
 pub use node::Mutation;
 pub use node::Node;
-pub use pairbd_repl_proto::{DiskState, Generations, Hello, Message, NodeState, Role};
-pub use status::{disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus};
+pub use pairbd_repl_proto::{DirtyRanges, DiskState, Generations, Hello, Message, NodeState, Role};
+pub use status::{
+    disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,6 +84,8 @@ impl PersistentState {
 pub trait Payload: Clone {
     /// The payload's length in bytes.
     fn len(&self) -> usize;
+    /// The bytes (online verify checksums them; nothing else looks inside).
+    fn bytes(&self) -> &[u8];
     /// Whether the payload is empty.
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -90,11 +96,17 @@ impl Payload for Vec<u8> {
     fn len(&self) -> usize {
         Vec::len(self)
     }
+    fn bytes(&self) -> &[u8] {
+        self
+    }
 }
 
 impl<T: AsRef<[u8]> + ?Sized> Payload for Arc<T> {
     fn len(&self) -> usize {
         self.as_ref().as_ref().len()
+    }
+    fn bytes(&self) -> &[u8] {
+        self.as_ref().as_ref()
     }
 }
 
@@ -133,6 +145,28 @@ pub struct Config {
     pub generation_seed: u64,
     /// What a node that stopped as Primary without a clean demotion does.
     pub after_crash: AfterCrash,
+    /// Bytes of the data area per bit of the dirty bitmap (a power of two,
+    /// 4 KiB to 1 MiB; see `bitmap`).
+    pub bitmap_granularity_bytes: u64,
+    /// What a split brain does without the operator.
+    pub after_split_brain: AfterSplitBrain,
+    /// The most bytes per second a sync source reads and sends (`None`: as
+    /// fast as the window allows), so that a resync leaves the disks to the
+    /// clients.
+    pub sync_rate_bytes_per_sec: Option<u64>,
+}
+
+/// What a node does when it finds itself in split brain with its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AfterSplitBrain {
+    /// Both go StandAlone until the operator resolves it (the default).
+    #[default]
+    Disconnect,
+    /// DRBD's discard-zero-changes: if exactly one node changed nothing the
+    /// other lacks (an empty dirty bitmap, not a crashed primary), its side
+    /// is discarded and it syncs from the other; otherwise StandAlone. Both
+    /// nodes should be configured alike.
+    DiscardZeroChanges,
 }
 
 /// What a node that crashed as Primary does when it starts again.
@@ -242,8 +276,20 @@ pub enum AdminCommand {
     Demote { force: bool },
     /// Leave StandAlone (after a split brain) and try the peer again.
     Connect,
+    /// `Connect`, and if the nodes are found in split brain, throw this
+    /// node's changes away: it becomes the sync target of the other, which
+    /// copies the union of both dirty bitmaps (or everything, without a
+    /// common bitmap generation). Refused on a Primary.
+    ConnectDiscardingMyData,
     /// Release writes held by `on-peer-loss = "suspend-io"`.
     ResumeIo,
+    /// `pairbd verify`: on a Primary connected to an UpToDate Secondary,
+    /// compare both copies block by block (crc32c of 4 KiB); blocks that
+    /// differ are marked in the dirty bitmap and resynced when it ends.
+    Verify,
+    /// `pairbd invalidate`: this Secondary's data stops counting (it becomes
+    /// Inconsistent, durably) and the next sync into it covers everything.
+    Invalidate,
     /// Clean shutdown: record that this node stopped cleanly.
     Shutdown,
 }
@@ -258,10 +304,14 @@ pub struct AdminError(pub String);
 pub enum Output<P> {
     /// Run this operation on the local store; report with `handle_disk`.
     Disk { id: DiskOpId, op: DiskOp<P> },
-    /// Persist this state atomically; report with `handle_meta_done`.
+    /// Persist this state atomically; report with `handle_meta_done`. The
+    /// bitmap pages (those changed since the last write) go to the bitmap
+    /// area first, made durable before the state is written: the state's
+    /// slot is the commit point (docs/DURABILITY.md).
     WriteMeta {
         id: MetaWriteId,
         state: PersistentState,
+        bitmap: Vec<BitmapPage>,
     },
     /// Send this message to the peer, in order.
     Send(Message<P>),

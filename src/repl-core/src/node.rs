@@ -13,20 +13,37 @@
 //!   reported that metadata durable.
 //! - A primary leaves the role (demotion, clean stop) only after both stores
 //!   flushed, or after "the peer needs a sync" is durable.
+//! - A region a write may be missing on the peer for is marked in the dirty
+//!   bitmap (writes without the peer; the transfer log at link loss); a bit is
+//!   cleared only after the sync target flushed that region's data.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
 use pairbd_repl_proto::Hello;
 
+use crate::bitmap::DirtyBitmap;
 use crate::generations::{self, GenerationSource, Verdict};
 use crate::ops::{OpTable, Range};
-use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus};
+use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult};
 use crate::{
-    AdminCommand, AdminError, AdminId, AfterCrash, ClientOp, Config, DiskOp, DiskOpId, DiskResult,
-    DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output, Payload, PersistentState,
-    ReplyError, RequestId, Role,
+    AdminCommand, AdminError, AdminId, AfterCrash, AfterSplitBrain, ClientOp, Config, DirtyRanges,
+    DiskOp, DiskOpId, DiskResult, DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output,
+    Payload, PersistentState, ReplyError, RequestId, Role,
 };
+use pairbd_repl_proto::{VerifyReply, DIRTY_RANGES_MAX, VERIFY_BLOCK_BYTES, VERIFY_MAX_BYTES};
+
+/// Differing ranges a verify remembers for status (the count is exact).
+const VERIFY_RANGES_MAX: usize = 64;
+
+/// Writes the transfer log remembers one by one; beyond it, their regions go
+/// to a spill bitmap (bounded by the volume) until a peer flush covers them.
+const TRANSFER_LOG_MAX: usize = 1 << 16;
+
+/// Sync chunks acknowledged but not yet flushed by the target, in bytes,
+/// after which the source asks the target to flush (so that their bits can
+/// be cleared and an interrupted resync resumes after them).
+const SYNC_FLUSH_CHUNKS: u64 = 8;
 
 /// A deliberately broken variant of the core (feature `mutations`, never in a
 /// real build): the simulator switches one on to prove its checkers catch it.
@@ -41,6 +58,9 @@ pub enum Mutation {
     TransferLogIgnored,
     /// Let an Outdated node promote without --force.
     PromoteOutdated,
+    /// Clear a dirty bit as soon as the target acknowledged the sync chunk,
+    /// before the target flushed it.
+    BitClearedBeforeTargetFlush,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
@@ -85,13 +105,34 @@ enum Op<P> {
         epoch: u64,
         sync_done: bool,
     },
-    /// A full-sync chunk on the primary: read, then sent, then acknowledged.
-    SyncChunk {
+    /// An online-verify chunk on the primary: read and checksummed, then
+    /// compared with the secondary's checksums (`crcs` once read).
+    VerifyChunk {
         offset: u64,
         length: u64,
         epoch: u64,
+        crcs: Option<Vec<u32>>,
+    },
+    /// The secondary's read for a VerifyRequest.
+    PeerVerify { seq: u64, epoch: u64 },
+    /// A sync chunk on the primary: read, then sent, then acknowledged. It
+    /// covers `bits` bits of the dirty bitmap from `bit`.
+    SyncChunk {
+        offset: u64,
+        length: u64,
+        bit: u64,
+        bits: u64,
+        epoch: u64,
         sent: bool,
     },
+}
+
+/// The crc32c of each `VERIFY_BLOCK_BYTES` block of `bytes`.
+fn block_crcs(bytes: &[u8]) -> Vec<u32> {
+    bytes
+        .chunks(VERIFY_BLOCK_BYTES as usize)
+        .map(crc32c::crc32c)
+        .collect()
 }
 
 impl<P> Op<P> {
@@ -105,6 +146,11 @@ impl<P> Op<P> {
 enum Pending {
     Op(u64),
     SyncDone,
+    /// A flush the sync source asked for, to clear the bits of the chunks
+    /// acknowledged before it.
+    SyncFlush,
+    /// The checksums of a verify chunk (its operation id).
+    Verify(u64),
 }
 
 /// Work deferred until a metadata version is durable.
@@ -124,6 +170,11 @@ struct PeerInfo {
     unclean_primary: bool,
     /// The generations said the peer's data is older than this node's.
     behind: bool,
+    /// The peer's dirty bitmap as its DirtyRanges messages carried it (none
+    /// if empty so far).
+    dirty: Option<Box<DirtyBitmap>>,
+    /// The peer's last DirtyRanges batch arrived.
+    dirty_done: bool,
 }
 
 /// A promotion waiting for a peer that looks connected and Primary to
@@ -146,14 +197,35 @@ enum SyncPhase {
 struct SyncSource {
     epoch: u64,
     phase: SyncPhase,
+    /// The next bitmap bit to look at.
+    next_bit: u64,
+    done_bytes: u64,
+    total_bytes: u64,
+    full: bool,
+    in_flight: usize,
+    started: Instant,
+    /// Chunks the target acknowledged, not yet covered by a target flush:
+    /// (SyncData seq, first bit, bits).
+    unflushed: Vec<(u64, u64, u64)>,
+    /// A SyncFlush is outstanding.
+    flush_pending: bool,
+    /// With a rate limit: no chunk starts before this.
+    next_chunk_at: Instant,
+}
+
+struct VerifySource {
+    epoch: u64,
     next_offset: u64,
     done_bytes: u64,
     in_flight: usize,
     started: Instant,
+    next_chunk_at: Instant,
+    result: VerifyResult,
 }
 
 struct SyncTarget {
     done_bytes: u64,
+    total_bytes: u64,
     started: Instant,
 }
 
@@ -190,6 +262,20 @@ pub struct Node<P> {
 
     sync: Option<SyncSource>,
     sync_target: Option<SyncTarget>,
+    verify: Option<VerifySource>,
+    last_verify: Option<VerifyResult>,
+    /// Regions the peer may lack (see `bitmap`).
+    bitmap: DirtyBitmap,
+    /// Writes sent to the peer since its last completed flush: (seq, range).
+    transfer_log: VecDeque<(u64, Range)>,
+    /// Transfer-log regions beyond `TRANSFER_LOG_MAX`, and the highest
+    /// sequence among them.
+    transfer_spill: Option<(Box<DirtyBitmap>, u64)>,
+    marked_bytes: u64,
+    resynced_bytes: u64,
+    /// `connect --discard-my-data`: a split brain makes this node the sync
+    /// target (until a sync into it finishes).
+    discard_my_data: bool,
     io_suspended: bool,
     failed: Option<String>,
     probe: Option<Probe>,
@@ -216,6 +302,14 @@ impl<P: Payload> Node<P> {
         let cfg_seed = cfg.generation_seed;
         let mut wanted = persisted;
         wanted.role = Role::Secondary;
+        let mut bitmap = DirtyBitmap::new(cfg.size_bytes, cfg.bitmap_granularity_bytes);
+        // Until `restore_bitmap` says otherwise: a sync owed with no bitmap
+        // known covers everything, and so does a crash as Primary (writes may
+        // have been in flight or unrecorded anywhere; an activity log would
+        // narrow this).
+        if persisted.peer_sync_needed || unclean_primary {
+            bitmap.set_all();
+        }
         Node {
             cfg,
             wanted,
@@ -241,6 +335,14 @@ impl<P: Payload> Node<P> {
             sec_flushes: VecDeque::new(),
             sync: None,
             sync_target: None,
+            verify: None,
+            last_verify: None,
+            bitmap,
+            transfer_log: VecDeque::new(),
+            transfer_spill: None,
+            marked_bytes: 0,
+            resynced_bytes: 0,
+            discard_my_data: false,
             io_suspended: false,
             failed: None,
             probe: None,
@@ -254,6 +356,36 @@ impl<P: Payload> Node<P> {
             #[cfg(feature = "mutations")]
             mutation: None,
         }
+    }
+
+    /// Loads the dirty bitmap the metadata area holds, written at
+    /// `recorded_granularity` bytes per bit (0: none recorded). Called once,
+    /// right after `new`. A node that stopped as Primary uncleanly keeps every
+    /// bit set (see `new`); a bitmap of another granularity (or none, with a
+    /// sync owed or bits set) counts as all dirty: a mixed image cannot be
+    /// trusted, and all-set is right under any reading.
+    pub fn restore_bitmap(&mut self, recorded_granularity: u64, image: &[u8]) {
+        if self.unclean_primary {
+            return;
+        }
+        if recorded_granularity == self.bitmap.granularity() {
+            self.bitmap.load(image);
+        } else if self.persisted.peer_sync_needed || image.iter().any(|&b| b != 0) {
+            self.bitmap.set_all();
+        } else {
+            self.bitmap.clear_all();
+            self.bitmap.take_unsaved_pages();
+        }
+    }
+
+    /// The dirty bitmap (tests and the simulator look at it).
+    pub fn bitmap(&self) -> &DirtyBitmap {
+        &self.bitmap
+    }
+
+    /// Marks `[offset, offset + length)` out of sync.
+    fn mark(&mut self, offset: u64, length: u64) {
+        self.marked_bytes += self.bitmap.mark(offset, length);
     }
 
     /// Switches a deliberately broken variant on (or off): the simulator's
@@ -293,10 +425,28 @@ impl<P: Payload> Node<P> {
             .filter(|s| s.phase == SyncPhase::WaitingReady)
             .map(|s| s.started + self.cfg.ack_timeout);
         let probe = self.probe.as_ref().map(|p| p.deadline);
-        [ack, self.handshake_deadline, ready, probe]
-            .into_iter()
-            .flatten()
-            .min()
+        // A rate-limited sync waits for its next chunk's turn.
+        let paced = self
+            .sync
+            .as_ref()
+            .filter(|s| s.phase == SyncPhase::Sending && s.next_chunk_at > self.now)
+            .map(|s| s.next_chunk_at);
+        let verify_paced = self
+            .verify
+            .as_ref()
+            .filter(|v| v.next_chunk_at > self.now && v.next_offset < self.cfg.size_bytes)
+            .map(|v| v.next_chunk_at);
+        [
+            ack,
+            self.handshake_deadline,
+            ready,
+            probe,
+            paced,
+            verify_paced,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Whether this node serves clients now (Primary, durably).
@@ -346,15 +496,17 @@ impl<P: Payload> Node<P> {
         let sync = if let Some(s) = &self.sync {
             Some(SyncStatus {
                 source: true,
+                full: s.full,
                 done_bytes: s.done_bytes,
-                total_bytes: self.cfg.size_bytes,
+                total_bytes: s.total_bytes,
                 elapsed_secs: now.saturating_duration_since(s.started).as_secs_f64(),
             })
         } else {
             self.sync_target.as_ref().map(|t| SyncStatus {
                 source: false,
+                full: false,
                 done_bytes: t.done_bytes,
-                total_bytes: self.cfg.size_bytes,
+                total_bytes: t.total_bytes,
                 elapsed_secs: now.saturating_duration_since(t.started).as_secs_f64(),
             })
         };
@@ -379,6 +531,18 @@ impl<P: Payload> Node<P> {
             failed: self.failed.clone(),
             generations: self.wanted.generations(),
             demoting: self.demoting.is_some(),
+            verify: self.verify.as_ref().map(|v| SyncStatus {
+                source: true,
+                full: true,
+                done_bytes: v.done_bytes,
+                total_bytes: self.cfg.size_bytes,
+                elapsed_secs: now.saturating_duration_since(v.started).as_secs_f64(),
+            }),
+            last_verify: self.last_verify.clone(),
+            out_of_sync_bytes: self.bitmap.dirty_bytes(),
+            marked_bytes: self.marked_bytes,
+            resynced_bytes: self.resynced_bytes,
+            bitmap_granularity_bytes: self.bitmap.granularity(),
         }
     }
 
@@ -455,6 +619,7 @@ impl<P: Payload> Node<P> {
 
     fn start_op(&mut self, id: u64) {
         self.ops.activate(id);
+        let range_of = self.ops.range(id);
         let replicate = self.peer_replicates();
         #[cfg(feature = "mutations")]
         let replicate_flush = replicate && !self.mutated(Mutation::FlushNotForwarded);
@@ -462,6 +627,7 @@ impl<P: Payload> Node<P> {
         let replicate_flush = replicate;
         let now = self.now;
         let mut note_missing = false;
+        let mut written: Option<Range> = None;
         let mut send: Option<Message<P>> = None;
         let mut disk: Option<DiskOp<P>> = None;
         let mut seq_used = None;
@@ -513,6 +679,14 @@ impl<P: Payload> Node<P> {
                     ),
                     ClientOp::Flush => unreachable_flush(),
                 };
+                written = Some(match &d {
+                    DiskOp::Write {
+                        offset, payload, ..
+                    } => Range::new(*offset, payload.len() as u64),
+                    DiskOp::Trim { offset, length }
+                    | DiskOp::WriteZeroes { offset, length, .. } => Range::new(*offset, *length),
+                    DiskOp::Flush | DiskOp::Read { .. } => Range::new(0, 0),
+                });
                 disk = Some(d);
                 if replicate {
                     *peer = PeerAck::Waiting;
@@ -535,11 +709,20 @@ impl<P: Payload> Node<P> {
             }
             Some(Op::PeerWrite { op, .. }) => disk = Some(op.clone()),
             Some(Op::PeerFlush { .. }) => disk = Some(DiskOp::Flush),
-            Some(Op::SyncChunk { offset, length, .. }) => {
+            Some(Op::SyncChunk { offset, length, .. })
+            | Some(Op::VerifyChunk { offset, length, .. }) => {
                 disk = Some(DiskOp::Read {
                     offset: *offset,
                     length: *length,
                 })
+            }
+            Some(Op::PeerVerify { .. }) => {
+                if let Some(r) = range_of {
+                    disk = Some(DiskOp::Read {
+                        offset: r.start,
+                        length: r.end - r.start,
+                    })
+                }
             }
             None => {}
         }
@@ -547,6 +730,9 @@ impl<P: Payload> Node<P> {
             self.next_seq += 1;
             if !matches!(send, Some(Message::Flush { .. })) {
                 self.last_write_seq_sent = seq;
+                if let Some(r) = written {
+                    self.log_transfer(seq, r);
+                }
             }
             self.peer_pending.insert(seq, (Pending::Op(id), now));
         }
@@ -560,7 +746,52 @@ impl<P: Payload> Node<P> {
             self.out.push_back(Output::Send(m));
         }
         if note_missing {
+            if let Some(r) = written {
+                self.mark(r.start, r.end - r.start);
+            }
             self.note_unreplicated_write();
+        }
+    }
+
+    /// Remembers a write sent to the peer until a peer flush covers it.
+    fn log_transfer(&mut self, seq: u64, r: Range) {
+        if self.transfer_log.len() < TRANSFER_LOG_MAX {
+            self.transfer_log.push_back((seq, r));
+            return;
+        }
+        let (size, granularity) = (self.cfg.size_bytes, self.bitmap.granularity());
+        let spill = self
+            .transfer_spill
+            .get_or_insert_with(|| (Box::new(DirtyBitmap::new(size, granularity)), 0));
+        spill.0.mark(r.start, r.end - r.start);
+        spill.1 = seq;
+    }
+
+    /// A peer flush completed: writes numbered below `seq` are durable there.
+    fn trim_transfer_log(&mut self, seq: u64) {
+        while self.transfer_log.front().is_some_and(|(s, _)| *s < seq) {
+            self.transfer_log.pop_front();
+        }
+        if self
+            .transfer_spill
+            .as_ref()
+            .is_some_and(|(_, max)| *max < seq)
+        {
+            self.transfer_spill = None;
+        }
+    }
+
+    /// The link is gone: every write the peer has not flushed may be missing
+    /// there (a power cut loses its cache): its region is marked.
+    fn mark_transfer_log(&mut self) {
+        let log = std::mem::take(&mut self.transfer_log);
+        for (_, r) in log {
+            self.mark(r.start, r.end - r.start);
+        }
+        if let Some((spill, _)) = self.transfer_spill.take() {
+            let before = self.bitmap.dirty_bytes();
+            self.bitmap.union(&spill);
+            self.marked_bytes += self.bitmap.dirty_bytes() - before;
         }
     }
 
@@ -604,9 +835,15 @@ impl<P: Payload> Node<P> {
                 local_done,
                 peer,
             }) => {
+                // The flush of a demotion answers no client: suspend-io does
+                // not hold it (it would wait forever for a peer that may never
+                // return, and block the demotion), only the durable mark
+                // does. (Found by the simulator.)
+                let leaving_allowed = *req == LEAVING_FLUSH
+                    && (!self.wanted.peer_sync_needed || self.persisted.peer_sync_needed);
                 let confirmed = match peer {
                     PeerAck::Done => true,
-                    PeerAck::NotNeeded => allowed,
+                    PeerAck::NotNeeded => allowed || leaving_allowed,
                     PeerAck::Waiting => early,
                 };
                 (*local_done && confirmed).then_some(*req)
@@ -693,11 +930,74 @@ impl<P: Payload> Node<P> {
                     }
                 }
             }
+            Some(Op::PeerVerify { seq, epoch }) => {
+                let (seq, epoch) = (*seq, *epoch);
+                let crcs = match &result {
+                    DiskResult::Read(payload) => block_crcs(payload.bytes()),
+                    _ => {
+                        self.fail_stop(format!(
+                            "invariant broken: verify read {seq} completed without data"
+                        ));
+                        return;
+                    }
+                };
+                self.ops.remove(id);
+                if connected_epoch == Some(epoch) {
+                    self.out
+                        .push_back(Output::Send(Message::VerifyReply(VerifyReply {
+                            seq,
+                            crcs,
+                        })));
+                }
+                self.start_ready();
+            }
+            Some(Op::VerifyChunk {
+                offset,
+                length,
+                epoch,
+                crcs,
+            }) => {
+                let (offset, length, epoch) = (*offset, *length, *epoch);
+                if crcs.is_some() {
+                    self.fail_stop(format!(
+                        "invariant broken: verify chunk at {offset} completed twice"
+                    ));
+                    return;
+                }
+                let live = self.verify.as_ref().is_some_and(|v| v.epoch == epoch)
+                    && connected_epoch == Some(epoch);
+                let payload = match &result {
+                    DiskResult::Read(p) if p.len() as u64 == length => p,
+                    _ => {
+                        self.fail_stop(format!(
+                            "invariant broken: verify read at {offset} returned no or short data"
+                        ));
+                        return;
+                    }
+                };
+                if !live {
+                    self.ops.remove(id);
+                    self.start_ready();
+                    return;
+                }
+                let local = block_crcs(payload.bytes());
+                if let Some(Op::VerifyChunk { crcs, .. }) = self.ops.get_mut(id) {
+                    *crcs = Some(local);
+                }
+                let seq = self.alloc_seq();
+                self.peer_pending.insert(seq, (Pending::Verify(id), now));
+                self.out.push_back(Output::Send(Message::VerifyRequest {
+                    seq,
+                    offset,
+                    length,
+                }));
+            }
             Some(Op::SyncChunk {
                 offset,
                 length,
                 epoch,
                 sent,
+                ..
             }) => {
                 let (offset, length, epoch, was_sent) = (*offset, *length, *epoch, *sent);
                 let live = self.sync.as_ref().is_some_and(|s| s.epoch == epoch)
@@ -772,9 +1072,11 @@ impl<P: Payload> Node<P> {
     fn emit_meta(&mut self) {
         let id = MetaWriteId(self.meta_version);
         self.meta_in_flight = Some((id, self.wanted));
+        let bitmap = self.bitmap.take_unsaved_pages();
         self.out.push_back(Output::WriteMeta {
             id,
             state: self.wanted,
+            bitmap,
         });
     }
 
@@ -945,7 +1247,24 @@ impl<P: Payload> Node<P> {
             state: self.my_state(),
             peer_sync_needed: self.wanted.peer_sync_needed,
             unclean_primary: self.unclean_primary,
+            discard_my_data: self.discard_my_data,
+            dirty_bytes: self.bitmap.dirty_bytes(),
         })));
+        // Then this node's dirty regions: the peer's half of the union a
+        // resync covers.
+        let ranges = self.bitmap.ranges();
+        let batches = ranges.len().div_ceil(DIRTY_RANGES_MAX).max(1);
+        let mut rest = ranges.as_slice();
+        for i in 0..batches {
+            let n = rest.len().min(DIRTY_RANGES_MAX);
+            let (batch, tail) = rest.split_at(n);
+            rest = tail;
+            self.out
+                .push_back(Output::Send(Message::DirtyRanges(DirtyRanges {
+                    ranges: batch.to_vec(),
+                    last: i + 1 == batches,
+                })));
+        }
     }
 
     /// The link to the peer is gone (the driver noticed; the core may also
@@ -982,6 +1301,17 @@ impl<P: Payload> Node<P> {
             self.last_write_seq_sent >= self.peer_flushed_below && self.last_write_seq_sent > 0;
         #[cfg(feature = "mutations")]
         let transfer_log_dirty = transfer_log_dirty && !self.mutated(Mutation::TransferLogIgnored);
+        // Writes still waiting for their ack are in the transfer log too.
+        #[cfg(feature = "mutations")]
+        let forget = self.mutated(Mutation::TransferLogIgnored);
+        #[cfg(not(feature = "mutations"))]
+        let forget = false;
+        if forget {
+            self.transfer_log.clear();
+            self.transfer_spill = None;
+        } else {
+            self.mark_transfer_log();
+        }
         let mut unconfirmed = false;
         let mut flush_unconfirmed = false;
         for id in self.ops.ids() {
@@ -1002,6 +1332,8 @@ impl<P: Payload> Node<P> {
                 }
                 // A chunk still being read is dropped when its read ends.
                 Some(Op::SyncChunk { sent, .. }) => *sent || !active,
+                Some(Op::VerifyChunk { crcs, .. }) => crcs.is_some() || !active,
+                Some(Op::PeerVerify { .. }) => !active,
                 // Running ones finish silently (their epoch is stale); waiting
                 // ones were never acknowledged: drop them.
                 Some(Op::PeerWrite { .. }) | Some(Op::PeerFlush { .. }) => !active,
@@ -1026,6 +1358,9 @@ impl<P: Payload> Node<P> {
             self.rejoin_line();
         }
         self.sync_target = None;
+        if self.verify.take().is_some() {
+            tracing::warn!(resource = %self.cfg.resource, "online verify stopped: the link went");
+        }
         if self.wanted.role == Role::Primary {
             if unconfirmed {
                 self.note_unreplicated_write();
@@ -1182,6 +1517,32 @@ impl<P: Payload> Node<P> {
                 }
                 Ok(())
             }
+            Message::DirtyRanges(d) => self.on_dirty_ranges(d),
+            Message::VerifyRequest {
+                seq,
+                offset,
+                length,
+            } => {
+                self.check_from_primary(seq)?;
+                let fits = offset
+                    .checked_add(length)
+                    .is_some_and(|end| end <= self.cfg.size_bytes);
+                if !fits || length == 0 || length > VERIFY_MAX_BYTES {
+                    return Err(format!("verify of {length} bytes at {offset}"));
+                }
+                let id = self.ops.insert(
+                    Some(Range::new(offset, length)),
+                    Op::PeerVerify {
+                        seq,
+                        epoch: self.epoch,
+                    },
+                );
+                if self.ops.may_start(id) {
+                    self.start_op(id);
+                }
+                Ok(())
+            }
+            Message::VerifyReply(r) => self.on_verify_reply(r),
             Message::Ack { seq } => self.on_ack(seq, false),
             Message::FlushAck { seq } => self.on_ack(seq, true),
             Message::SyncDoneAck { seq } => {
@@ -1189,11 +1550,15 @@ impl<P: Payload> Node<P> {
                     Some((Pending::SyncDone, _)) => {}
                     _ => return Err(format!("unexpected sync-done-ack {seq}")),
                 }
+                // The target flushed everything before SyncDone: every chunk's
+                // bits go.
+                self.sync_flushed(seq);
                 self.sync = None;
                 if let Some(p) = &mut self.peer {
                     p.state.disk = DiskState::UpToDate;
                     p.unclean_primary = false;
                     p.peer_sync_needed = false;
+                    p.dirty = None;
                 }
                 let before = self.wanted;
                 self.wanted.peer_sync_needed = false;
@@ -1204,20 +1569,20 @@ impl<P: Payload> Node<P> {
                     g.bitmap = 0;
                     self.wanted.set_generations(g);
                 }
-                if self.wanted != before {
+                if self.wanted != before || self.bitmap.has_unsaved_pages() {
                     self.request_meta();
                 }
                 if let Some(p) = &mut self.peer {
                     p.behind = false;
                 }
-                tracing::info!(resource = %self.cfg.resource, "full sync finished: the peer is UpToDate");
+                tracing::info!(resource = %self.cfg.resource, "sync finished: the peer is UpToDate");
                 Ok(())
             }
             Message::SyncStart { total_bytes } => {
                 if self.wanted.role != Role::Secondary || !self.peer_is_primary() {
                     return Err("sync start but this node is not a secondary of a primary".into());
                 }
-                if total_bytes != self.cfg.size_bytes {
+                if total_bytes > self.cfg.size_bytes {
                     return Err(format!(
                         "sync of {total_bytes} bytes but the volume has {}",
                         self.cfg.size_bytes
@@ -1228,6 +1593,7 @@ impl<P: Payload> Node<P> {
                 }
                 self.sync_target = Some(SyncTarget {
                     done_bytes: 0,
+                    total_bytes,
                     started: self.now,
                 });
                 tracing::info!(resource = %self.cfg.resource, "full sync starting: this node is the target");
@@ -1252,6 +1618,168 @@ impl<P: Payload> Node<P> {
                 _ => Err("sync ready while no sync waits for it".into()),
             },
         }
+    }
+
+    /// A split brain, unless one side's data is to be discarded: by the
+    /// operator (`connect --discard-my-data`), or by `after-split-brain =
+    /// "discard-zero-changes"` when exactly one side changed nothing. Both
+    /// nodes reach the mirrored answer from the two hellos.
+    fn resolve_split_brain(&self, h: &Hello) -> Verdict {
+        let auto = self.cfg.after_split_brain == AfterSplitBrain::DiscardZeroChanges;
+        let my_zero = self.bitmap.is_empty() && !self.unclean_primary;
+        let peer_zero = h.dirty_bytes == 0 && !h.unclean_primary;
+        let i_discard = self.discard_my_data || (auto && my_zero && !peer_zero);
+        let peer_discards = h.discard_my_data || (auto && peer_zero && !my_zero);
+        match (i_discard, peer_discards) {
+            (true, false) => {
+                tracing::warn!(resource = %self.cfg.resource, "split brain resolved: this node's changes are discarded; it syncs from {}", h.node_name);
+                Verdict::Behind
+            }
+            (false, true) => {
+                tracing::warn!(resource = %self.cfg.resource, "split brain resolved: {}'s changes are discarded; this node's data wins", h.node_name);
+                Verdict::Ahead
+            }
+            _ => Verdict::SplitBrain,
+        }
+    }
+
+    fn on_verify_reply(&mut self, r: VerifyReply) -> Result<(), String> {
+        let Some((Pending::Verify(id), _)) = self.peer_pending.remove(&r.seq) else {
+            return Err(format!("verify reply {} to no request", r.seq));
+        };
+        let Some(Op::VerifyChunk {
+            offset,
+            length,
+            crcs: Some(local),
+            ..
+        }) = self.ops.remove(id)
+        else {
+            return Err(format!("verify reply {} for no chunk", r.seq));
+        };
+        if local.len() != r.crcs.len() {
+            return Err(format!(
+                "verify reply {} has {} checksums, not {}",
+                r.seq,
+                r.crcs.len(),
+                local.len()
+            ));
+        }
+        let mut differing = Vec::new();
+        for (i, (a, b)) in local.iter().zip(&r.crcs).enumerate() {
+            if a != b {
+                let at = offset + i as u64 * VERIFY_BLOCK_BYTES;
+                differing.push((at, VERIFY_BLOCK_BYTES.min(offset + length - at)));
+            }
+        }
+        for &(at, len) in &differing {
+            self.mark(at, len);
+        }
+        if let Some(v) = &mut self.verify {
+            v.done_bytes += length;
+            v.in_flight -= 1;
+            for (at, len) in differing {
+                v.result.differing_blocks += 1;
+                let ranges = &mut v.result.ranges;
+                let n = ranges.len();
+                match ranges.last_mut() {
+                    Some(last) if last.0 + last.1 == at => last.1 += len,
+                    _ if n < VERIFY_RANGES_MAX => ranges.push((at, len)),
+                    _ => {}
+                }
+            }
+        }
+        self.start_ready();
+        self.pump_verify();
+        Ok(())
+    }
+
+    /// Starts verify chunks up to the window (and the sync rate), and ends
+    /// the verify when every chunk was compared: differing blocks were
+    /// marked, and a resync of them starts.
+    fn pump_verify(&mut self) {
+        let chunk = self
+            .cfg
+            .sync_chunk_bytes
+            .clamp(VERIFY_BLOCK_BYTES, VERIFY_MAX_BYTES);
+        let window = self.cfg.sync_window.max(1);
+        let rate = self.cfg.sync_rate_bytes_per_sec.filter(|r| *r > 0);
+        loop {
+            let Some(v) = &mut self.verify else { return };
+            if v.in_flight >= window
+                || v.next_offset >= self.cfg.size_bytes
+                || (rate.is_some() && v.next_chunk_at > self.now)
+            {
+                break;
+            }
+            let offset = v.next_offset;
+            let length = chunk.min(self.cfg.size_bytes - offset);
+            v.next_offset += length;
+            v.in_flight += 1;
+            if let Some(rate) = rate {
+                let nanos = u128::from(length) * 1_000_000_000 / u128::from(rate);
+                let pause = std::time::Duration::from_nanos(nanos.min(u64::MAX as u128) as u64);
+                v.next_chunk_at = v.next_chunk_at.max(self.now) + pause;
+            }
+            let epoch = v.epoch;
+            let id = self.ops.insert(
+                Some(Range::new(offset, length)),
+                Op::VerifyChunk {
+                    offset,
+                    length,
+                    epoch,
+                    crcs: None,
+                },
+            );
+            if self.ops.may_start(id) {
+                self.start_op(id);
+            }
+        }
+        let done = self
+            .verify
+            .as_ref()
+            .is_some_and(|v| v.in_flight == 0 && v.next_offset >= self.cfg.size_bytes);
+        if done {
+            if let Some(v) = self.verify.take() {
+                tracing::info!(
+                    resource = %self.cfg.resource,
+                    "online verify finished: {} bytes compared, {} blocks differ",
+                    v.result.checked_bytes.max(v.done_bytes),
+                    v.result.differing_blocks
+                );
+                let mut result = v.result;
+                result.checked_bytes = v.done_bytes;
+                self.last_verify = Some(result);
+            }
+            // Marked blocks are resynced now.
+            self.maybe_start_sync();
+        }
+    }
+
+    fn on_dirty_ranges(&mut self, d: DirtyRanges) -> Result<(), String> {
+        let (size, granularity) = (self.cfg.size_bytes, self.bitmap.granularity());
+        let peer = self.peer.as_mut().ok_or("dirty ranges before hello")?;
+        if peer.dirty_done {
+            return Err("dirty ranges after the last batch".into());
+        }
+        if d.ranges.len() > DIRTY_RANGES_MAX {
+            return Err(format!("{} dirty ranges in one batch", d.ranges.len()));
+        }
+        for &(offset, length) in &d.ranges {
+            let fits = offset.checked_add(length).is_some_and(|end| end <= size);
+            if !fits || length == 0 {
+                return Err(format!(
+                    "dirty range of {length} bytes at {offset} outside the volume ({size} bytes)"
+                ));
+            }
+            peer.dirty
+                .get_or_insert_with(|| Box::new(DirtyBitmap::new(size, granularity)))
+                .mark(offset, length);
+        }
+        if d.last {
+            peer.dirty_done = true;
+            self.maybe_start_sync();
+        }
+        Ok(())
     }
 
     fn peer_is_primary(&self) -> bool {
@@ -1297,7 +1825,10 @@ impl<P: Payload> Node<P> {
         }
         let mine = self.wanted.generations();
         let theirs = h.state.generations;
-        let verdict = generations::compare(self.wanted.disk, mine, h.state.disk, theirs);
+        let mut verdict = generations::compare(self.wanted.disk, mine, h.state.disk, theirs);
+        if verdict == Verdict::SplitBrain {
+            verdict = self.resolve_split_brain(&h);
+        }
         let both = format!(
             "this node {} has generations {}, the peer {} has {}",
             self.cfg.node_name,
@@ -1360,6 +1891,8 @@ impl<P: Payload> Node<P> {
             peer_sync_needed: h.peer_sync_needed,
             unclean_primary: h.unclean_primary,
             behind: verdict == Verdict::Ahead,
+            dirty: None,
+            dirty_done: false,
         });
         self.conn = ConnectionState::Connected;
         self.handshake_deadline = None;
@@ -1460,8 +1993,16 @@ impl<P: Payload> Node<P> {
         self.sync_target = None;
         self.wanted.disk = DiskState::UpToDate;
         self.wanted.role = Role::Secondary;
-        // Its own data was replaced: it owes the peer nothing any more.
+        // Its own data was replaced: it owes the peer nothing any more, and
+        // its own dirty regions (sent at connect) were part of the sync.
         self.wanted.peer_sync_needed = false;
+        self.bitmap.clear_all();
+        self.discard_my_data = false;
+        // The peer's dirty regions (sent at connect) now hold the peer's
+        // data here too: they must not seed a later sync the other way.
+        if let Some(p) = &mut self.peer {
+            p.dirty = None;
+        }
         if let Some(p) = &self.peer {
             let source = p.state.generations;
             let mut g = self.wanted.generations();
@@ -1482,11 +2023,20 @@ impl<P: Payload> Node<P> {
     }
 
     fn on_ack(&mut self, seq: u64, flush: bool) -> Result<(), String> {
-        let Some((Pending::Op(id), _)) = self.peer_pending.remove(&seq) else {
-            return Err(format!("acknowledgement of unknown sequence {seq}"));
+        let id = match self.peer_pending.remove(&seq) {
+            Some((Pending::Op(id), _)) => id,
+            Some((Pending::SyncFlush, _)) if flush => {
+                self.peer_flushed_below = self.peer_flushed_below.max(seq);
+                self.trim_transfer_log(seq);
+                self.sync_flushed(seq);
+                return Ok(());
+            }
+            _ => return Err(format!("acknowledgement of unknown sequence {seq}")),
         };
         if flush {
             self.peer_flushed_below = self.peer_flushed_below.max(seq);
+            self.trim_transfer_log(seq);
+            self.sync_flushed(seq);
         }
         match self.ops.get_mut(id) {
             Some(Op::ClientWrite { peer, .. }) if !flush => {
@@ -1500,13 +2050,30 @@ impl<P: Payload> Node<P> {
                 self.try_finish(id);
                 Ok(())
             }
-            Some(Op::SyncChunk { length, sent, .. }) if !flush && *sent => {
-                let length = *length;
+            Some(Op::SyncChunk {
+                length,
+                sent,
+                bit,
+                bits,
+                ..
+            }) if !flush && *sent => {
+                let (length, bit, bits) = (*length, *bit, *bits);
                 self.ops.remove(id);
+                self.resynced_bytes += length;
+                #[cfg(feature = "mutations")]
+                let early = self.mutated(Mutation::BitClearedBeforeTargetFlush);
+                #[cfg(not(feature = "mutations"))]
+                let early = false;
+                if early {
+                    self.bitmap.clear_bits(bit, bits);
+                }
                 if let Some(s) = &mut self.sync {
                     s.done_bytes += length;
                     s.in_flight -= 1;
+                    // The bits are cleared once the target flushed the chunk.
+                    s.unflushed.push((seq, bit, bits));
                 }
+                self.request_sync_flush();
                 self.start_ready();
                 self.pump_sync();
                 self.maybe_start_sync();
@@ -1519,7 +2086,49 @@ impl<P: Payload> Node<P> {
         }
     }
 
-    // ----- full sync (source side) ----------------------------------------
+    // ----- sync (source side) ----------------------------------------------
+
+    /// Asks the target to flush once enough acknowledged chunks wait for it,
+    /// so that their bits can be cleared (and an interrupted resync resumes
+    /// after them).
+    fn request_sync_flush(&mut self) {
+        let chunk = self.cfg.sync_chunk_bytes.max(1);
+        let Some(s) = &self.sync else { return };
+        let waiting: u64 = s
+            .unflushed
+            .iter()
+            .map(|&(_, _, bits)| bits * self.bitmap.granularity())
+            .sum();
+        if s.flush_pending || s.phase != SyncPhase::Sending || waiting < SYNC_FLUSH_CHUNKS * chunk {
+            return;
+        }
+        let seq = self.alloc_seq();
+        self.peer_pending
+            .insert(seq, (Pending::SyncFlush, self.now));
+        if let Some(s) = &mut self.sync {
+            s.flush_pending = true;
+        }
+        self.out.push_back(Output::Send(Message::Flush { seq }));
+    }
+
+    /// The target flushed every write numbered below `seq`: the bits of the
+    /// sync chunks among them are cleared.
+    fn sync_flushed(&mut self, seq: u64) {
+        let Some(s) = &mut self.sync else { return };
+        s.flush_pending = false;
+        let mut done = Vec::new();
+        s.unflushed.retain(|&(chunk_seq, bit, bits)| {
+            if chunk_seq < seq {
+                done.push((bit, bits));
+                false
+            } else {
+                true
+            }
+        });
+        for (bit, bits) in done {
+            self.bitmap.clear_bits(bit, bits);
+        }
+    }
 
     fn maybe_start_sync(&mut self) {
         if self.sync.is_some()
@@ -1540,34 +2149,69 @@ impl<P: Payload> Node<P> {
             return;
         }
         let Some(peer) = &self.peer else { return };
-        if peer.state.role != Role::Secondary {
+        // The sync set needs the peer's bitmap: wait for its last batch.
+        if peer.state.role != Role::Secondary || !peer.dirty_done {
             return;
         }
+        let peer_dirty = peer.dirty.as_ref().is_some_and(|d| !d.is_empty());
         // A peer that crashed as primary may hold unacknowledged writes this
         // node never saw: they are overwritten, as the failover requires.
         let needed = peer.state.disk != DiskState::UpToDate
             || self.wanted.peer_sync_needed
             || peer.unclean_primary
-            || peer.behind;
+            || peer.behind
+            || peer_dirty
+            || !self.bitmap.is_empty();
         if !needed {
             return;
         }
+        // The bitmaps describe the difference only if the peer's data is on
+        // this node's current line, or where this node left it (its bitmap
+        // generation), and the peer did not crash as Primary (its in-flight
+        // writes are recorded nowhere). Otherwise: everything.
+        let mine = self.wanted.generations();
+        let theirs = peer.state.generations.current;
+        // After a split brain resolved by discarding the peer's side, both
+        // left the same generation (their bitmap identifiers are equal): each
+        // side's bitmap holds its changes since, and the union is the
+        // difference.
+        let peer_left_same = {
+            let pb = peer.state.generations.bitmap;
+            pb != 0 && pb == mine.bitmap && peer.behind
+        };
+        let common =
+            theirs != 0 && (theirs == mine.current || theirs == mine.bitmap) || peer_left_same;
+        let quick = common && !peer.unclean_primary;
+        let name = peer.name.clone();
+        if quick {
+            if let Some(d) = self.peer.as_mut().and_then(|p| p.dirty.take()) {
+                self.bitmap.union(&d);
+            }
+        } else {
+            self.bitmap.set_all();
+        }
+        let total_bytes = self.bitmap.dirty_bytes();
         tracing::info!(
             resource = %self.cfg.resource,
-            peer = %peer.name,
-            "full sync starting: this node is the source"
+            peer = %name,
+            "{} starting: this node is the source, {total_bytes} bytes",
+            if quick { "resync of the dirty regions" } else { "full sync" }
         );
         self.sync = Some(SyncSource {
             epoch: self.epoch,
             phase: SyncPhase::WaitingReady,
-            next_offset: 0,
+            next_bit: 0,
             done_bytes: 0,
+            total_bytes,
+            full: !quick,
             in_flight: 0,
             started: self.now,
+            unflushed: Vec::new(),
+            flush_pending: false,
+            next_chunk_at: self.now,
         });
-        self.out.push_back(Output::Send(Message::SyncStart {
-            total_bytes: self.cfg.size_bytes,
-        }));
+        self.out
+            .push_back(Output::Send(Message::SyncStart { total_bytes }));
     }
 
     fn pump_sync(&mut self) {
@@ -1575,16 +2219,31 @@ impl<P: Payload> Node<P> {
         if s.phase != SyncPhase::Sending {
             return;
         }
-        let chunk = self.cfg.sync_chunk_bytes.max(1);
+        let granularity = self.bitmap.granularity();
+        let max_bits = (self.cfg.sync_chunk_bytes / granularity).max(1);
         let window = self.cfg.sync_window.max(1);
+        let mut exhausted = false;
+        let rate = self.cfg.sync_rate_bytes_per_sec.filter(|r| *r > 0);
         loop {
             let Some(s) = &mut self.sync else { return };
-            if s.in_flight >= window || s.next_offset >= self.cfg.size_bytes {
+            if s.in_flight >= window {
                 break;
             }
-            let offset = s.next_offset;
-            let length = chunk.min(self.cfg.size_bytes - offset);
-            s.next_offset += length;
+            let Some((bit, bits)) = self.bitmap.next_run(s.next_bit, max_bits) else {
+                exhausted = true;
+                break;
+            };
+            if rate.is_some() && s.next_chunk_at > self.now {
+                break;
+            }
+            let (offset, length) = self.bitmap.bit_range(bit, bits);
+            s.next_bit = bit + bits;
+            if let Some(rate) = rate {
+                // The chunk's share of a second at the configured rate.
+                let nanos = u128::from(length) * 1_000_000_000 / u128::from(rate);
+                let pause = std::time::Duration::from_nanos(nanos.min(u64::MAX as u128) as u64);
+                s.next_chunk_at = s.next_chunk_at.max(self.now) + pause;
+            }
             s.in_flight += 1;
             let epoch = s.epoch;
             let id = self.ops.insert(
@@ -1592,6 +2251,8 @@ impl<P: Payload> Node<P> {
                 Op::SyncChunk {
                     offset,
                     length,
+                    bit,
+                    bits,
                     epoch,
                     sent: false,
                 },
@@ -1601,7 +2262,7 @@ impl<P: Payload> Node<P> {
             }
         }
         let Some(s) = &mut self.sync else { return };
-        if s.in_flight == 0 && s.next_offset >= self.cfg.size_bytes {
+        if s.in_flight == 0 && exhausted {
             s.phase = SyncPhase::DoneSent;
             let seq = self.alloc_seq();
             self.peer_pending.insert(seq, (Pending::SyncDone, self.now));
@@ -1634,6 +2295,16 @@ impl<P: Payload> Node<P> {
                 self.cfg.probe_timeout
             ));
             return;
+        }
+        if self
+            .sync
+            .as_ref()
+            .is_some_and(|s| s.phase == SyncPhase::Sending && s.next_chunk_at <= now)
+        {
+            self.pump_sync();
+        }
+        if self.verify.as_ref().is_some_and(|v| v.next_chunk_at <= now) {
+            self.pump_verify();
         }
         if let Some(s) = &self.sync {
             if s.phase == SyncPhase::WaitingReady && now >= s.started + self.cfg.ack_timeout {
@@ -1720,6 +2391,95 @@ impl<P: Payload> Node<P> {
                 self.check_demote();
                 Ok(())
             }
+            AdminCommand::Verify => {
+                let peer_ok = self.conn == ConnectionState::Connected
+                    && self.peer.as_ref().is_some_and(|p| {
+                        p.state.role == Role::Secondary
+                            && p.state.disk == DiskState::UpToDate
+                            && !p.behind
+                    });
+                if !self.serves_clients() || !peer_ok {
+                    return Err(AdminError(
+                        "verify runs on the Primary while it is connected to an UpToDate \
+                         Secondary"
+                            .into(),
+                    ));
+                }
+                if self.sync.is_some() || self.verify.is_some() {
+                    return Err(AdminError(
+                        "a sync or a verify is running; wait for it to end".into(),
+                    ));
+                }
+                self.verify = Some(VerifySource {
+                    epoch: self.epoch,
+                    next_offset: 0,
+                    done_bytes: 0,
+                    in_flight: 0,
+                    started: self.now,
+                    next_chunk_at: self.now,
+                    result: VerifyResult {
+                        checked_bytes: 0,
+                        differing_blocks: 0,
+                        ranges: Vec::new(),
+                    },
+                });
+                tracing::info!(resource = %self.cfg.resource, "online verify starting");
+                self.pump_verify();
+                self.out.push_back(Output::AdminDone {
+                    id,
+                    result: Ok(
+                        "verify started; `pairbd status` shows its progress and result".into(),
+                    ),
+                });
+                Ok(())
+            }
+            AdminCommand::Invalidate => {
+                if self.wanted.role == Role::Primary {
+                    return Err(AdminError(
+                        "this node is Primary: its data is the current copy; demote it first \
+                         (`pairbd demote`), then invalidate it"
+                            .into(),
+                    ));
+                }
+                if self.sync_target.is_some() {
+                    return Err(AdminError(
+                        "a sync into this node is running: it is Inconsistent already and \
+                         receives only what the source marked; wait for it to finish, then \
+                         invalidate again"
+                            .into(),
+                    ));
+                }
+                // Every region counts as differing: the peer's next sync (its
+                // union with this node's bitmap) copies the whole volume.
+                self.bitmap.set_all();
+                self.wanted.disk = DiskState::Inconsistent;
+                let v = self.request_meta();
+                self.defer(
+                    v,
+                    Deferred::Admin(
+                        id,
+                        "invalidated: this node is Inconsistent and receives a full sync from \
+                         the Primary"
+                            .into(),
+                    ),
+                );
+                if self.conn == ConnectionState::Connected {
+                    // A fresh hello carries the new bitmap and disk state.
+                    self.drop_link("invalidated: reconnecting for a full sync".into());
+                }
+                Ok(())
+            }
+            AdminCommand::ConnectDiscardingMyData => {
+                if self.wanted.role == Role::Primary {
+                    return Err(AdminError(
+                        "this node is Primary: its data cannot be discarded while it serves; \
+                         demote it first (`pairbd demote`), then connect --discard-my-data"
+                            .into(),
+                    ));
+                }
+                self.discard_my_data = true;
+                self.admin(id, AdminCommand::Connect)
+            }
             AdminCommand::Connect => {
                 let msg = if self.conn == ConnectionState::StandAlone {
                     self.conn = ConnectionState::Disconnected;
@@ -1800,6 +2560,9 @@ impl<P: Payload> Node<P> {
         self.demoting = None;
         if self.sync.take().is_some() {
             tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+        }
+        if self.verify.take().is_some() {
+            tracing::warn!(resource = %self.cfg.resource, "demoted during an online verify: it stops");
         }
         self.wanted.role = Role::Secondary;
         self.io_suspended = false;
@@ -1928,6 +2691,11 @@ impl<P: Payload> Node<P> {
                 " (forced: this node's {:?} data is now the current copy)",
                 self.wanted.disk
             ));
+            if self.wanted.disk == DiskState::Inconsistent {
+                // Whatever this node holds is now the data: no bitmap says
+                // where the peer differs from it.
+                self.bitmap.set_all();
+            }
             self.wanted.disk = DiskState::UpToDate;
         }
         let current = self.wanted.current_generation;
@@ -1957,6 +2725,8 @@ impl<P: Payload> Node<P> {
             self.wanted.peer_sync_needed = true;
         }
         self.unclean_primary = false;
+        // A node that serves is not one whose data the operator gave up.
+        self.discard_my_data = false;
         self.wanted.role = Role::Primary;
         let v = self.request_meta();
         self.promotion_version = v;

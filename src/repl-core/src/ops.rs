@@ -103,6 +103,11 @@ impl<T> OpTable<T> {
         Some(entry.data)
     }
 
+    /// The byte range of operation `id`, if it has one.
+    pub fn range(&self, id: u64) -> Option<Range> {
+        self.entries.get(&id).and_then(|e| e.range)
+    }
+
     pub fn get(&self, id: u64) -> Option<&T> {
         self.entries.get(&id).map(|e| &e.data)
     }

@@ -42,11 +42,15 @@ pub struct PeerStatus {
     pub generations: Generations,
 }
 
-/// A running full sync.
+/// A running sync (a full sync or a quick resync of the dirty bitmap).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SyncStatus {
     /// True when this node is the source (primary), false when the target.
     pub source: bool,
+    /// Source only: true for a full sync (no common bitmap generation, a
+    /// crashed primary), false for a resync of the dirty regions. A target
+    /// learns only the byte count.
+    pub full: bool,
     /// Bytes acknowledged by the target so far (source) or written (target).
     pub done_bytes: u64,
     /// Bytes to sync in all.
@@ -114,6 +118,32 @@ pub struct Status {
     pub generations: Generations,
     /// A demotion waits for client requests to finish.
     pub demoting: bool,
+    /// Bytes this node's dirty bitmap marks out of sync now.
+    pub out_of_sync_bytes: u64,
+    /// Bytes newly marked out of sync since the node started (writes without
+    /// the peer, the transfer log at link loss).
+    pub marked_bytes: u64,
+    /// Bytes sent by syncs (as source) and acknowledged by the target since
+    /// the node started.
+    pub resynced_bytes: u64,
+    /// The dirty bitmap's granularity (bytes per bit).
+    pub bitmap_granularity_bytes: u64,
+    /// An online verify in progress (as a sync: bytes compared of the volume).
+    pub verify: Option<SyncStatus>,
+    /// The last finished verify: bytes compared, 4 KiB blocks that differed,
+    /// and the first differing ranges (offset, length).
+    pub last_verify: Option<VerifyResult>,
+}
+
+/// What an online verify found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyResult {
+    /// Bytes compared.
+    pub checked_bytes: u64,
+    /// 4 KiB blocks whose checksums differed (marked out of sync).
+    pub differing_blocks: u64,
+    /// The first differing ranges, adjacent blocks merged (at most 64).
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// Display names for roles and disk states (DRBD's spelling).

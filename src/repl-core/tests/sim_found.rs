@@ -124,3 +124,21 @@ fn a_target_stops_waiting_when_its_sync_source_is_demoted() {
     )
     .unwrap();
 }
+
+/// Seed 3283: a demotion without --force under suspend-io, with no client
+/// request left, waited forever for its own flush of both stores, which the
+/// suspension held (and a later `demote --force` was refused as "already
+/// waiting").
+#[test]
+fn a_demotion_under_suspend_io_is_not_held_by_the_suspension() {
+    let mut p = Pair::synced(OnPeerLoss::SuspendIo);
+    let w = p.write(A, 0, 3, 4096);
+    p.run_until_idle();
+    assert_eq!(p.reply(A, w), Some(&Ok(())));
+    p.cut_link("partition");
+    assert!(p.nodes[A].node.status(p.now).io_suspended);
+    let r = p.admin(A, AdminCommand::Demote { force: false });
+    assert!(r.is_ok(), "{r:?}");
+    assert_eq!(p.nodes[A].node.role(), pairbd_repl_core::Role::Secondary);
+    assert!(p.nodes[A].meta.peer_sync_needed, "the mark stays");
+}

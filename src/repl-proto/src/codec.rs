@@ -11,7 +11,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::{Hello, Message, NodeState};
+use crate::{DirtyRanges, Hello, Message, NodeState, VerifyReply};
 
 /// The header's size in bytes.
 pub const HEADER_LEN: usize = 48;
@@ -69,6 +69,9 @@ pub enum Kind {
     SyncDoneAck = 13,
     Ping = 14,
     Pong = 15,
+    DirtyRanges = 16,
+    VerifyRequest = 17,
+    VerifyReply = 18,
 }
 
 impl Kind {
@@ -90,6 +93,9 @@ impl Kind {
             13 => SyncDoneAck,
             14 => Ping,
             15 => Pong,
+            16 => DirtyRanges,
+            17 => VerifyRequest,
+            18 => VerifyReply,
             _ => return None,
         })
     }
@@ -99,14 +105,21 @@ impl Kind {
     }
 
     fn is_control(self) -> bool {
-        matches!(self, Kind::Hello | Kind::State)
+        matches!(
+            self,
+            Kind::Hello | Kind::State | Kind::DirtyRanges | Kind::VerifyReply
+        )
     }
 
     /// Which of seq, offset and length the kind carries; the others must be 0.
     fn uses(self) -> (bool, bool, bool) {
         match self {
-            Kind::Hello | Kind::State | Kind::SyncReady => (false, false, false),
-            Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::SyncData => (true, true, true),
+            Kind::Hello | Kind::State | Kind::SyncReady | Kind::DirtyRanges | Kind::VerifyReply => {
+                (false, false, false)
+            }
+            Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::SyncData | Kind::VerifyRequest => {
+                (true, true, true)
+            }
             Kind::Flush
             | Kind::Ack
             | Kind::FlushAck
@@ -179,6 +192,9 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::SyncDoneAck => "sync-done-ack",
         Kind::Ping => "ping",
         Kind::Pong => "pong",
+        Kind::DirtyRanges => "dirty-ranges",
+        Kind::VerifyRequest => "verify-request",
+        Kind::VerifyReply => "verify-reply",
     }
 }
 
@@ -382,6 +398,13 @@ pub fn decode_frame<P: AsRef<[u8]>>(h: &FrameHeader, payload: P) -> Result<Messa
         Kind::SyncDoneAck => Message::SyncDoneAck { seq },
         Kind::Ping => Message::Ping { seq },
         Kind::Pong => Message::Pong { seq },
+        Kind::DirtyRanges => Message::DirtyRanges(control::<DirtyRanges>(h.kind, bytes)?),
+        Kind::VerifyRequest => Message::VerifyRequest {
+            seq,
+            offset: h.offset,
+            length: h.length,
+        },
+        Kind::VerifyReply => Message::VerifyReply(control::<VerifyReply>(h.kind, bytes)?),
     })
 }
 
@@ -490,6 +513,19 @@ fn encode<P: AsRef<[u8]>>(msg: &Message<P>) -> (EncodedFrame, Option<FrameError>
         Message::SyncDoneAck { seq } => (Kind::SyncDoneAck, *seq, 0, 0, 0),
         Message::Ping { seq } => (Kind::Ping, *seq, 0, 0, 0),
         Message::Pong { seq } => (Kind::Pong, *seq, 0, 0, 0),
+        Message::DirtyRanges(d) => {
+            control = serialise(Kind::DirtyRanges, postcard::to_stdvec(d));
+            (Kind::DirtyRanges, 0, 0, 0, 0)
+        }
+        Message::VerifyRequest {
+            seq,
+            offset,
+            length,
+        } => (Kind::VerifyRequest, *seq, *offset, *length, 0),
+        Message::VerifyReply(r) => {
+            control = serialise(Kind::VerifyReply, postcard::to_stdvec(r));
+            (Kind::VerifyReply, 0, 0, 0, 0)
+        }
     };
     let body: &[u8] = data.unwrap_or(&control);
     // Saturate rather than truncate: u32::MAX is over every limit, so an

@@ -52,6 +52,12 @@ pub struct Hello {
     /// The sender was primary and stopped without a clean demotion: writes may
     /// have been in flight, so its peer's copy may differ in those regions.
     pub unclean_primary: bool,
+    /// The operator chose this node's data to be thrown away if the two
+    /// nodes are found in split brain (`pairbd connect --discard-my-data`).
+    pub discard_my_data: bool,
+    /// Bytes the sender's dirty bitmap marks (0: it changed nothing the peer
+    /// may lack — the case an automatic split-brain policy may resolve).
+    pub dirty_bytes: u64,
 }
 
 /// A node's role, disk state and generation identifiers, sent on every change.
@@ -79,6 +85,38 @@ pub struct Generations {
     /// Older generations, newest first.
     pub history: [u64; 2],
 }
+
+/// Part of the sender's dirty bitmap, as byte ranges `(offset, length)`
+/// (so the two nodes may use different granularities). Each side sends its
+/// whole bitmap right after its hello, in batches of at most
+/// [`DIRTY_RANGES_MAX`] ranges; the batch with `last` set ends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRanges {
+    /// Regions where the sender's data may differ from the receiver's.
+    pub ranges: Vec<(u64, u64)>,
+    /// The sender's bitmap is complete with this batch.
+    pub last: bool,
+}
+
+/// The most ranges one `DirtyRanges` message carries (postcard needs at most
+/// 20 bytes a range: well inside the control payload limit).
+pub const DIRTY_RANGES_MAX: usize = 2048;
+
+/// The answer to `VerifyRequest`: crc32c of each 4096-byte block of the
+/// range as the secondary's store holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReply {
+    /// The request's sequence number.
+    pub seq: u64,
+    /// One crc32c per block, in order.
+    pub crcs: Vec<u32>,
+}
+
+/// Bytes per checksum of online verify.
+pub const VERIFY_BLOCK_BYTES: u64 = 4096;
+/// The longest range one `VerifyRequest` may ask for (its reply's crcs fit
+/// the control payload limit).
+pub const VERIFY_MAX_BYTES: u64 = 8 << 20;
 
 /// One replication message. `P` is the caller's payload buffer type.
 ///
@@ -129,6 +167,13 @@ pub enum Message<P> {
     Ping { seq: u64 },
     /// The answer to `Ping`.
     Pong { seq: u64 },
+    /// Either way, after the hello: a batch of the sender's dirty regions.
+    DirtyRanges(DirtyRanges),
+    /// Primary → secondary (online verify): read this range after every
+    /// earlier write to it and answer with its blocks' checksums.
+    VerifyRequest { seq: u64, offset: u64, length: u64 },
+    /// Secondary → primary: the checksums of `VerifyRequest` `seq`.
+    VerifyReply(VerifyReply),
 }
 
 impl<P> Message<P> {
@@ -159,6 +204,9 @@ impl<P> Message<P> {
             Message::SyncDoneAck { .. } => "sync-done-ack",
             Message::Ping { .. } => "ping",
             Message::Pong { .. } => "pong",
+            Message::DirtyRanges(_) => "dirty-ranges",
+            Message::VerifyRequest { .. } => "verify-request",
+            Message::VerifyReply(_) => "verify-reply",
         }
     }
 }

@@ -20,6 +20,8 @@ fn hello() -> Hello {
         },
         peer_sync_needed: true,
         unclean_primary: false,
+        discard_my_data: true,
+        dirty_bytes: 1 << 20,
     }
 }
 
@@ -70,6 +72,19 @@ fn all_messages() -> Vec<Message<Vec<u8>>> {
         Message::SyncDoneAck { seq: 7 },
         Message::Ping { seq: 8 },
         Message::Pong { seq: 8 },
+        Message::DirtyRanges(pairbd_repl_proto::DirtyRanges {
+            ranges: vec![(0, 4096), (1 << 20, 65536)],
+            last: true,
+        }),
+        Message::VerifyRequest {
+            seq: 9,
+            offset: 1 << 20,
+            length: 1 << 20,
+        },
+        Message::VerifyReply(pairbd_repl_proto::VerifyReply {
+            seq: 9,
+            crcs: vec![1, 2, 0xFFFF_FFFF],
+        }),
     ]
 }
 
@@ -383,6 +398,8 @@ fn any_message() -> impl Strategy<Value = Message<Vec<u8>>> {
                 state,
                 peer_sync_needed: sync,
                 unclean_primary: unclean,
+                discard_my_data: sync && !unclean,
+                dirty_bytes: size_bytes / 3,
             })
         });
     prop_oneof![

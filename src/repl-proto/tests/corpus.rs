@@ -25,6 +25,8 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         },
         peer_sync_needed: false,
         unclean_primary: true,
+        discard_my_data: false,
+        dirty_bytes: 0,
     };
     let mut out: Vec<(&'static str, Vec<u8>)> = vec![
         ("hello", encode_to_vec::<Vec<u8>>(&Message::Hello(hello))),

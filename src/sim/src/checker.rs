@@ -231,6 +231,12 @@ impl Checker {
         self.diverged[n]
     }
 
+    /// Whether node `n` holds a block whose acknowledged write only it has
+    /// (a divergence by writes, not only declared by a forced promotion).
+    pub fn changed_alone(&self, n: usize) -> bool {
+        self.alone[n].iter().any(|&a| a)
+    }
+
     /// The blocks write `id` touches: (first, count).
     pub fn write_blocks(&self, id: u64) -> Option<(usize, usize)> {
         self.writes

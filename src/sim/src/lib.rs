@@ -191,15 +191,17 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::FlushNotForwarded => "flush-not-forwarded",
         Mutation::TransferLogIgnored => "transfer-log-ignored",
         Mutation::PromoteOutdated => "promote-outdated",
+        Mutation::BitClearedBeforeTargetFlush => "bit-cleared-before-target-flush",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 4] = [
+pub const MUTATIONS: [Mutation; 5] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
     Mutation::PromoteOutdated,
+    Mutation::BitClearedBeforeTargetFlush,
 ];
 
 /// The mutation with this command-line name.

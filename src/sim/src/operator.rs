@@ -279,9 +279,33 @@ impl Sim {
         }
     }
 
-    /// The split brain's resolution: the victim's data is given up
-    /// (create-md --force), the survivor connects and syncs it.
+    /// The split brain's resolution: the victim's data is given up, the
+    /// survivor connects and syncs it. Either with `connect
+    /// --discard-my-data` on a StandAlone Secondary victim (the bitmaps say
+    /// what to roll back), or the old way: create-md --force on the victim.
     fn discard(&mut self, victim: usize) {
+        let survivor = 1 - victim;
+        let bitmap_way =
+            self.nodes[victim].core.as_ref().is_some_and(|c| {
+                c.is_standalone() && c.role() == pairbd_repl_core::Role::Secondary
+            }) && self.rng.percent(60);
+        if bitmap_way {
+            self.note(format!(
+                "operator resolves the split brain: connect --discard-my-data on {}",
+                NAMES[victim]
+            ));
+            self.figures.split_brains_resolved += 1;
+            self.checker.discarded(victim);
+            self.single(victim, AdminCommand::ConnectDiscardingMyData);
+            if self.nodes[survivor]
+                .core
+                .as_ref()
+                .is_some_and(|c| c.is_standalone())
+            {
+                self.single(survivor, AdminCommand::Connect);
+            }
+            return;
+        }
         self.note(format!(
             "operator resolves the split brain: {} gives up its data",
             NAMES[victim]
@@ -291,7 +315,6 @@ impl Sim {
         self.nodes[victim].meta = PersistentState::fresh();
         self.checker.discarded(victim);
         self.schedule_restart(victim, 100_000);
-        let survivor = 1 - victim;
         if self.nodes[survivor]
             .core
             .as_ref()

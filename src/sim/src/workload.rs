@@ -4,7 +4,7 @@
 //! write-zeroes over a small hot set of blocks to whichever node the
 //! operator attached them to.
 
-use pairbd_repl_core::{AfterCrash, ClientOp, OnPeerLoss};
+use pairbd_repl_core::{AfterCrash, AfterSplitBrain, ClientOp, OnPeerLoss};
 
 use crate::checker::ReadSnapshot;
 use crate::content::{encode, BLOCK_BYTES};
@@ -96,6 +96,11 @@ pub struct Profile {
     pub on_peer_loss: OnPeerLoss,
     /// What a crashed primary does when it starts again.
     pub after_crash: AfterCrash,
+    /// Whether a split brain with one side unchanged resolves itself.
+    pub after_split_brain: AfterSplitBrain,
+    /// The sync rate limit (a simulated volume of 32 KiB takes 125 ms at
+    /// 256 KiB/s: the pacing timer runs, the liveness phase still ends).
+    pub sync_rate_bytes_per_sec: Option<u64>,
     /// Concurrent clients.
     pub clients: usize,
     /// Requests in flight per client, at most.
@@ -143,6 +148,12 @@ impl Profile {
             } else {
                 AfterCrash::Secondary
             },
+            after_split_brain: if rng.percent(30) {
+                AfterSplitBrain::DiscardZeroChanges
+            } else {
+                AfterSplitBrain::Disconnect
+            },
+            sync_rate_bytes_per_sec: rng.percent(30).then_some(256 << 10),
             clients: rng.between(1, 4) as usize,
             max_depth: rng.between(1, 4),
             think_us: [200, 2_000, 20_000][rng.below(3) as usize],

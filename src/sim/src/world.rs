@@ -12,10 +12,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use pairbd_repl_core::bitmap::{bitmap_area_bytes, BITMAP_PAGE_BYTES};
 use pairbd_repl_core::{
-    AdminCommand, AdminId, ClientOp, Config, ConnectionState, DiskOp, DiskOpId, DiskResult,
-    DiskState, Message, MetaWriteId, Node, Output, PersistentState, ReplyError, RequestId, Role,
-    Status,
+    AdminCommand, AdminId, BitmapPage, ClientOp, Config, ConnectionState, DiskOp, DiskOpId,
+    DiskResult, DiskState, Message, MetaWriteId, Node, Output, PersistentState, ReplyError,
+    RequestId, Role, Status,
 };
 
 use crate::checker::{Checker, ReadSnapshot, Violation};
@@ -34,6 +35,11 @@ pub const NAMES: [&str; 2] = ["alpha", "beta"];
 /// QUIC's idle timeout, the daemon's default ping-timeout.
 pub const PING_TIMEOUT_US: u64 = 1_000_000;
 const BACKOFF_MIN_US: u64 = 100_000;
+/// The simulated nodes' dirty-bitmap granularity: 2 blocks per bit, so a
+/// bit covers blocks written by different requests and the small simulated
+/// volumes still have 8 to 32 bits. (The daemon's minimum is 4 KiB; the core
+/// takes any granularity.)
+pub const BITMAP_GRANULARITY: u64 = 1024;
 const BACKOFF_MAX_US: u64 = 2_000_000;
 
 /// How a node stops.
@@ -124,7 +130,9 @@ pub struct SimNode {
     pub store: SimStore,
     /// The metadata as it is on disk.
     pub meta: PersistentState,
-    pub meta_pending: Option<(MetaWriteId, PersistentState)>,
+    /// The dirty bitmap area as it is on disk.
+    pub bitmap_image: Vec<u8>,
+    pub meta_pending: Option<(MetaWriteId, PersistentState, Vec<BitmapPage>)>,
     pub disk_pending: BTreeMap<u64, PendingDisk>,
     pub armed: Option<u64>,
     pub fail_next_write: bool,
@@ -144,12 +152,38 @@ pub struct SimNode {
 }
 
 impl SimNode {
+    fn write_bitmap_pages(&mut self, pages: &[BitmapPage]) {
+        for p in pages {
+            let at = p.index as usize * BITMAP_PAGE_BYTES;
+            self.bitmap_image[at..at + BITMAP_PAGE_BYTES].copy_from_slice(&p.bytes);
+        }
+    }
+
+    /// A crash while the pages were being written: a prefix of them landed,
+    /// the next one only in part.
+    fn tear_bitmap_pages(&mut self, pages: &[BitmapPage], rng: &mut Rng) {
+        if pages.is_empty() {
+            return;
+        }
+        let whole = rng.below(pages.len() as u64) as usize;
+        self.write_bitmap_pages(&pages[..whole]);
+        let p = &pages[whole];
+        let part = rng.below(BITMAP_PAGE_BYTES as u64) as usize;
+        let at = p.index as usize * BITMAP_PAGE_BYTES;
+        self.bitmap_image[at..at + part].copy_from_slice(&p.bytes[..part]);
+    }
+
     fn new(blocks: usize) -> SimNode {
         SimNode {
             core: None,
             inc: 0,
             store: SimStore::new(blocks),
             meta: PersistentState::fresh(),
+            bitmap_image: vec![
+                0;
+                bitmap_area_bytes((blocks * BLOCK_BYTES) as u64, BITMAP_GRANULARITY)
+                    as usize
+            ],
             meta_pending: None,
             disk_pending: BTreeMap::new(),
             armed: None,
@@ -329,7 +363,7 @@ impl Sim {
             let line = match self.status(n) {
                 None => format!("    {name} down (metadata {:?})", self.nodes[n].meta),
                 Some(st) => format!(
-                    "    {} {:?}/{:?}/{:?} gens {} psn {} sync {:?} diverged {}",
+                    "    {} {:?}/{:?}/{:?} gens {} psn {} sync {:?} diverged {} dirty {}",
                     name,
                     st.role,
                     st.disk,
@@ -337,7 +371,8 @@ impl Sim {
                     pairbd_repl_core::generations::describe(st.generations),
                     st.peer_sync_needed,
                     st.sync.map(|s| (s.source, s.percent() as u32)),
-                    self.checker.diverged(n)
+                    self.checker.diverged(n),
+                    st.out_of_sync_bytes
                 ),
             };
             self.note(line);
@@ -509,8 +544,8 @@ impl Sim {
     fn route(&mut self, n: usize, out: Output<Vec<u8>>) {
         match out {
             Output::Disk { id, op } => self.submit_disk(n, id, op),
-            Output::WriteMeta { id, state } => {
-                self.nodes[n].meta_pending = Some((id, state));
+            Output::WriteMeta { id, state, bitmap } => {
+                self.nodes[n].meta_pending = Some((id, state, bitmap));
                 let at = self.now + self.rng.between(50, 2_000);
                 let inc = self.nodes[n].inc;
                 self.schedule(at, Event::MetaDone { node: n, inc, id });
@@ -630,7 +665,8 @@ impl Sim {
             return;
         }
         match self.nodes[n].meta_pending.take() {
-            Some((pending, state)) if pending == id => {
+            Some((pending, state, pages)) if pending == id => {
+                self.nodes[n].write_bitmap_pages(&pages);
                 // A Secondary becomes UpToDate only at the end of a full sync:
                 // the sync is over, whether or not the source hears of it.
                 let synced = self.nodes[n].meta.disk != DiskState::UpToDate
@@ -664,6 +700,9 @@ impl Sim {
             probe_timeout: Duration::from_micros(PING_TIMEOUT_US),
             generation_seed: self.rng.next_u64(),
             after_crash: self.profile.after_crash,
+            bitmap_granularity_bytes: BITMAP_GRANULARITY,
+            after_split_brain: self.profile.after_split_brain,
+            sync_rate_bytes_per_sec: self.profile.sync_rate_bytes_per_sec,
         }
     }
 
@@ -674,6 +713,7 @@ impl Sim {
         }
         let cfg = self.config(n);
         let mut core = Node::new(cfg, self.nodes[n].meta, self.instant());
+        core.restore_bitmap(BITMAP_GRANULARITY, &self.nodes[n].bitmap_image);
         core.set_mutation(self.opts.mutation);
         let node = &mut self.nodes[n];
         node.core = Some(core);
@@ -723,10 +763,17 @@ impl Sim {
             self.apply_disk(n, p);
         }
         let node = &mut self.nodes[n];
-        if let Some((_, state)) = meta {
-            // Metadata writes are atomic (two slots): all or nothing.
-            if rng.percent(50) {
-                node.meta = state;
+        if let Some((_, state, pages)) = meta {
+            // The bitmap pages go first (durably), then the slot, which is
+            // atomic (two slots): pages and slot, the pages alone (some of
+            // them, one torn), or nothing.
+            match rng.below(4) {
+                0 | 1 => {
+                    node.write_bitmap_pages(&pages);
+                    node.meta = state;
+                }
+                2 => node.tear_bitmap_pages(&pages, &mut rng),
+                _ => {}
             }
         }
         match how {
@@ -1310,6 +1357,24 @@ impl Sim {
                 .as_ref()
                 .is_some_and(|c| c.status(self.instant()).connection == ConnectionState::Connected)
         });
+        // `after-split-brain = "discard-zero-changes"`: a node that diverged
+        // only by a forced promotion, with no write of its own, is
+        // discarded by the policy, as an operator would: the model gives its
+        // data up. (A wrong choice still fails the sync's checks.)
+        let zero_changes = (0..2).find(|&n| !self.checker.changed_alone(n));
+        if connected
+            && self.profile.after_split_brain
+                == pairbd_repl_core::AfterSplitBrain::DiscardZeroChanges
+        {
+            if let Some(victim) = zero_changes {
+                self.note(format!(
+                    "discard-zero-changes: {} changed nothing alone; its data is given up",
+                    NAMES[victim]
+                ));
+                self.checker.discarded(victim);
+                return;
+            }
+        }
         if connected {
             self.fail(Violation::UndetectedSplitBrain(
                 "both nodes acknowledged writes the other does not have, and they connected \

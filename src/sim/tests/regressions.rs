@@ -10,6 +10,11 @@ use pairbd_sim::{run_seed, Options};
 /// (seed, the bug it found — what breaks with the fix reverted).
 const FOUND: &[(u64, &str)] = &[
     (
+        3283,
+        "liveness: a demotion without --force under suspend-io waited forever for its own \
+         flush of both stores, held by the suspension",
+    ),
+    (
         3428,
         "liveness: `demote --force` waited forever for requests held by suspend-io",
     ),

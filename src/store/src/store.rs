@@ -351,12 +351,12 @@ impl Store {
         } else {
             self.execute(Op::Flush, Some(sync)).await?;
         }
+        if let (Some(v), Some(w)) = (&self.inner.volatile, watermark) {
+            v.flushed(w).map_err(StoreError::Io)?;
+        }
         // Only a successful fdatasync covers anyone: after a failure the next waiter
         // runs its own, which the poisoned store fails.
         group.covered.fetch_max(covers, Ordering::SeqCst);
-        if let (Some(v), Some(w)) = (&self.inner.volatile, watermark) {
-            v.flushed(w);
-        }
         Ok(())
     }
 

@@ -156,9 +156,18 @@ impl Volatile {
         self.lock().next_seq
     }
 
-    /// A flush that started at `watermark` succeeded.
-    pub(crate) fn flushed(&self, watermark: u64) {
-        self.lock().entries.retain(|e| e.seq() > watermark);
+    /// A flush that started at `watermark` succeeded — unless the power was
+    /// cut meanwhile: the cut may have undone what the fdatasync covered, and
+    /// a real power cut would never let the flush be reported, so it fails.
+    /// (Reporting it let a secondary acknowledge a peer flush for writes its
+    /// cut had just undone; the dirty bitmap then skipped them.)
+    pub(crate) fn flushed(&self, watermark: u64) -> std::io::Result<()> {
+        let mut log = self.lock();
+        if log.cut {
+            return Err(power_is_off());
+        }
+        log.entries.retain(|e| e.seq() > watermark);
+        Ok(())
     }
 
     /// Undoes a seeded choice of the unflushed changes in `file` and makes

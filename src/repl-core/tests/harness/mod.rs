@@ -11,10 +11,14 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use pairbd_repl_core::bitmap::{bitmap_area_bytes, BITMAP_PAGE_BYTES};
 use pairbd_repl_core::{
-    AdminCommand, AdminId, AfterCrash, ClientOp, Config, DiskOp, DiskOpId, DiskResult, Message,
-    MetaWriteId, Node, OnPeerLoss, Output, PersistentState, ReplyError, RequestId,
+    AdminCommand, AdminId, AfterCrash, BitmapPage, ClientOp, Config, DiskOp, DiskOpId, DiskResult,
+    Message, MetaWriteId, Node, OnPeerLoss, Output, PersistentState, ReplyError, RequestId,
 };
+
+/// The harness's bitmap granularity (bytes per bit).
+pub const GRANULARITY: u64 = 4096;
 
 pub const SIZE: u64 = 1 << 20;
 
@@ -40,13 +44,17 @@ impl Rng {
 
 pub struct Sim {
     pub node: Node<Vec<u8>>,
+    /// The configuration the node runs with.
+    pub cfg: Config,
     /// What reads return: completed writes.
     pub data: Vec<u8>,
     /// What survives a power cut: flushed writes.
     pub durable: Vec<u8>,
     pub meta: PersistentState,
+    /// The bitmap area as the metadata holds it.
+    pub bitmap_image: Vec<u8>,
     pub disk_queue: Vec<(DiskOpId, DiskOp<Vec<u8>>)>,
-    pub meta_queue: VecDeque<(MetaWriteId, PersistentState)>,
+    pub meta_queue: VecDeque<(MetaWriteId, PersistentState, Vec<BitmapPage>)>,
     pub inbox: VecDeque<Message<Vec<u8>>>,
     pub replies: BTreeMap<RequestId, Result<(), ReplyError>>,
     pub admin: BTreeMap<AdminId, Result<String, String>>,
@@ -77,18 +85,28 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         // daemon's random seed makes sure.
         generation_seed: SEEDS.fetch_add(0x1234_5678_9ABC, std::sync::atomic::Ordering::Relaxed),
         after_crash: AfterCrash::Secondary,
+        bitmap_granularity_bytes: GRANULARITY,
+        after_split_brain: pairbd_repl_core::AfterSplitBrain::Disconnect,
+        sync_rate_bytes_per_sec: None,
     }
 }
 
 static SEEDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Sim {
+    /// The node's configuration (for a restart with changes).
+    pub fn node_config(&self) -> Config {
+        self.cfg.clone()
+    }
+
     fn new(cfg: Config, meta: PersistentState, now: Instant) -> Sim {
         Sim {
-            node: Node::new(cfg, meta, now),
+            node: Node::new(cfg.clone(), meta, now),
+            cfg,
             data: vec![0; SIZE as usize],
             durable: vec![0; SIZE as usize],
             meta,
+            bitmap_image: vec![0; bitmap_area_bytes(SIZE, GRANULARITY) as usize],
             disk_queue: Vec::new(),
             meta_queue: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -102,12 +120,22 @@ impl Sim {
 
 impl Pair {
     pub fn new(policy: OnPeerLoss) -> Pair {
+        Pair::new_with(policy, |_| {})
+    }
+
+    /// `new`, with both configurations changed by `f`.
+    pub fn new_with(policy: OnPeerLoss, f: impl Fn(&mut Config)) -> Pair {
         let now = Instant::now();
+        let cfg = |name| {
+            let mut c = config(name, policy);
+            f(&mut c);
+            c
+        };
         Pair {
             now,
             nodes: [
-                Sim::new(config("alpha", policy), PersistentState::fresh(), now),
-                Sim::new(config("beta", policy), PersistentState::fresh(), now),
+                Sim::new(cfg("alpha"), PersistentState::fresh(), now),
+                Sim::new(cfg("beta"), PersistentState::fresh(), now),
             ],
             link_up: false,
             disconnects: Vec::new(),
@@ -118,7 +146,12 @@ impl Pair {
 
     /// A connected pair, alpha Primary and beta UpToDate after the initial sync.
     pub fn synced(policy: OnPeerLoss) -> Pair {
-        let mut p = Pair::new(policy);
+        Pair::synced_with(policy, |_| {})
+    }
+
+    /// `synced`, with both configurations changed by `f`.
+    pub fn synced_with(policy: OnPeerLoss, f: impl Fn(&mut Config)) -> Pair {
+        let mut p = Pair::new_with(policy, f);
         p.connect();
         p.run_until_idle();
         let r = p.admin(
@@ -211,7 +244,9 @@ impl Pair {
     fn route(&mut self, i: usize, out: Output<Vec<u8>>) {
         match out {
             Output::Disk { id, op } => self.nodes[i].disk_queue.push((id, op)),
-            Output::WriteMeta { id, state } => self.nodes[i].meta_queue.push_back((id, state)),
+            Output::WriteMeta { id, state, bitmap } => {
+                self.nodes[i].meta_queue.push_back((id, state, bitmap))
+            }
             Output::Send(m) => {
                 if self.link_up {
                     self.nodes[1 - i].inbox.push_back(m);
@@ -278,10 +313,14 @@ impl Pair {
     }
 
     pub fn complete_meta(&mut self, i: usize) {
-        let (id, state) = self.nodes[i]
+        let (id, state, pages) = self.nodes[i]
             .meta_queue
             .pop_front()
             .expect("a metadata write");
+        for p in pages {
+            let at = p.index as usize * BITMAP_PAGE_BYTES;
+            self.nodes[i].bitmap_image[at..at + BITMAP_PAGE_BYTES].copy_from_slice(&p.bytes);
+        }
         self.nodes[i].meta = state;
         self.nodes[i].node.handle_meta_done(self.now, id, Ok(()));
         self.drain();
@@ -363,7 +402,9 @@ impl Pair {
         s.disk_queue.clear();
         s.meta_queue.clear();
         s.inbox.clear();
-        s.node = Node::new(cfg, s.meta, self.now);
+        s.node = Node::new(cfg.clone(), s.meta, self.now);
+        s.cfg = cfg;
+        s.node.restore_bitmap(GRANULARITY, &s.bitmap_image);
         s.failed = None;
     }
 
