@@ -47,7 +47,7 @@ pub struct Figures {
     pub partitions: u64,
     /// Connections made.
     pub connections: u64,
-    /// Full syncs finished.
+    /// Syncs finished (full or from the bitmaps): a Secondary became UpToDate.
     pub syncs: u64,
     /// Times a node went StandAlone.
     pub standalone_episodes: u64,
@@ -159,7 +159,7 @@ impl fmt::Display for Figures {
         )?;
         writeln!(
             f,
-            "link resets {}, partitions {}, connections {}, full syncs {}, StandAlone {} (no data split {}), split brains resolved {}, store comparisons {} (final {})",
+            "link resets {}, partitions {}, connections {}, syncs completed (full or bitmap) {}, StandAlone {} (no data split {}), split brains resolved {}, store comparisons {} (final {})",
             self.link_cuts,
             self.partitions,
             self.connections,
