@@ -10,43 +10,6 @@ use pairbd_repl_core::{AdminCommand, ConnectionState, DiskState, Message, OnPeer
 const A: usize = 0;
 const B: usize = 1;
 
-#[track_caller]
-fn assert_same(p: &Pair, what: &str) {
-    let (a, b) = (&p.nodes[A].data, &p.nodes[B].data);
-    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
-        panic!("{what}: stores differ at byte {i}: {} vs {}", a[i], b[i]);
-    }
-}
-
-/// Runs until idle and returns the byte counts of every SyncStart sent.
-fn run_counting_syncs(p: &mut Pair) -> Vec<u64> {
-    let mut starts = Vec::new();
-    for _ in 0..1_000_000 {
-        let mut any = false;
-        for i in 0..2 {
-            if !p.nodes[i].meta_queue.is_empty() {
-                p.complete_meta(i);
-                any = true;
-            }
-            if !p.nodes[i].disk_queue.is_empty() {
-                p.complete_disk(i, 0);
-                any = true;
-            }
-            if let Some(Message::SyncStart { total_bytes }) = p.nodes[i].inbox.front() {
-                starts.push(*total_bytes);
-            }
-            if !p.nodes[i].inbox.is_empty() {
-                p.deliver(i);
-                any = true;
-            }
-        }
-        if !any {
-            return starts;
-        }
-    }
-    panic!("never idle");
-}
-
 #[test]
 fn a_partition_resyncs_only_the_regions_written_meanwhile() {
     let mut p = Pair::synced(OnPeerLoss::Continue);
@@ -67,7 +30,7 @@ fn a_partition_resyncs_only_the_regions_written_meanwhile() {
     assert_eq!(status.out_of_sync_bytes, 4 * GRANULARITY);
     assert_eq!(status.marked_bytes, 4 * GRANULARITY);
     p.connect();
-    let starts = run_counting_syncs(&mut p);
+    let starts = p.run_until_idle();
     assert_eq!(
         starts,
         vec![4 * GRANULARITY],
@@ -78,7 +41,7 @@ fn a_partition_resyncs_only_the_regions_written_meanwhile() {
     assert_eq!(a.out_of_sync_bytes, 0);
     assert!(!a.peer_sync_needed);
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
-    assert_same(&p, "after the resync");
+    p.assert_same("after the resync");
     // Cleared on disk too.
     assert!(p.nodes[A].bitmap_image.iter().all(|&b| b == 0));
 }
@@ -106,9 +69,9 @@ fn a_secondary_power_cut_resyncs_its_unflushed_writes() {
         "the transfer log's write is marked, the flushed one is not"
     );
     p.connect();
-    let starts = run_counting_syncs(&mut p);
+    let starts = p.run_until_idle();
     assert_eq!(starts, vec![2 * GRANULARITY]);
-    assert_same(&p, "after the power cut and resync");
+    p.assert_same("after the power cut and resync");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
 }
 
@@ -153,9 +116,9 @@ fn an_interrupted_resync_resumes_after_what_the_target_flushed() {
     p.cut_link("interrupted");
     assert_eq!(p.nodes[B].node.disk(), DiskState::Inconsistent);
     p.connect();
-    let starts = run_counting_syncs(&mut p);
+    let starts = p.run_until_idle();
     assert_eq!(starts, vec![left], "the second resync covers what was left");
-    assert_same(&p, "after the resumed resync");
+    p.assert_same("after the resumed resync");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
 }
 
@@ -202,7 +165,7 @@ fn a_bit_is_kept_until_the_target_flushed_its_chunk() {
     p.restart(B);
     p.connect();
     p.run_until_idle();
-    assert_same(&p, "after the second resync");
+    p.assert_same("after the second resync");
     assert_eq!(p.nodes[A].node.status(p.now).out_of_sync_bytes, 0);
 }
 
@@ -217,9 +180,9 @@ fn a_peer_with_no_common_generation_gets_a_full_sync() {
     p.nodes[B].meta = pairbd_repl_core::PersistentState::fresh();
     p.restart(B);
     p.connect();
-    let starts = run_counting_syncs(&mut p);
+    let starts = p.run_until_idle();
     assert_eq!(starts, vec![SIZE], "a full sync");
-    assert_same(&p, "after the full sync");
+    p.assert_same("after the full sync");
 }
 
 #[test]
@@ -251,7 +214,7 @@ fn a_primary_restarted_cleanly_keeps_its_bitmap() {
     p.run_until_idle();
     // The restarted node counts from its start: one bit resynced.
     assert_eq!(p.nodes[A].node.status(p.now).resynced_bytes, GRANULARITY);
-    assert_same(&p, "after the resync");
+    p.assert_same("after the resync");
     assert_eq!(
         p.nodes[A].node.status(p.now).connection,
         ConnectionState::Connected
@@ -269,9 +232,9 @@ fn invalidate_makes_the_next_sync_a_full_one() {
     assert_eq!(p.nodes[B].meta.disk, DiskState::Inconsistent, "durably");
     assert!(!p.link_up, "the link is renewed");
     p.connect();
-    let starts = run_counting_syncs(&mut p);
+    let starts = p.run_until_idle();
     assert_eq!(starts, vec![SIZE], "a full sync");
-    assert_same(&p, "after the full sync");
+    p.assert_same("after the full sync");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
 }
 
@@ -315,7 +278,7 @@ fn a_rate_limited_resync_paces_its_chunks_by_the_clock() {
         p.nodes[A].node.status(p.now).sync.is_none(),
         "done after 3 s"
     );
-    assert_same(&p, "after the paced resync");
+    p.assert_same("after the paced resync");
 }
 
 #[test]
@@ -340,7 +303,7 @@ fn verify_finds_exactly_the_corrupted_blocks_and_the_resync_repairs_them() {
     assert_eq!(result.differing_blocks, 3);
     assert_eq!(result.ranges, vec![(40_960, 8192), (696_320, 4096)]);
     assert!(st.verify.is_none());
-    assert_same(&p, "after the resync of the marked blocks");
+    p.assert_same("after the resync of the marked blocks");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
     assert_eq!(st.out_of_sync_bytes, 0);
 }

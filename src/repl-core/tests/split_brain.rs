@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use harness::{Pair, GRANULARITY};
 use pairbd_repl_core::{
-    AdminCommand, AfterSplitBrain, ConnectionState, DiskState, Message, OnPeerLoss, Role,
+    AdminCommand, AfterSplitBrain, ConnectionState, DiskState, OnPeerLoss, Role,
 };
 
 const A: usize = 0;
@@ -20,43 +20,6 @@ fn promote(force: bool) -> AdminCommand {
         force,
         new_generation: 0xBEEF,
     }
-}
-
-#[track_caller]
-fn assert_same(p: &Pair, what: &str) {
-    let (a, b) = (&p.nodes[A].data, &p.nodes[B].data);
-    if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
-        panic!("{what}: stores differ at byte {i}: {} vs {}", a[i], b[i]);
-    }
-}
-
-/// Runs until idle, returning the byte counts of the SyncStarts sent.
-fn run_counting_syncs(p: &mut Pair) -> Vec<u64> {
-    let mut starts = Vec::new();
-    for _ in 0..1_000_000 {
-        let mut any = false;
-        for i in 0..2 {
-            if !p.nodes[i].meta_queue.is_empty() {
-                p.complete_meta(i);
-                any = true;
-            }
-            if !p.nodes[i].disk_queue.is_empty() {
-                p.complete_disk(i, 0);
-                any = true;
-            }
-            if let Some(Message::SyncStart { total_bytes }) = p.nodes[i].inbox.front() {
-                starts.push(*total_bytes);
-            }
-            if !p.nodes[i].inbox.is_empty() {
-                p.deliver(i);
-                any = true;
-            }
-        }
-        if !any {
-            return starts;
-        }
-    }
-    panic!("never idle");
 }
 
 /// alpha writes on while apart; beta restarts, is forced Primary and
@@ -97,10 +60,10 @@ fn discard_my_data_rolls_the_victim_back_with_both_bitmaps() {
     p.admin(B, AdminCommand::ConnectDiscardingMyData).unwrap();
     p.admin(A, AdminCommand::Connect).unwrap();
     p.connect();
-    let starts = run_counting_syncs(&mut p);
+    let starts = p.run_until_idle();
     // alpha's bit (block 0) and beta's two bits: the union, not the volume.
     assert_eq!(starts, vec![3 * GRANULARITY]);
-    assert_same(&p, "after the roll-back");
+    p.assert_same("after the roll-back");
     assert_eq!(p.nodes[A].data, survivor_data, "the survivor kept its data");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
     assert_eq!(p.nodes[B].node.role(), Role::Secondary);
@@ -118,8 +81,8 @@ fn discard_my_data_rolls_the_victim_back_with_both_bitmaps() {
     p.run_until_idle();
     assert_eq!(p.reply(A, w), Some(&Ok(())));
     p.connect();
-    assert_eq!(run_counting_syncs(&mut p), vec![GRANULARITY]);
-    assert_same(&p, "after the next resync");
+    assert_eq!(p.run_until_idle(), vec![GRANULARITY]);
+    p.assert_same("after the next resync");
 }
 
 #[test]
@@ -160,7 +123,7 @@ fn discard_zero_changes_resolves_only_when_one_side_wrote_nothing() {
         p.admin(B, promote(true)).unwrap();
         p.admin(B, AdminCommand::Demote { force: false }).unwrap();
         p.connect();
-        let starts = run_counting_syncs(&mut p);
+        let starts = p.run_until_idle();
         p.advance(Duration::from_secs(2));
         match policy {
             AfterSplitBrain::Disconnect => {
@@ -170,7 +133,7 @@ fn discard_zero_changes_resolves_only_when_one_side_wrote_nothing() {
             AfterSplitBrain::DiscardZeroChanges => {
                 assert!(!both_standalone(&p), "{policy:?}");
                 assert_eq!(starts, vec![GRANULARITY], "alpha's one dirty bit");
-                assert_same(&p, "after the automatic resolution");
+                p.assert_same("after the automatic resolution");
                 assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
             }
         }

@@ -359,8 +359,10 @@ impl Pair {
         true
     }
 
-    /// Completes everything pending, oldest first, until nothing is left.
-    pub fn run_until_idle(&mut self) {
+    /// Completes everything pending, oldest first, until nothing is left;
+    /// returns the byte counts of the `SyncStart`s delivered meanwhile.
+    pub fn run_until_idle(&mut self) -> Vec<u64> {
+        let mut sync_starts = Vec::new();
         for _ in 0..1_000_000 {
             let mut any = false;
             for i in 0..2 {
@@ -372,16 +374,28 @@ impl Pair {
                     self.complete_disk(i, 0);
                     any = true;
                 }
+                if let Some(Message::SyncStart { total_bytes }) = self.nodes[i].inbox.front() {
+                    sync_starts.push(*total_bytes);
+                }
                 if !self.nodes[i].inbox.is_empty() {
                     self.deliver(i);
                     any = true;
                 }
             }
             if !any {
-                return;
+                return sync_starts;
             }
         }
         panic!("the pair never went idle");
+    }
+
+    /// Panics, naming the first differing byte, unless both nodes' data are equal.
+    #[track_caller]
+    pub fn assert_same(&self, what: &str) {
+        let (a, b) = (&self.nodes[0].data, &self.nodes[1].data);
+        if let Some(i) = a.iter().zip(b).position(|(x, y)| x != y) {
+            panic!("{what}: stores differ at byte {i}: {} vs {}", a[i], b[i]);
+        }
     }
 
     /// The daemon of node `i` crashes and restarts (its page cache survives,
