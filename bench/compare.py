@@ -1474,6 +1474,8 @@ def build_summary(args, meta, results, targets, jobs, complete):
     L.append(f"| workdir | {meta['workdir']} ({meta['workdir_fs']}) |")
     L.append(f"| cpu | {meta['cpu']} × {meta['nproc']} |")
     L.append(f"| loadavg start / end | {meta['load_start']} / {meta.get('load_end', '?')} |")
+    if meta.get("wall_s"):
+        L.append(f"| driver wall time | {meta['wall_s'] / 60:.1f} min |")
     L.append("")
     L.append("Targets: " + "; ".join(f"`{t.name}` = {t.describe()}" for t in targets))
     L.append("")
@@ -1719,6 +1721,9 @@ def main(argv):
         return report(args)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
+    # Also when started in the background by a shell (which ignores SIGINT for
+    # it): `kill -INT` must clean up like Ctrl-C does.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     # Preflight (tools, pairbd build) before anything is created on disk.
     try:
@@ -1776,6 +1781,7 @@ def main(argv):
         "load_start": " ".join(_read("/proc/loadavg").split()[:3]),
         "drop_caches": "unknown",
     }
+    driver_began = time.monotonic()
     results, targets, created = [], [], []
     complete = False
     try:
@@ -1831,6 +1837,7 @@ def main(argv):
                     out_json = os.path.join(outdir, tag + ".json")
                     server = {}
                     meter = ServerMeter(t)
+                    run_began = time.monotonic()
                     try:
                         env = t.start(tag, outdir)
                         if job.kind == "maildir":
@@ -1844,6 +1851,7 @@ def main(argv):
                         server = t.stop()
                     results.append({"job": job.name, "target": t.name, "round": rnd,
                                     "position": pos, "metrics": metrics, "server": server,
+                                    "wall_s": round(time.monotonic() - run_began, 2),
                                     "json": os.path.basename(out_json)})
                     d = job.dirs[0]
                     unit = "msg/s" if job.kind == "maildir" else f"{d} IOPS"
@@ -1859,7 +1867,7 @@ def main(argv):
         meta["error"] = str(e)
         log(f"ERROR: {e}")
     except KeyboardInterrupt as e:
-        meta["error"] = f"interrupted ({e or 'Ctrl-C'})"
+        meta["error"] = f"interrupted ({str(e) or 'SIGINT'})"
         log(f"interrupted: cleaning up")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # do not abort the clean-up
@@ -1885,6 +1893,7 @@ def main(argv):
         else:
             log(f"kept backing files in {workdir}")
         meta["load_end"] = " ".join(_read("/proc/loadavg").split()[:3])
+        meta["wall_s"] = round(time.monotonic() - driver_began, 1)
         with open(os.path.join(outdir, "results.json"), "w") as f:
             json.dump({"meta": meta, "args": {k: v for k, v in vars(args).items()
                                               if k not in ("job_list", "target_list")},
