@@ -1007,19 +1007,15 @@ def measure_udp_rtt_us(samples=2000):
             "p99_us": round(percentile(rtts, 0.99), 1)}
 
 
-def measure_fdatasync_us(workdir, seconds=3.0, max_samples=1000):
-    """fdatasync after a 4 KiB overwrite at a random offset of a pre-written
-    64 MiB file in the work directory (the disk the backing files are on):
-    what one node's flush costs when one page is dirty. Only the fdatasync is
-    timed (the buffered pwrite takes microseconds)."""
-    path = os.path.join(workdir, "floor-fdatasync.img")
-    size = 64 * MIB
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+def measure_fdatasync_us(path, seconds=1.0, max_samples=300):
+    """fdatasync after a 4 KiB buffered overwrite at a random offset of an
+    existing, pre-filled file (a backing file of an unreplicated target, whose
+    content nobody checks): what one pair node with direct-io off pays to
+    flush one dirty page. Only the fdatasync is timed (the pwrite into the page
+    cache takes microseconds)."""
+    fd = os.open(path, os.O_RDWR)
     try:
-        block = os.urandom(MIB)
-        for off in range(0, size, MIB):
-            os.pwrite(fd, block, off)
-        os.fsync(fd)
+        size = os.fstat(fd).st_size
         rng = __import__("random").Random(1)
         buf = os.urandom(4096)
         lat = []
@@ -1031,18 +1027,33 @@ def measure_fdatasync_us(workdir, seconds=3.0, max_samples=1000):
             lat.append((time.perf_counter() - t) * 1e6)
     finally:
         os.close(fd)
-        os.unlink(path)
     lat.sort()
     return {"samples": len(lat), "p50_us": round(percentile(lat, 0.5), 1),
-            "p99_us": round(percentile(lat, 0.99), 1)}
+            "p99_us": round(percentile(lat, 0.99), 1), "file": os.path.basename(path)}
 
 
-def measure_floor(workdir, meta, when):
+def floor_file(workdir, targets, size_bytes):
+    """The file the fdatasync part is measured on: the backing file of an
+    unreplicated target if one runs (pre-filled and copied like the pair's),
+    else a new pre-filled 64 MiB file in the work directory."""
+    for t in targets:
+        if not isinstance(t, PairTarget):
+            return t.backing, False
+    path = os.path.join(workdir, "floor.img")
+    with open(path, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MIB))
+        f.flush()
+        os.fsync(f.fileno())
+    return path, True
+
+
+def measure_floor(path, meta, when):
     """One sample of the floor's parts (about 1.5 s), appended to
     meta["floor"]["samples"]. Taken before every round of job a, so the disk's
     state (other work on the machine) matches the runs it is compared with."""
     rtt = measure_udp_rtt_us()
-    fsync = measure_fdatasync_us(workdir, seconds=1.0, max_samples=300)
+    fsync = measure_fdatasync_us(path)
     floor = meta.setdefault("floor", {"samples": []})
     floor["samples"].append({"when": when, "udp_rtt": rtt, "fdatasync": fsync})
     log(f"latency floor ({when}): UDP round trip p50 {rtt['p50_us']:.0f} µs, fdatasync p50 "
@@ -1261,8 +1272,9 @@ def floor_section(meta, results, names):
     if floor:
         L.append(f"| fdatasync | {f50:.1f} (p99 {f99:.0f}; per sample p50 "
                  f"{min(f_range):.0f}–{max(f_range):.0f}) | 4 KiB buffered pwrite at a random "
-                 "offset of a 64 MiB file in the work directory, then fdatasync (timed), as a "
-                 "pair node with direct-io off flushes one dirty page |")
+                 f"offset of `{samples[0]['fdatasync'].get('file', '?')}` (pre-filled, on the "
+                 "backing files' disk), then fdatasync (timed): a pair node with direct-io off "
+                 "flushing one dirty page |")
     if raw_f is not None:
         L.append(f"| fsync after an O_DIRECT write | {raw_f:.1f} | job a FLUSH p50 of `raw`: "
                  "the data is already written, only the disk cache flush remains |")
@@ -1815,8 +1827,12 @@ def main(argv):
             t.prepare(outdir)
             if isinstance(t, PairTarget):
                 meta["pair"] = {"initial_sync": t.cluster.initial_sync}
-        if args.floor and not any(j.letter == "a" for j in args.job_list):
-            measure_floor(workdir, meta, "before the runs")
+        if args.floor:
+            floor_path, made = floor_file(workdir, targets, args.size_bytes)
+            if made:
+                created.append(floor_path)
+            if not any(j.letter == "a" for j in args.job_list):
+                measure_floor(floor_path, meta, "before the runs")
 
         plan = [(job, [t for t in targets if job.kind == "fio" or t.flavour == "nbd"])
                 for job in args.job_list]
@@ -1828,7 +1844,7 @@ def main(argv):
                 continue
             for rnd in range(1, args.rounds + 1):
                 if args.floor and job.letter == "a":
-                    measure_floor(workdir, meta, f"before round {rnd} of job a")
+                    measure_floor(floor_path, meta, f"before round {rnd} of job a")
                 k = (rnd - 1) % len(job_targets)
                 order = job_targets[k:] + job_targets[:k]   # alternate, rotating who goes first
                 for pos, t in enumerate(order):
