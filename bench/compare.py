@@ -1391,6 +1391,10 @@ def starts_section(meta, results):
     return L
 
 
+# Short group labels for the chart (the full job names do not fit).
+CHART_LABELS = {"a": "4K QD1 + flush", "b": "4K QD32", "c": "fio Maildir mix", "d": "1M seq write",
+                "e": "4K rand read", "m": "Maildir on XFS"}
+
 PALETTE = {"pair": "#1f77b4", "pair-degraded": "#9ecae1", "pairbd": "#2ca02c",
            "pairbd-pool": "#98df8a", "nbdkit": "#ff7f0e", "qemu-nbd": "#d62728", "raw": "#7f7f7f"}
 
@@ -1473,7 +1477,8 @@ def build_chart_svg(args, meta, results, names, jobs):
         cx = left + gi * gw + gw / 2
         unit = "msg/s" if job.kind == "maildir" else "IOPS"
         out.append(f'<text x="{cx:.1f}" y="{top + ph + 18}" text-anchor="middle" '
-                   f'font-weight="bold">({job.letter}) {_esc(job.name)}</text>')
+                   f'font-weight="bold">({job.letter}) {_esc(CHART_LABELS.get(job.letter, job.name))}'
+                   f'<title>{_esc(job.name)}</title></text>')
         out.append(f'<text x="{cx:.1f}" y="{top + ph + 34}" text-anchor="middle" fill="#555">'
                    f'best peer {best:,.0f} {unit}</text>')
     out.append('</svg>')
