@@ -427,9 +427,13 @@ class PairCluster:
         self.starts = []            # one record per start: what had to be synced first
 
     def cli(self, node, *argv, check=True, timeout=30):
-        r = subprocess.run([self.args.pairbd, "--config", self.config, "--node", node, *argv],
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                           timeout=timeout)
+        try:
+            r = subprocess.run([self.args.pairbd, "--config", self.config, "--node", node, *argv],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"pair: `pairbd {' '.join(argv)}` on {node} did not answer in "
+                             f"{timeout}s")
         if check and r.returncode != 0:
             raise BenchError(f"pair: `pairbd {' '.join(argv)}` on {node} failed: "
                              f"{r.stderr.strip() or r.stdout.strip()}")
@@ -1911,6 +1915,11 @@ def main(argv):
     except KeyboardInterrupt as e:
         meta["error"] = f"interrupted ({str(e) or 'SIGINT'})"
         log(f"interrupted: cleaning up")
+    except Exception as e:  # a bug in the driver: still clean up and keep what ran
+        meta["error"] = f"internal error: {e!r}"
+        log(f"ERROR (internal): {e!r}: cleaning up")
+        import traceback
+        traceback.print_exc()
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)   # do not abort the clean-up
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
