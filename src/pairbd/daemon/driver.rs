@@ -10,7 +10,9 @@
 //!
 //! The queues here are bounded by what feeds them: client requests by the NBD
 //! server's per-connection limits, sync chunks by the sync window, disk and
-//! metadata completions by the operations in flight.
+//! metadata completions by the operations in flight. The link's send queue
+//! also has a hard bound (`LINK_QUEUE_MESSAGES`): a peer that stops taking
+//! data costs the link, never unbounded memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -49,10 +51,27 @@ impl Payload for SharedBuf {
 /// A message as the daemon handles it.
 pub type Msg = Message<SharedBuf>;
 
+/// The most messages queued for the link's writer. What feeds the queue is
+/// bounded already (client requests by the NBD server's per-connection
+/// limits, sync and verify chunks by their windows, acks by what the peer
+/// sent), so it fills only if the peer stops taking data while the primary
+/// keeps producing; then the link is dropped instead of the queue growing.
+pub const LINK_QUEUE_MESSAGES: usize = 65536;
+
+/// How much the link batches: frames written to the stream in one write,
+/// and frames received that are handled under one lock.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// The most messages in one batch.
+    pub messages: usize,
+    /// A batch closes once it holds this many bytes (headers and payloads).
+    pub bytes: usize,
+}
+
 /// The current link to the peer, as the driver sees it.
 struct LinkHandle {
     id: u64,
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
     close: Box<dyn Fn(&str) + Send>,
 }
 
@@ -85,10 +104,16 @@ pub struct Driver {
     pub reconnect: Notify,
     /// Cancelled by the control command `restart`: stop for a planned restart.
     pub restart: CancellationToken,
+    batch: BatchLimits,
 }
 
 impl Driver {
-    pub fn new(node: Node<SharedBuf>, store: Store, meta: MetaStore) -> Arc<Driver> {
+    pub fn new(
+        node: Node<SharedBuf>,
+        store: Store,
+        meta: MetaStore,
+        batch: BatchLimits,
+    ) -> Arc<Driver> {
         Arc::new(Driver {
             inner: Mutex::new(Inner {
                 node,
@@ -108,6 +133,7 @@ impl Driver {
             clients: OnceLock::new(),
             reconnect: Notify::new(),
             restart: CancellationToken::new(),
+            batch,
         })
     }
 
@@ -131,10 +157,26 @@ impl Driver {
                     self.spawn_meta(id, state, granularity, bitmap)
                 }
                 Output::Send(m) => {
-                    if let Some(link) = &inner.link {
+                    let full = match &inner.link {
                         // A closed queue means the link is going; the core hears
                         // of it through link_lost.
-                        let _ = link.tx.send(m);
+                        Some(link) => {
+                            matches!(link.tx.try_send(m), Err(mpsc::error::TrySendError::Full(_)))
+                        }
+                        None => false,
+                    };
+                    if full {
+                        // The peer has not taken LINK_QUEUE_MESSAGES messages:
+                        // drop the link rather than grow (the transfer log
+                        // marks what the peer may lack; it resyncs).
+                        let reason = format!(
+                            "the link's send queue is full ({LINK_QUEUE_MESSAGES} messages)"
+                        );
+                        if let Some(link) = inner.link.take() {
+                            (link.close)(&reason);
+                        }
+                        warn!("replication link dropped: {reason}");
+                        inner.node.handle_disconnected(Instant::now(), &reason);
                     }
                 }
                 Output::Reply { id, result } => {
@@ -310,8 +352,8 @@ impl Driver {
     pub fn link_up(
         self: &Arc<Self>,
         close: Box<dyn Fn(&str) + Send>,
-    ) -> (u64, mpsc::UnboundedReceiver<Msg>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> (u64, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE_MESSAGES);
         let mut inner = self.lock();
         if let Some(old) = inner.link.take() {
             (old.close)("replaced by a new connection");
@@ -340,13 +382,24 @@ impl Driver {
         }
     }
 
-    /// A message arrived on link `id`.
-    pub fn message(self: &Arc<Self>, id: u64, msg: Msg) {
+    /// Messages arrived on link `id`, in order: all handled under one lock,
+    /// their outputs executed once. Empties `msgs`.
+    pub fn messages(self: &Arc<Self>, id: u64, msgs: &mut Vec<Msg>) {
         let mut inner = self.lock();
         if inner.link.as_ref().is_some_and(|l| l.id == id) {
-            inner.node.handle_message(Instant::now(), msg);
+            let now = Instant::now();
+            for msg in msgs.drain(..) {
+                inner.node.handle_message(now, msg);
+            }
             self.drive(&mut inner);
         }
+        msgs.clear();
+    }
+
+    /// How many messages, and about how many bytes, travel or are handled
+    /// together.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.batch
     }
 
     /// Runs the core's timers until the node fails.
