@@ -15,6 +15,7 @@
 //! data costs the link, never unbounded memory.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -57,6 +58,14 @@ pub type Msg = Message<SharedBuf>;
 /// sent), so it fills only if the peer stops taking data while the primary
 /// keeps producing; then the link is dropped instead of the queue growing.
 pub const LINK_QUEUE_MESSAGES: usize = 65536;
+
+/// The largest plain write the driver tries on its own thread (see `drive`).
+const INLINE_WRITE_BYTES: usize = 64 << 10;
+
+/// Whether `op` is a small plain write the store does on the caller's thread.
+fn inline_write(op: &DiskOp<SharedBuf>) -> bool {
+    matches!(op, DiskOp::Write { payload, fua: false, .. } if payload.0.len() <= INLINE_WRITE_BYTES)
+}
 
 /// How much the link batches: frames written to the stream in one write,
 /// and frames received that are handled under one lock.
@@ -148,59 +157,35 @@ impl Driver {
     }
 
     /// Runs every output the core has, under the lock (see the module doc).
+    ///
+    /// Small plain writes (up to `INLINE_WRITE_BYTES`, no FUA) are tried
+    /// right here, after the messages of the same round went to the link:
+    /// the store copies them into the page cache on this thread, and their
+    /// completion goes back to the core at once, saving a task, a wake-up
+    /// and a second lock per write on each node. A write the store cannot
+    /// finish at once (an engine write, a full queue) continues as a task.
     fn drive(self: &Arc<Self>, inner: &mut Inner) {
-        while let Some(out) = inner.node.poll() {
-            match out {
-                Output::Disk { id, op } => self.spawn_disk(id, op),
-                Output::WriteMeta { id, state, bitmap } => {
-                    let granularity = inner.node.bitmap().granularity();
-                    self.spawn_meta(id, state, granularity, bitmap)
+        let mut inline: Vec<(DiskOpId, DiskOp<SharedBuf>)> = Vec::new();
+        loop {
+            while let Some(out) = inner.node.poll() {
+                match out {
+                    Output::Disk { id, op } if inline_write(&op) => inline.push((id, op)),
+                    out => self.execute(inner, out),
                 }
-                Output::Send(m) => {
-                    let full = match &inner.link {
-                        // A closed queue means the link is going; the core hears
-                        // of it through link_lost.
-                        Some(link) => {
-                            matches!(link.tx.try_send(m), Err(mpsc::error::TrySendError::Full(_)))
-                        }
-                        None => false,
-                    };
-                    if full {
-                        // The peer has not taken LINK_QUEUE_MESSAGES messages:
-                        // drop the link rather than grow (the transfer log
-                        // marks what the peer may lack; it resyncs).
-                        let reason = format!(
-                            "the link's send queue is full ({LINK_QUEUE_MESSAGES} messages)"
-                        );
-                        if let Some(link) = inner.link.take() {
-                            (link.close)(&reason);
-                        }
-                        warn!("replication link dropped: {reason}");
-                        inner.node.handle_disconnected(Instant::now(), &reason);
+            }
+            if inline.is_empty() {
+                break;
+            }
+            for (id, op) in inline.drain(..) {
+                let mut run = Box::pin(Arc::clone(self).run_disk(op));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match run.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(result) => {
+                        inner.node.handle_disk(Instant::now(), id, result)
                     }
-                }
-                Output::Reply { id, result } => {
-                    if let Some(tx) = inner.replies.remove(&id.0) {
-                        let _ = tx.send(result);
-                    }
-                }
-                Output::Disconnect { reason } => {
-                    if let Some(link) = inner.link.take() {
-                        (link.close)(&reason);
-                    }
-                }
-                Output::AdminDone { id, result } => {
-                    if let Some(tx) = inner.admins.remove(&id.0) {
-                        let _ = tx.send(result);
-                    }
-                }
-                Output::FailStop { reason } => {
-                    error!("fail-stop: {reason}");
-                    *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                    if let Some(link) = inner.link.take() {
-                        (link.close)("node failed");
-                    }
-                    self.failed.cancel();
+                    // The first poll registered no waker; the task polls
+                    // again with its own.
+                    std::task::Poll::Pending => self.spawn_running(id, run),
                 }
             }
         }
@@ -211,45 +196,115 @@ impl Driver {
         }
     }
 
+    /// Executes one output of the core (the lock is held).
+    fn execute(self: &Arc<Self>, inner: &mut Inner, out: Output<SharedBuf>) {
+        match out {
+            Output::Disk { id, op } => self.spawn_disk(id, op),
+            Output::WriteMeta { id, state, bitmap } => {
+                let granularity = inner.node.bitmap().granularity();
+                self.spawn_meta(id, state, granularity, bitmap)
+            }
+            Output::Send(m) => {
+                let full = match &inner.link {
+                    // A closed queue means the link is going; the core hears
+                    // of it through link_lost.
+                    Some(link) => {
+                        matches!(link.tx.try_send(m), Err(mpsc::error::TrySendError::Full(_)))
+                    }
+                    None => false,
+                };
+                if full {
+                    // The peer has not taken LINK_QUEUE_MESSAGES messages:
+                    // drop the link rather than grow (the transfer log
+                    // marks what the peer may lack; it resyncs).
+                    let reason =
+                        format!("the link's send queue is full ({LINK_QUEUE_MESSAGES} messages)");
+                    if let Some(link) = inner.link.take() {
+                        (link.close)(&reason);
+                    }
+                    warn!("replication link dropped: {reason}");
+                    inner.node.handle_disconnected(Instant::now(), &reason);
+                }
+            }
+            Output::Reply { id, result } => {
+                if let Some(tx) = inner.replies.remove(&id.0) {
+                    let _ = tx.send(result);
+                }
+            }
+            Output::Disconnect { reason } => {
+                if let Some(link) = inner.link.take() {
+                    (link.close)(&reason);
+                }
+            }
+            Output::AdminDone { id, result } => {
+                if let Some(tx) = inner.admins.remove(&id.0) {
+                    let _ = tx.send(result);
+                }
+            }
+            Output::FailStop { reason } => {
+                error!("fail-stop: {reason}");
+                *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                if let Some(link) = inner.link.take() {
+                    (link.close)("node failed");
+                }
+                self.failed.cancel();
+            }
+        }
+    }
+
     fn spawn_disk(self: &Arc<Self>, id: DiskOpId, op: DiskOp<SharedBuf>) {
+        self.spawn_running(id, Box::pin(Arc::clone(self).run_disk(op)));
+    }
+
+    /// Finishes a disk operation as a task and reports it to the core.
+    fn spawn_running(
+        self: &Arc<Self>,
+        id: DiskOpId,
+        run: std::pin::Pin<Box<dyn Future<Output = DiskResult<SharedBuf>> + Send>>,
+    ) {
         let driver = Arc::clone(self);
         tokio::spawn(async move {
-            let store = &driver.store;
-            let result = match op {
-                DiskOp::Write {
-                    offset,
-                    payload,
-                    fua,
-                } => store
-                    .write_shared(offset, payload.0, fua)
-                    .await
-                    .map(|()| DiskResult::Done),
-                DiskOp::Trim { offset, length } => store
-                    .discard(offset, length)
-                    .await
-                    .map(|()| DiskResult::Done),
-                DiskOp::WriteZeroes {
-                    offset,
-                    length,
-                    no_hole,
-                } => store
-                    .write_zeroes(offset, length, no_hole, false)
-                    .await
-                    .map(|()| DiskResult::Done),
-                DiskOp::Flush => store.flush().await.map(|()| DiskResult::Done),
-                DiskOp::Read { offset, length } => match usize::try_from(length) {
-                    Ok(len) => store
-                        .read(offset, len)
-                        .await
-                        .map(|b| DiskResult::Read(SharedBuf(Arc::new(b)))),
-                    Err(_) => Ok(DiskResult::Failed(format!("read of {length} bytes"))),
-                },
-            };
-            let result = result.unwrap_or_else(|e| DiskResult::Failed(e.to_string()));
+            let result = run.await;
             let mut inner = driver.lock();
             inner.node.handle_disk(Instant::now(), id, result);
             driver.drive(&mut inner);
         });
+    }
+
+    /// Runs one disk operation on the store.
+    async fn run_disk(self: Arc<Self>, op: DiskOp<SharedBuf>) -> DiskResult<SharedBuf> {
+        let store = &self.store;
+        let result = match op {
+            DiskOp::Write {
+                offset,
+                payload,
+                fua,
+            } => store
+                .write_shared(offset, payload.0, fua)
+                .await
+                .map(|()| DiskResult::Done),
+            DiskOp::Trim { offset, length } => store
+                .discard(offset, length)
+                .await
+                .map(|()| DiskResult::Done),
+            DiskOp::WriteZeroes {
+                offset,
+                length,
+                no_hole,
+            } => store
+                .write_zeroes(offset, length, no_hole, false)
+                .await
+                .map(|()| DiskResult::Done),
+            DiskOp::Flush => store.flush().await.map(|()| DiskResult::Done),
+            DiskOp::Read { offset, length } => match usize::try_from(length) {
+                Ok(len) => store
+                    .read(offset, len)
+                    .await
+                    .map(|b| DiskResult::Read(SharedBuf(Arc::new(b)))),
+                Err(_) => Ok(DiskResult::Failed(format!("read of {length} bytes"))),
+            },
+        };
+        result.unwrap_or_else(|e| DiskResult::Failed(e.to_string()))
     }
 
     fn spawn_meta(
