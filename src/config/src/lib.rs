@@ -136,6 +136,13 @@ pub struct ResourceConfig {
     pub ack_timeout: Duration,
     pub sync_chunk_bytes: u64,
     pub sync_window: usize,
+    /// The most replication messages written to the link in one write, or
+    /// handled under one lock when received (`batch-messages`, default 256).
+    pub batch_messages: usize,
+    /// A batch of replication messages closes once it holds this many
+    /// bytes (`batch-bytes`, default 4 MiB). Only what is already queued is
+    /// batched: nothing waits for a batch to fill.
+    pub batch_bytes: u64,
     /// Bytes per bit of the dirty bitmap; `None`: the daemon picks the
     /// smallest from 4 KiB up whose bitmap fits the metadata area.
     pub bitmap_granularity_bytes: Option<u64>,

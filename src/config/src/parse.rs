@@ -42,6 +42,8 @@ struct RawResource {
     sync_window: Option<Spanned<i64>>,
     bitmap_granularity: Option<Spanned<SizeValue>>,
     sync_rate: Option<Spanned<SizeValue>>,
+    batch_messages: Option<Spanned<i64>>,
+    batch_bytes: Option<Spanned<SizeValue>>,
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
     #[serde(default)]
@@ -344,6 +346,31 @@ fn resource(
             w as usize
         }
     };
+    let batch_messages = match &raw.batch_messages {
+        None => 256,
+        Some(v) => {
+            let n = *v.get_ref();
+            if !(1..=4096).contains(&n) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &format!("{key}.batch-messages"),
+                    "must be 1 to 4096",
+                ));
+            }
+            n as usize
+        }
+    };
+    let batch_bytes = match &raw.batch_bytes {
+        None => 4 << 20,
+        Some(v) => {
+            let k = format!("{key}.batch-bytes");
+            let b = size_value(ctx, v, &k)?;
+            if !(4096..=64 << 20).contains(&b) {
+                return Err(ctx.err(v.span().start, &k, "must be from 4KiB to 64MiB"));
+            }
+            b
+        }
+    };
     let on_peer_loss = choice(
         ctx,
         &raw.on_peer_loss,
@@ -439,6 +466,8 @@ fn resource(
         sync_window,
         bitmap_granularity_bytes,
         sync_rate_bytes_per_sec,
+        batch_messages,
+        batch_bytes,
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
         nodes,

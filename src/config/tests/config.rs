@@ -54,6 +54,8 @@ fn a_good_file_parses_with_defaults_and_resolved_paths() {
     assert_eq!(r.ack_timeout, Duration::from_secs(5));
     assert_eq!(r.sync_chunk_bytes, 256 << 10);
     assert_eq!(r.sync_window, 4);
+    assert_eq!(r.batch_messages, 256);
+    assert_eq!(r.batch_bytes, 4 << 20);
     assert_eq!(r.engine, Engine::Pool);
     assert_eq!(r.after_crash, AfterCrash::Secondary);
     let a = r.local("alpha").unwrap();
@@ -120,6 +122,25 @@ fn bad_values_name_line_key_and_what_is_allowed() {
     assert!(e.contains("line 10") && e.contains("0 to 255"), "{e}");
     let e = error(&GOOD.replace("sync-window = 4", "sync-window = \"four\""));
     assert!(e.contains("line 6"), "{e}");
+    let e = error(&GOOD.replace("sync-window = 4", "batch-messages = 0"));
+    assert!(
+        e.contains("line 6")
+            && e.contains("resource.mail.batch-messages")
+            && e.contains("1 to 4096"),
+        "{e}"
+    );
+    let e = error(&GOOD.replace("sync-window = 4", "batch-bytes = \"1KiB\""));
+    assert!(
+        e.contains("line 6") && e.contains("resource.mail.batch-bytes"),
+        "{e}"
+    );
+    let c = parse(&GOOD.replace(
+        "sync-window = 4",
+        "batch-messages = 16\nbatch-bytes = \"1MiB\"",
+    ))
+    .unwrap();
+    let r = c.resource(None).unwrap();
+    assert_eq!((r.batch_messages, r.batch_bytes), (16, 1 << 20));
 }
 
 #[test]

@@ -10,9 +10,12 @@
 //!
 //! The queues here are bounded by what feeds them: client requests by the NBD
 //! server's per-connection limits, sync chunks by the sync window, disk and
-//! metadata completions by the operations in flight.
+//! metadata completions by the operations in flight. The link's send queue
+//! also has a hard bound (`LINK_QUEUE_MESSAGES`): a peer that stops taking
+//! data costs the link, never unbounded memory.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -49,10 +52,35 @@ impl Payload for SharedBuf {
 /// A message as the daemon handles it.
 pub type Msg = Message<SharedBuf>;
 
+/// The most messages queued for the link's writer. What feeds the queue is
+/// bounded already (client requests by the NBD server's per-connection
+/// limits, sync and verify chunks by their windows, acks by what the peer
+/// sent), so it fills only if the peer stops taking data while the primary
+/// keeps producing; then the link is dropped instead of the queue growing.
+pub const LINK_QUEUE_MESSAGES: usize = 65536;
+
+/// The largest plain write the driver tries on its own thread (see `drive`).
+const INLINE_WRITE_BYTES: usize = 64 << 10;
+
+/// Whether `op` is a small plain write the store does on the caller's thread.
+fn inline_write(op: &DiskOp<SharedBuf>) -> bool {
+    matches!(op, DiskOp::Write { payload, fua: false, .. } if payload.0.len() <= INLINE_WRITE_BYTES)
+}
+
+/// How much the link batches: frames written to the stream in one write,
+/// and frames received that are handled under one lock.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// The most messages in one batch.
+    pub messages: usize,
+    /// A batch closes once it holds this many bytes (headers and payloads).
+    pub bytes: usize,
+}
+
 /// The current link to the peer, as the driver sees it.
 struct LinkHandle {
     id: u64,
-    tx: mpsc::UnboundedSender<Msg>,
+    tx: mpsc::Sender<Msg>,
     close: Box<dyn Fn(&str) + Send>,
 }
 
@@ -85,10 +113,16 @@ pub struct Driver {
     pub reconnect: Notify,
     /// Cancelled by the control command `restart`: stop for a planned restart.
     pub restart: CancellationToken,
+    batch: BatchLimits,
 }
 
 impl Driver {
-    pub fn new(node: Node<SharedBuf>, store: Store, meta: MetaStore) -> Arc<Driver> {
+    pub fn new(
+        node: Node<SharedBuf>,
+        store: Store,
+        meta: MetaStore,
+        batch: BatchLimits,
+    ) -> Arc<Driver> {
         Arc::new(Driver {
             inner: Mutex::new(Inner {
                 node,
@@ -108,6 +142,7 @@ impl Driver {
             clients: OnceLock::new(),
             reconnect: Notify::new(),
             restart: CancellationToken::new(),
+            batch,
         })
     }
 
@@ -122,43 +157,35 @@ impl Driver {
     }
 
     /// Runs every output the core has, under the lock (see the module doc).
+    ///
+    /// Small plain writes (up to `INLINE_WRITE_BYTES`, no FUA) are tried
+    /// right here, after the messages of the same round went to the link:
+    /// the store copies them into the page cache on this thread, and their
+    /// completion goes back to the core at once, saving a task, a wake-up
+    /// and a second lock per write on each node. A write the store cannot
+    /// finish at once (an engine write, a full queue) continues as a task.
     fn drive(self: &Arc<Self>, inner: &mut Inner) {
-        while let Some(out) = inner.node.poll() {
-            match out {
-                Output::Disk { id, op } => self.spawn_disk(id, op),
-                Output::WriteMeta { id, state, bitmap } => {
-                    let granularity = inner.node.bitmap().granularity();
-                    self.spawn_meta(id, state, granularity, bitmap)
+        let mut inline: Vec<(DiskOpId, DiskOp<SharedBuf>)> = Vec::new();
+        loop {
+            while let Some(out) = inner.node.poll() {
+                match out {
+                    Output::Disk { id, op } if inline_write(&op) => inline.push((id, op)),
+                    out => self.execute(inner, out),
                 }
-                Output::Send(m) => {
-                    if let Some(link) = &inner.link {
-                        // A closed queue means the link is going; the core hears
-                        // of it through link_lost.
-                        let _ = link.tx.send(m);
+            }
+            if inline.is_empty() {
+                break;
+            }
+            for (id, op) in inline.drain(..) {
+                let mut run = Box::pin(Arc::clone(self).run_disk(op));
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match run.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(result) => {
+                        inner.node.handle_disk(Instant::now(), id, result)
                     }
-                }
-                Output::Reply { id, result } => {
-                    if let Some(tx) = inner.replies.remove(&id.0) {
-                        let _ = tx.send(result);
-                    }
-                }
-                Output::Disconnect { reason } => {
-                    if let Some(link) = inner.link.take() {
-                        (link.close)(&reason);
-                    }
-                }
-                Output::AdminDone { id, result } => {
-                    if let Some(tx) = inner.admins.remove(&id.0) {
-                        let _ = tx.send(result);
-                    }
-                }
-                Output::FailStop { reason } => {
-                    error!("fail-stop: {reason}");
-                    *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
-                    if let Some(link) = inner.link.take() {
-                        (link.close)("node failed");
-                    }
-                    self.failed.cancel();
+                    // The first poll registered no waker; the task polls
+                    // again with its own.
+                    std::task::Poll::Pending => self.spawn_running(id, run),
                 }
             }
         }
@@ -169,45 +196,115 @@ impl Driver {
         }
     }
 
+    /// Executes one output of the core (the lock is held).
+    fn execute(self: &Arc<Self>, inner: &mut Inner, out: Output<SharedBuf>) {
+        match out {
+            Output::Disk { id, op } => self.spawn_disk(id, op),
+            Output::WriteMeta { id, state, bitmap } => {
+                let granularity = inner.node.bitmap().granularity();
+                self.spawn_meta(id, state, granularity, bitmap)
+            }
+            Output::Send(m) => {
+                let full = match &inner.link {
+                    // A closed queue means the link is going; the core hears
+                    // of it through link_lost.
+                    Some(link) => {
+                        matches!(link.tx.try_send(m), Err(mpsc::error::TrySendError::Full(_)))
+                    }
+                    None => false,
+                };
+                if full {
+                    // The peer has not taken LINK_QUEUE_MESSAGES messages:
+                    // drop the link rather than grow (the transfer log
+                    // marks what the peer may lack; it resyncs).
+                    let reason =
+                        format!("the link's send queue is full ({LINK_QUEUE_MESSAGES} messages)");
+                    if let Some(link) = inner.link.take() {
+                        (link.close)(&reason);
+                    }
+                    warn!("replication link dropped: {reason}");
+                    inner.node.handle_disconnected(Instant::now(), &reason);
+                }
+            }
+            Output::Reply { id, result } => {
+                if let Some(tx) = inner.replies.remove(&id.0) {
+                    let _ = tx.send(result);
+                }
+            }
+            Output::Disconnect { reason } => {
+                if let Some(link) = inner.link.take() {
+                    (link.close)(&reason);
+                }
+            }
+            Output::AdminDone { id, result } => {
+                if let Some(tx) = inner.admins.remove(&id.0) {
+                    let _ = tx.send(result);
+                }
+            }
+            Output::FailStop { reason } => {
+                error!("fail-stop: {reason}");
+                *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                if let Some(link) = inner.link.take() {
+                    (link.close)("node failed");
+                }
+                self.failed.cancel();
+            }
+        }
+    }
+
     fn spawn_disk(self: &Arc<Self>, id: DiskOpId, op: DiskOp<SharedBuf>) {
+        self.spawn_running(id, Box::pin(Arc::clone(self).run_disk(op)));
+    }
+
+    /// Finishes a disk operation as a task and reports it to the core.
+    fn spawn_running(
+        self: &Arc<Self>,
+        id: DiskOpId,
+        run: std::pin::Pin<Box<dyn Future<Output = DiskResult<SharedBuf>> + Send>>,
+    ) {
         let driver = Arc::clone(self);
         tokio::spawn(async move {
-            let store = &driver.store;
-            let result = match op {
-                DiskOp::Write {
-                    offset,
-                    payload,
-                    fua,
-                } => store
-                    .write_shared(offset, payload.0, fua)
-                    .await
-                    .map(|()| DiskResult::Done),
-                DiskOp::Trim { offset, length } => store
-                    .discard(offset, length)
-                    .await
-                    .map(|()| DiskResult::Done),
-                DiskOp::WriteZeroes {
-                    offset,
-                    length,
-                    no_hole,
-                } => store
-                    .write_zeroes(offset, length, no_hole, false)
-                    .await
-                    .map(|()| DiskResult::Done),
-                DiskOp::Flush => store.flush().await.map(|()| DiskResult::Done),
-                DiskOp::Read { offset, length } => match usize::try_from(length) {
-                    Ok(len) => store
-                        .read(offset, len)
-                        .await
-                        .map(|b| DiskResult::Read(SharedBuf(Arc::new(b)))),
-                    Err(_) => Ok(DiskResult::Failed(format!("read of {length} bytes"))),
-                },
-            };
-            let result = result.unwrap_or_else(|e| DiskResult::Failed(e.to_string()));
+            let result = run.await;
             let mut inner = driver.lock();
             inner.node.handle_disk(Instant::now(), id, result);
             driver.drive(&mut inner);
         });
+    }
+
+    /// Runs one disk operation on the store.
+    async fn run_disk(self: Arc<Self>, op: DiskOp<SharedBuf>) -> DiskResult<SharedBuf> {
+        let store = &self.store;
+        let result = match op {
+            DiskOp::Write {
+                offset,
+                payload,
+                fua,
+            } => store
+                .write_shared(offset, payload.0, fua)
+                .await
+                .map(|()| DiskResult::Done),
+            DiskOp::Trim { offset, length } => store
+                .discard(offset, length)
+                .await
+                .map(|()| DiskResult::Done),
+            DiskOp::WriteZeroes {
+                offset,
+                length,
+                no_hole,
+            } => store
+                .write_zeroes(offset, length, no_hole, false)
+                .await
+                .map(|()| DiskResult::Done),
+            DiskOp::Flush => store.flush().await.map(|()| DiskResult::Done),
+            DiskOp::Read { offset, length } => match usize::try_from(length) {
+                Ok(len) => store
+                    .read(offset, len)
+                    .await
+                    .map(|b| DiskResult::Read(SharedBuf(Arc::new(b)))),
+                Err(_) => Ok(DiskResult::Failed(format!("read of {length} bytes"))),
+            },
+        };
+        result.unwrap_or_else(|e| DiskResult::Failed(e.to_string()))
     }
 
     fn spawn_meta(
@@ -310,8 +407,8 @@ impl Driver {
     pub fn link_up(
         self: &Arc<Self>,
         close: Box<dyn Fn(&str) + Send>,
-    ) -> (u64, mpsc::UnboundedReceiver<Msg>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> (u64, mpsc::Receiver<Msg>) {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE_MESSAGES);
         let mut inner = self.lock();
         if let Some(old) = inner.link.take() {
             (old.close)("replaced by a new connection");
@@ -340,13 +437,24 @@ impl Driver {
         }
     }
 
-    /// A message arrived on link `id`.
-    pub fn message(self: &Arc<Self>, id: u64, msg: Msg) {
+    /// Messages arrived on link `id`, in order: all handled under one lock,
+    /// their outputs executed once. Empties `msgs`.
+    pub fn messages(self: &Arc<Self>, id: u64, msgs: &mut Vec<Msg>) {
         let mut inner = self.lock();
         if inner.link.as_ref().is_some_and(|l| l.id == id) {
-            inner.node.handle_message(Instant::now(), msg);
+            let now = Instant::now();
+            for msg in msgs.drain(..) {
+                inner.node.handle_message(now, msg);
+            }
             self.drive(&mut inner);
         }
+        msgs.clear();
+    }
+
+    /// How many messages, and about how many bytes, travel or are handled
+    /// together.
+    pub fn batch_limits(&self) -> BatchLimits {
+        self.batch
     }
 
     /// Runs the core's timers until the node fails.

@@ -113,27 +113,69 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
     let close_conn = conn.clone();
     let (id, mut outgoing) = driver.link_up(Box::new(move |reason: &str| close_conn.close(reason)));
     let writer_driver = Arc::clone(&driver);
+    let limits = driver.batch_limits();
     let writer = tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(limits.messages);
         while let Some(msg) = outgoing.recv().await {
-            if let Err(e) = sender.send(&msg).await {
+            // Everything already queued goes out in one write (one wake-up
+            // of quinn's connection driver instead of one per frame).
+            let mut bytes = frame_bytes(&msg);
+            batch.push(msg);
+            while batch.len() < limits.messages && bytes < limits.bytes {
+                match outgoing.try_recv() {
+                    Ok(msg) => {
+                        bytes += frame_bytes(&msg);
+                        batch.push(msg);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = sender.send_batch(&batch).await {
                 writer_driver.link_lost(id, &format!("sending failed: {e}"));
                 return;
             }
+            batch.clear();
         }
     });
     async move {
+        let mut batch = Vec::with_capacity(limits.messages);
         loop {
-            match receiver.recv(AlignedBuf::for_overwrite).await {
-                Ok(msg) => driver.message(id, share(msg)),
+            let first = match receiver.recv(AlignedBuf::for_overwrite).await {
+                Ok(msg) => msg,
                 Err(e) => {
                     driver.link_lost(id, &e.to_string());
                     break;
                 }
+            };
+            batch.push(share(first));
+            // Frames that have already arrived are handled with it, under
+            // one lock of the driver.
+            let mut failed = None;
+            while batch.len() < limits.messages {
+                match receiver.try_recv_buffered(AlignedBuf::for_overwrite) {
+                    Ok(Some(msg)) => batch.push(share(msg)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            driver.messages(id, &mut batch);
+            if let Some(e) = failed {
+                driver.link_lost(id, &e.to_string());
+                break;
             }
         }
         writer.abort();
         conn.close("link finished");
     }
+}
+
+/// Header and payload bytes of a message on the wire (control payloads
+/// counted as nothing: they are small).
+fn frame_bytes(msg: &Msg) -> usize {
+    pairbd_repl_proto::HEADER_LEN + msg.data_payload().map_or(0, |p| p.0.len())
 }
 
 /// A received payload becomes shareable (the store writes it without a copy).

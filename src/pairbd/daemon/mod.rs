@@ -295,7 +295,11 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
     } else if persisted.role == pairbd_repl_core::Role::Primary {
         info!("the metadata says Primary: this node stopped uncleanly; it starts as Secondary");
     }
-    let driver = Driver::new(node, store.clone(), meta);
+    let batch = driver::BatchLimits {
+        messages: res.batch_messages,
+        bytes: usize::try_from(res.batch_bytes).unwrap_or(usize::MAX),
+    };
+    let driver = Driver::new(node, store.clone(), meta, batch);
     tokio::spawn(Arc::clone(&driver).run_timers());
 
     let endpoint = link::start(&res, &local, &peer, Arc::clone(&driver))?;
