@@ -1409,30 +1409,33 @@ def _esc(text):
 
 
 def build_chart_svg(args, meta, results, names, jobs):
-    """Grouped bars: per job, each target's median IOPS (messages/s) divided by
-    the best unreplicated peer's median; a line at 1.0 (the best peer) and the
-    issue's bar for the pair. Hand-written SVG, no dependencies."""
+    """Grouped bars: per job, each target's IOPS (messages/s) divided by the
+    best unreplicated peer's of the same round, median over rounds; a line at
+    1.0 (the best peer) and the issue's bar for the pair. Hand-written SVG, no
+    dependencies."""
     runs = Runs(results)
     peers = [p for p in NBD_PEERS if p in names]
     groups = []
     for job in jobs:
-        meds = {t: med(runs.per_round(job, t).values()) for t in names}
-        meds = {t: v for t, v in meds.items() if v is not None}
-        best = max((meds[p] for p in peers if p in meds), default=None)
-        if not meds or not best:
+        # The bar table's arithmetic: per round, over the better peer of that
+        # round; then the median over rounds.
+        rel = {t: med(runs.ratios(job, t, peers)) for t in names}
+        rel = {t: v for t, v in rel.items() if v is not None}
+        best = med(runs.best_peer_per_round(job, peers).values())
+        if not rel or not best:
             continue
-        groups.append((job, best, {t: v / best for t, v in meds.items()}))
+        groups.append((job, best, rel))
     stamp = meta.get("timestamp", "")
-    subtitle = (f"{stamp}: medians of {args.rounds} rounds × {args.runtime} s; IOPS (c: read+"
-                "write), maildir: messages/s; red tick: issue 8's bar for pair")
-    W, H = 980, 430
-    left, right, top, bottom = 60, 20, 70, 60
+    subtitle = (f"{stamp}: ÷ best peer of the same round, median of {args.rounds} rounds × "
+                f"{args.runtime} s; c: read+write IOPS; maildir: msg/s; red: issue 8's bar")
+    W, H = 980, 440
+    left, right, top, bottom = 60, 20, 84, 60
     pw, ph = W - left - right, H - top - bottom
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
            f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15" font-weight="bold">'
-           f'{_esc("Median throughput relative to the best unreplicated peer (" + "/".join(peers) + ") — higher is better")}</text>',
+           f'{_esc("Throughput relative to the best unreplicated peer (" + "/".join(peers) + ") — higher is better")}</text>',
            f'<text x="{W / 2}" y="38" text-anchor="middle" fill="#555">{_esc(subtitle)}</text>']
     if not groups:
         out.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle">no data to compare '
@@ -1521,8 +1524,8 @@ def build_summary(args, meta, results, targets, jobs, complete):
     L.append("")
     names_ = [t.name for t in targets]
     L += bar_section(args, results, names_, jobs)
-    L += ["Chart: [chart.svg](chart.svg) (each target's median over the best peer's median, "
-          "per job).", ""]
+    L += ["Chart: [chart.svg](chart.svg) (per job, every target over the best peer of the "
+          "same round, median over rounds).", ""]
     L += floor_section(meta, results, names_)
     L.append("Medians over rounds. IOPS and MiB/s per direction; clat = fio completion "
              "latency (clat_ns) percentiles; FLUSH = fio's sync latency (fsync=N sends "
