@@ -424,7 +424,6 @@ class PairCluster:
                        "beta": os.path.join(workdir, "pair-beta.img")}
         self.prepared = False
         self.initial_sync = None    # {"seconds", "bytes"} of the first full sync
-        self.starts = []            # one record per start: what had to be synced first
 
     def cli(self, node, *argv, check=True, timeout=30):
         try:
@@ -638,7 +637,6 @@ class PairTarget(PairbdTarget):
                     raise BenchError(f"{self.name}: alpha still sees its peer after beta "
                                      f"stopped: {json.dumps(st)}")
                 time.sleep(0.05)
-        self.cluster.starts.append(rec)
         self.bring_up_record = rec
         if rec["alpha_resynced_bytes"] or rec["beta_resynced_bytes"]:
             log(f"{self.name}: this start resynced alpha->beta "
@@ -706,8 +704,6 @@ TARGETS = {cls.name: cls for cls in (PairTarget, PairDegradedTarget, PairbdTarge
                                      PairbdPoolTarget, NbdkitTarget, QemuNbdTarget, RawTarget)}
 # What runs when --targets is not given (pairbd-pool is left out: engine comparisons only).
 DEFAULT_TARGETS = ("pair", "pair-degraded", "pairbd", "nbdkit", "qemu-nbd", "raw")
-# pairbd's own targets: their CPU time and peak memory are the ones the issue asks for.
-PAIRBD_TARGETS = ("pair", "pair-degraded", "pairbd", "pairbd-pool")
 # Unreplicated NBD servers: "vs best of" compares against the better of these.
 NBD_PEERS = ("nbdkit", "qemu-nbd")
 
