@@ -1258,6 +1258,9 @@ def floor_section(meta, results, names):
     # one NBD round trip over a Unix socket, measured alternating with the pair.
     server_f = {t: med_of(t, "flush") for t in ("pairbd", "nbdkit") if t in names}
     server_f = {t: v for t, v in server_f.items() if v is not None}
+    # The floor is a lower bound: its fdatasync is the best round of each estimate.
+    server_f_min = {t: min(r["metrics"]["flush"]["lat_p50_us"]
+                           for r in runs.by.get((job_a.name, t), [])) for t in server_f}
     if not floor and pair_w is None:
         return []
     L.append("At queue depth 1 fio waits for the WRITE's reply before it sends the FLUSH, so one "
@@ -1285,29 +1288,34 @@ def floor_section(meta, results, names):
                  "backing files' disk), then fdatasync (timed): a pair node with direct-io off "
                  "flushing one dirty page |")
     for t, v in server_f.items():
-        L.append(f"| fdatasync + NBD round trip | {v:.1f} | job a FLUSH p50 of `{t}` (a buffered "
-                 "file like the pair's nodes; alternating with the pair): an upper bound of one "
-                 "fdatasync |")
+        L.append(f"| fdatasync + NBD round trip | {v:.1f} (best round {server_f_min[t]:.1f}) | "
+                 f"job a FLUSH p50 of `{t}` (a buffered file like the pair's nodes; alternating "
+                 "with the pair): an upper bound of one fdatasync |")
     if raw_f is not None:
         L.append(f"| fsync after an O_DIRECT write | {raw_f:.1f} | job a FLUSH p50 of `raw`: "
                  "the data is already written, only the disk cache flush remains (not the "
                  "pair's case) |")
     L.append("")
     if floor:
-        cands = {"the fdatasync samples": f50}
-        cands.update({f"`{t}`'s FLUSH p50": v for t, v in server_f.items()})
+        cands = {"the best fdatasync sample": min(f_range)}
+        cands.update({f"`{t}`'s FLUSH p50 in its best round": v
+                      for t, v in server_f_min.items()})
         src, fs = min(cands.items(), key=lambda kv: kv[1])
         fl = 2 * u50 + fs
         L.append(f"**Floor = 2 × {u50:.1f} + {fs:.1f} = {fl:.0f} µs**: 2 × the UDP round trip "
-                 f"+ the lowest fdatasync estimate ({src}). The fdatasync samples are medians of "
-                 f"{len(samples)} sample(s) taken just before each round of job a (or before the "
-                 "runs if job a did not run); this disk is shared, and between samples its "
-                 "fdatasync varies by an order of magnitude.")
+                 f"+ the lowest fdatasync estimate ({src}; a floor is a lower bound). The "
+                 f"fdatasync samples: {len(samples)}, taken just before each round of job a (or "
+                 "before the runs if job a did not run); this disk is shared, and its fdatasync "
+                 "varies by an order of magnitude from minute to minute.")
         if pair_w is not None and pair_f is not None:
             cyc = pair_w + pair_f
             L.append(f"The pair's job-a cycle: WRITE p50 {pair_w:.1f} + FLUSH p50 {pair_f:.1f} = "
                      f"**{cyc:.0f} µs**, {cyc / fl:.2f}× the floor (the sum of two medians "
                      "approximates the median cycle).")
+            if cyc < fl:
+                L.append("_The cycle is below the floor: the disk's fdatasync changed more "
+                         "between the measurements than the pair's runs saw; this run cannot "
+                         "place the pair against its floor._")
     L.append("")
     return L
 
