@@ -424,7 +424,6 @@ class PairCluster:
                        "beta": os.path.join(workdir, "pair-beta.img")}
         self.prepared = False
         self.initial_sync = None    # {"seconds", "bytes"} of the first full sync
-        self.starts = []            # one record per start: what had to be synced first
 
     def cli(self, node, *argv, check=True, timeout=30):
         try:
@@ -638,7 +637,6 @@ class PairTarget(PairbdTarget):
                     raise BenchError(f"{self.name}: alpha still sees its peer after beta "
                                      f"stopped: {json.dumps(st)}")
                 time.sleep(0.05)
-        self.cluster.starts.append(rec)
         self.bring_up_record = rec
         if rec["alpha_resynced_bytes"] or rec["beta_resynced_bytes"]:
             log(f"{self.name}: this start resynced alpha->beta "
@@ -706,8 +704,6 @@ TARGETS = {cls.name: cls for cls in (PairTarget, PairDegradedTarget, PairbdTarge
                                      PairbdPoolTarget, NbdkitTarget, QemuNbdTarget, RawTarget)}
 # What runs when --targets is not given (pairbd-pool is left out: engine comparisons only).
 DEFAULT_TARGETS = ("pair", "pair-degraded", "pairbd", "nbdkit", "qemu-nbd", "raw")
-# pairbd's own targets: their CPU time and peak memory are the ones the issue asks for.
-PAIRBD_TARGETS = ("pair", "pair-degraded", "pairbd", "pairbd-pool")
 # Unreplicated NBD servers: "vs best of" compares against the better of these.
 NBD_PEERS = ("nbdkit", "qemu-nbd")
 
@@ -1262,6 +1258,9 @@ def floor_section(meta, results, names):
     # one NBD round trip over a Unix socket, measured alternating with the pair.
     server_f = {t: med_of(t, "flush") for t in ("pairbd", "nbdkit") if t in names}
     server_f = {t: v for t, v in server_f.items() if v is not None}
+    # The floor is a lower bound: its fdatasync is the best round of each estimate.
+    server_f_min = {t: min(r["metrics"]["flush"]["lat_p50_us"]
+                           for r in runs.by.get((job_a.name, t), [])) for t in server_f}
     if not floor and pair_w is None:
         return []
     L.append("At queue depth 1 fio waits for the WRITE's reply before it sends the FLUSH, so one "
@@ -1289,29 +1288,34 @@ def floor_section(meta, results, names):
                  "backing files' disk), then fdatasync (timed): a pair node with direct-io off "
                  "flushing one dirty page |")
     for t, v in server_f.items():
-        L.append(f"| fdatasync + NBD round trip | {v:.1f} | job a FLUSH p50 of `{t}` (a buffered "
-                 "file like the pair's nodes; alternating with the pair): an upper bound of one "
-                 "fdatasync |")
+        L.append(f"| fdatasync + NBD round trip | {v:.1f} (best round {server_f_min[t]:.1f}) | "
+                 f"job a FLUSH p50 of `{t}` (a buffered file like the pair's nodes; alternating "
+                 "with the pair): an upper bound of one fdatasync |")
     if raw_f is not None:
         L.append(f"| fsync after an O_DIRECT write | {raw_f:.1f} | job a FLUSH p50 of `raw`: "
                  "the data is already written, only the disk cache flush remains (not the "
                  "pair's case) |")
     L.append("")
     if floor:
-        cands = {"the fdatasync samples": f50}
-        cands.update({f"`{t}`'s FLUSH p50": v for t, v in server_f.items()})
+        cands = {"the best fdatasync sample": min(f_range)}
+        cands.update({f"`{t}`'s FLUSH p50 in its best round": v
+                      for t, v in server_f_min.items()})
         src, fs = min(cands.items(), key=lambda kv: kv[1])
         fl = 2 * u50 + fs
         L.append(f"**Floor = 2 × {u50:.1f} + {fs:.1f} = {fl:.0f} µs**: 2 × the UDP round trip "
-                 f"+ the lowest fdatasync estimate ({src}). The fdatasync samples are medians of "
-                 f"{len(samples)} sample(s) taken just before each round of job a (or before the "
-                 "runs if job a did not run); this disk is shared, and between samples its "
-                 "fdatasync varies by an order of magnitude.")
+                 f"+ the lowest fdatasync estimate ({src}; a floor is a lower bound). The "
+                 f"fdatasync samples: {len(samples)}, taken just before each round of job a (or "
+                 "before the runs if job a did not run); this disk is shared, and its fdatasync "
+                 "varies by an order of magnitude from minute to minute.")
         if pair_w is not None and pair_f is not None:
             cyc = pair_w + pair_f
             L.append(f"The pair's job-a cycle: WRITE p50 {pair_w:.1f} + FLUSH p50 {pair_f:.1f} = "
                      f"**{cyc:.0f} µs**, {cyc / fl:.2f}× the floor (the sum of two medians "
                      "approximates the median cycle).")
+            if cyc < fl:
+                L.append("_The cycle is below the floor: the disk's fdatasync changed more "
+                         "between the measurements than the pair's runs saw; this run cannot "
+                         "place the pair against its floor._")
     L.append("")
     return L
 
@@ -1409,30 +1413,33 @@ def _esc(text):
 
 
 def build_chart_svg(args, meta, results, names, jobs):
-    """Grouped bars: per job, each target's median IOPS (messages/s) divided by
-    the best unreplicated peer's median; a line at 1.0 (the best peer) and the
-    issue's bar for the pair. Hand-written SVG, no dependencies."""
+    """Grouped bars: per job, each target's IOPS (messages/s) divided by the
+    best unreplicated peer's of the same round, median over rounds; a line at
+    1.0 (the best peer) and the issue's bar for the pair. Hand-written SVG, no
+    dependencies."""
     runs = Runs(results)
     peers = [p for p in NBD_PEERS if p in names]
     groups = []
     for job in jobs:
-        meds = {t: med(runs.per_round(job, t).values()) for t in names}
-        meds = {t: v for t, v in meds.items() if v is not None}
-        best = max((meds[p] for p in peers if p in meds), default=None)
-        if not meds or not best:
+        # The bar table's arithmetic: per round, over the better peer of that
+        # round; then the median over rounds.
+        rel = {t: med(runs.ratios(job, t, peers)) for t in names}
+        rel = {t: v for t, v in rel.items() if v is not None}
+        best = med(runs.best_peer_per_round(job, peers).values())
+        if not rel or not best:
             continue
-        groups.append((job, best, {t: v / best for t, v in meds.items()}))
+        groups.append((job, best, rel))
     stamp = meta.get("timestamp", "")
-    subtitle = (f"{stamp}: medians of {args.rounds} rounds × {args.runtime} s; IOPS (c: read+"
-                "write), maildir: messages/s; red tick: issue 8's bar for pair")
-    W, H = 980, 430
-    left, right, top, bottom = 60, 20, 70, 60
+    subtitle = (f"{stamp}: ÷ best peer of the same round, median of {args.rounds} rounds × "
+                f"{args.runtime} s; c: read+write IOPS; maildir: msg/s; red: issue 8's bar")
+    W, H = 980, 440
+    left, right, top, bottom = 60, 20, 84, 60
     pw, ph = W - left - right, H - top - bottom
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
            f'viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">',
            f'<rect width="{W}" height="{H}" fill="white"/>',
            f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="15" font-weight="bold">'
-           f'{_esc("Median throughput relative to the best unreplicated peer (" + "/".join(peers) + ") — higher is better")}</text>',
+           f'{_esc("Throughput relative to the best unreplicated peer (" + "/".join(peers) + ") — higher is better")}</text>',
            f'<text x="{W / 2}" y="38" text-anchor="middle" fill="#555">{_esc(subtitle)}</text>']
     if not groups:
         out.append(f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle">no data to compare '
@@ -1521,8 +1528,8 @@ def build_summary(args, meta, results, targets, jobs, complete):
     L.append("")
     names_ = [t.name for t in targets]
     L += bar_section(args, results, names_, jobs)
-    L += ["Chart: [chart.svg](chart.svg) (each target's median over the best peer's median, "
-          "per job).", ""]
+    L += ["Chart: [chart.svg](chart.svg) (per job, every target over the best peer of the "
+          "same round, median over rounds).", ""]
     L += floor_section(meta, results, names_)
     L.append("Medians over rounds. IOPS and MiB/s per direction; clat = fio completion "
              "latency (clat_ns) percentiles; FLUSH = fio's sync latency (fsync=N sends "
