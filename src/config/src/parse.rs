@@ -42,6 +42,8 @@ struct RawResource {
     sync_window: Option<Spanned<i64>>,
     bitmap_granularity: Option<Spanned<SizeValue>>,
     sync_rate: Option<Spanned<SizeValue>>,
+    al_extent_size: Option<Spanned<SizeValue>>,
+    al_extents: Option<Spanned<i64>>,
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
     #[serde(default)]
@@ -330,6 +332,37 @@ fn resource(
             (b > 0).then_some(b)
         }
     };
+    // The activity log (bounds: pairbd-repl-core's activity_log module; at
+    // most 960 extents fit a metadata slot).
+    let al_extent_bytes = match &raw.al_extent_size {
+        None => 4 << 20,
+        Some(v) => {
+            let k = format!("{key}.al-extent-size");
+            let b = size_value(ctx, v, &k)?;
+            if !b.is_power_of_two() || !(64 << 10..=1 << 30).contains(&b) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &k,
+                    "must be a power of two from 64KiB to 1GiB",
+                ));
+            }
+            b
+        }
+    };
+    let al_extents = match &raw.al_extents {
+        None => 257,
+        Some(v) => {
+            let n = *v.get_ref();
+            if !(8..=960).contains(&n) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &format!("{key}.al-extents"),
+                    "must be 8 to 960",
+                ));
+            }
+            n as usize
+        }
+    };
     let sync_window = match &raw.sync_window {
         None => 8,
         Some(v) => {
@@ -439,6 +472,8 @@ fn resource(
         sync_window,
         bitmap_granularity_bytes,
         sync_rate_bytes_per_sec,
+        al_extent_bytes,
+        al_extents,
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
         nodes,
