@@ -93,8 +93,10 @@ fn a_partition_resyncs_only_the_dirty_regions() {
         "partition: {} application writes cost {meta_writes} metadata writes",
         writes.len() + scattered.len()
     );
+    // The bitmap adds none per write; the activity log one per cold 4 MiB
+    // extent (16 in this volume; 8 are touched here).
     assert!(
-        meta_writes <= 6,
+        meta_writes <= 6 + 16,
         "{meta_writes} metadata writes for {} application writes",
         writes.len() + scattered.len()
     );
