@@ -142,6 +142,11 @@ pub struct ActivityLog {
     clock: u64,
     /// Metadata writes that carried a changed log (for figures).
     transactions: u64,
+    /// A write found no room: until one that needs room gets it, writes to
+    /// hot extents wait too, so that the hot extents drain (DRBD's
+    /// "starving"); otherwise a steady stream to them would hold them busy
+    /// forever and starve the cold write (and any sync chunk behind it).
+    starving: bool,
 }
 
 impl ActivityLog {
@@ -157,6 +162,7 @@ impl ActivityLog {
             flushed_upto: 0,
             clock: 0,
             transactions: 0,
+            starving: false,
         }
     }
 
@@ -233,6 +239,12 @@ impl ActivityLog {
         let missing: Vec<u32> = (first..=last)
             .filter(|i| !self.extents.contains_key(i))
             .collect();
+        // Writes that reserved their extents before the log ran short go
+        // on: they hold those extents either way, and drain them.
+        let all_reserved = (first..=last).all(|i| self.extents.get(&i).is_some_and(|e| e.reserved));
+        if self.starving && missing.is_empty() && !all_reserved {
+            return Admit::Waiting { new_entries: false };
+        }
         if self.extents.len() + missing.len() > self.capacity {
             let need = self.extents.len() + missing.len() - self.capacity;
             let mut victims: Vec<(u64, u32)> = self
@@ -242,8 +254,10 @@ impl ActivityLog {
                 .map(|(&i, e)| (e.used, i))
                 .collect();
             if victims.len() < need {
+                self.starving = true;
                 return Admit::Full;
             }
+            self.starving = false;
             victims.sort_unstable();
             for (_, i) in victims.into_iter().take(need) {
                 self.extents.remove(&i);
@@ -345,6 +359,7 @@ impl ActivityLog {
     pub fn clear(&mut self) {
         self.extents.clear();
         self.whole = None;
+        self.starving = false;
     }
 
     /// The log as the next metadata write records it: every extent in it,
