@@ -499,6 +499,22 @@ impl<P: Payload> Node<P> {
             .as_ref()
             .filter(|s| s.phase == SyncPhase::Sending && s.next_chunk_at > self.now)
             .map(|s| s.next_chunk_at);
+        // A paced chunk whose turn came while another input moved the clock
+        // on (pump_sync runs only from a timeout, an ack or SyncReady): due
+        // now, so that the driver calls handle_timeout. (Found by the
+        // simulator.)
+        let paced = paced.or_else(|| {
+            self.sync
+                .as_ref()
+                .filter(|s| {
+                    s.phase == SyncPhase::Sending
+                        && s.store_flushed
+                        && self.cfg.sync_rate_bytes_per_sec.is_some_and(|r| r > 0)
+                        && s.in_flight < self.cfg.sync_window.max(1)
+                        && self.bitmap.next_run(s.next_bit, 1).is_some()
+                })
+                .map(|s| s.next_chunk_at)
+        });
         let verify_paced = self
             .verify
             .as_ref()
@@ -2733,8 +2749,17 @@ impl<P: Payload> Node<P> {
             return;
         }
         self.demoting = None;
-        if self.sync.take().is_some() {
-            tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+        match self.sync.take() {
+            // SyncDone went out and its acknowledgement did not come yet: the
+            // target may have taken this node's current generation, so the
+            // two are on one line again, as `lose_peer` assumes too; without
+            // this, a later write here would not begin a new generation and a
+            // split brain would pass for "behind". (Found by the simulator.)
+            Some(s) if s.phase == SyncPhase::DoneSent => self.rejoin_line(),
+            Some(_) => {
+                tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+            }
+            None => {}
         }
         if self.verify.take().is_some() {
             tracing::warn!(resource = %self.cfg.resource, "demoted during an online verify: it stops");
