@@ -293,8 +293,12 @@ pub enum AdminCommand {
     ResumeIo,
     /// `pairbd verify`: on a Primary connected to an UpToDate Secondary,
     /// compare both copies block by block (crc32c of 4 KiB); blocks that
-    /// differ are marked in the dirty bitmap and resynced when it ends.
+    /// differ are marked in the dirty bitmap, and repaired by
+    /// `ResyncMarked` or the next reconnect.
     Verify,
+    /// `pairbd resync-marked`: on a Primary connected to its Secondary,
+    /// resync the regions marked out of sync (by a verify) now.
+    ResyncMarked,
     /// `pairbd invalidate`: this Secondary's data stops counting (it becomes
     /// Inconsistent, durably) and the next sync into it covers everything.
     Invalidate,

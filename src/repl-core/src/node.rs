@@ -300,6 +300,9 @@ pub struct Node<P> {
     al_covers_crash: bool,
     /// The running `SYNC_SOURCE_FLUSH`: its operation id and the sync's epoch.
     sync_source_flush: Option<(u64, u64)>,
+    /// A verify marked differing blocks: they wait for `resync-marked` (or
+    /// the next connection) instead of resyncing by themselves.
+    marked_held: bool,
     /// `connect --discard-my-data`: a split brain makes this node the sync
     /// target (until a sync into it finishes).
     discard_my_data: bool,
@@ -375,6 +378,7 @@ impl<P: Payload> Node<P> {
             al_flush_running: false,
             al_covers_crash: false,
             sync_source_flush: None,
+            marked_held: false,
             discard_my_data: false,
             io_suspended: false,
             failed: None,
@@ -1408,6 +1412,8 @@ impl<P: Payload> Node<P> {
             return;
         }
         self.epoch += 1;
+        // A new connection repairs what a verify marked.
+        self.marked_held = false;
         self.conn = ConnectionState::Handshaking;
         self.handshake_deadline = Some(now + self.cfg.ack_timeout);
         self.next_seq = 1;
@@ -1922,9 +1928,11 @@ impl<P: Payload> Node<P> {
                 );
                 let mut result = v.result;
                 result.checked_bytes = v.done_bytes;
+                // The operator repairs them with `resync-marked` (after
+                // looking at them, if they wish), or the next connection does.
+                self.marked_held = result.differing_blocks > 0;
                 self.last_verify = Some(result);
             }
-            // Marked blocks are resynced now.
             self.maybe_start_sync();
         }
     }
@@ -2307,7 +2315,8 @@ impl<P: Payload> Node<P> {
     }
 
     fn maybe_start_sync(&mut self) {
-        if self.sync.is_some()
+        if self.marked_held
+            || self.sync.is_some()
             || self.conn != ConnectionState::Connected
             || !self.serves_clients()
             || self.wanted.disk != DiskState::UpToDate
@@ -2624,6 +2633,38 @@ impl<P: Payload> Node<P> {
                 });
                 Ok(())
             }
+            AdminCommand::ResyncMarked => {
+                let connected = self.conn == ConnectionState::Connected
+                    && self
+                        .peer
+                        .as_ref()
+                        .is_some_and(|p| p.state.role == Role::Secondary);
+                if !self.serves_clients() || !connected {
+                    return Err(AdminError(
+                        "resync-marked runs on the Primary while it is connected to its \
+                         Secondary (a reconnect repairs marked blocks too)"
+                            .into(),
+                    ));
+                }
+                if self.sync.is_some() || self.verify.is_some() {
+                    return Err(AdminError(
+                        "a sync or a verify is running; wait for it to end".into(),
+                    ));
+                }
+                let dirty = self.bitmap.dirty_bytes();
+                self.marked_held = false;
+                let msg = if dirty == 0 {
+                    "nothing is marked out of sync".to_string()
+                } else {
+                    self.maybe_start_sync();
+                    format!("resync of {dirty} marked bytes started")
+                };
+                self.out.push_back(Output::AdminDone {
+                    id,
+                    result: Ok(msg),
+                });
+                Ok(())
+            }
             AdminCommand::Invalidate => {
                 if self.wanted.role == Role::Primary {
                     return Err(AdminError(
@@ -2766,6 +2807,7 @@ impl<P: Payload> Node<P> {
         }
         self.wanted.role = Role::Secondary;
         self.io_suspended = false;
+        self.marked_held = false;
         // Both stores flushed and no client write is left: nothing the log
         // covers can differ any more.
         self.al.clear();

@@ -303,6 +303,18 @@ fn verify_finds_exactly_the_corrupted_blocks_and_the_resync_repairs_them() {
     assert_eq!(result.differing_blocks, 3);
     assert_eq!(result.ranges, vec![(40_960, 8192), (696_320, 4096)]);
     assert!(st.verify.is_none());
+    // Marked, not repaired yet: that waits for resync-marked.
+    assert!(st.sync.is_none());
+    assert_eq!(st.out_of_sync_bytes, 3 * 4096);
+    assert_ne!(p.nodes[A].data[40_960], p.nodes[B].data[40_960]);
+    assert!(
+        p.admin(B, AdminCommand::ResyncMarked).is_err(),
+        "not on a Secondary"
+    );
+    let msg = p.admin(A, AdminCommand::ResyncMarked).unwrap();
+    assert!(msg.contains("12288"), "{msg}");
+    p.run_until_idle();
+    let st = p.nodes[A].node.status(p.now);
     p.assert_same("after the resync of the marked blocks");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
     assert_eq!(st.out_of_sync_bytes, 0);
