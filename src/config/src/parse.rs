@@ -42,6 +42,7 @@ struct RawResource {
     sync_window: Option<Spanned<i64>>,
     bitmap_granularity: Option<Spanned<SizeValue>>,
     sync_rate: Option<Spanned<SizeValue>>,
+    sync_rate_min: Option<Spanned<SizeValue>>,
     al_extent_size: Option<Spanned<SizeValue>>,
     al_extents: Option<Spanned<i64>>,
     engine: Option<Spanned<String>>,
@@ -332,6 +333,15 @@ fn resource(
             (b > 0).then_some(b)
         }
     };
+    // Bytes per second while clients are active; 0 or absent: no yielding.
+    let sync_rate_min_bytes_per_sec = match &raw.sync_rate_min {
+        None => None,
+        Some(v) => {
+            let k = format!("{key}.sync-rate-min");
+            let b = size_value(ctx, v, &k)?;
+            (b > 0).then_some(b)
+        }
+    };
     // The activity log (bounds: pairbd-repl-core's activity_log module; at
     // most 960 extents fit a metadata slot).
     let al_extent_bytes = match &raw.al_extent_size {
@@ -472,6 +482,7 @@ fn resource(
         sync_window,
         bitmap_granularity_bytes,
         sync_rate_bytes_per_sec,
+        sync_rate_min_bytes_per_sec,
         al_extent_bytes,
         al_extents,
         engine,

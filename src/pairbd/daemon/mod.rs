@@ -281,6 +281,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         },
         bitmap_granularity_bytes: granularity,
         sync_rate_bytes_per_sec: res.sync_rate_bytes_per_sec,
+        sync_rate_min_bytes_per_sec: res.sync_rate_min_bytes_per_sec,
         al_extent_bytes: res.al_extent_bytes,
         al_extents: res.al_extents,
         after_split_brain: match res.after_split_brain {

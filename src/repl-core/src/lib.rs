@@ -16,6 +16,7 @@ pub mod bitmap;
 pub mod generations;
 mod node;
 mod ops;
+pub mod resync_rate;
 mod status;
 
 pub use activity_log::{ActivityLog, ActivityLogImage};
@@ -156,6 +157,9 @@ pub struct Config {
     /// fast as the window allows), so that a resync leaves the disks to the
     /// clients.
     pub sync_rate_bytes_per_sec: Option<u64>,
+    /// The rate a sync drops to while clients are active (`None`: it does
+    /// not yield; see `resync_rate`).
+    pub sync_rate_min_bytes_per_sec: Option<u64>,
     /// Bytes per activity-log extent (a power of two, 64 KiB to 1 GiB; see
     /// `activity_log`).
     pub al_extent_bytes: u64,

@@ -26,6 +26,7 @@ use crate::activity_log::{ActivityLog, ActivityLogImage, Admit};
 use crate::bitmap::DirtyBitmap;
 use crate::generations::{self, GenerationSource, Verdict};
 use crate::ops::{OpTable, Range};
+use crate::resync_rate::ResyncRate;
 use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult};
 use crate::{
     AdminCommand, AdminError, AdminId, AfterCrash, AfterSplitBrain, ClientOp, Config, DirtyRanges,
@@ -303,6 +304,8 @@ pub struct Node<P> {
     /// A verify marked differing blocks: they wait for `resync-marked` (or
     /// the next connection) instead of resyncing by themselves.
     marked_held: bool,
+    /// The sync rate, yielding to client I/O.
+    resync_rate: ResyncRate,
     /// `connect --discard-my-data`: a split brain makes this node the sync
     /// target (until a sync into it finishes).
     discard_my_data: bool,
@@ -331,6 +334,8 @@ impl<P: Payload> Node<P> {
         let unclean_primary = persisted.role == Role::Primary;
         let cfg_seed = cfg.generation_seed;
         let al = ActivityLog::new(cfg.al_extent_bytes, cfg.al_extents);
+        let resync_rate =
+            ResyncRate::new(cfg.sync_rate_bytes_per_sec, cfg.sync_rate_min_bytes_per_sec);
         let mut wanted = persisted;
         wanted.role = Role::Secondary;
         let mut bitmap = DirtyBitmap::new(cfg.size_bytes, cfg.bitmap_granularity_bytes);
@@ -379,6 +384,7 @@ impl<P: Payload> Node<P> {
             al_covers_crash: false,
             sync_source_flush: None,
             marked_held: false,
+            resync_rate,
             discard_my_data: false,
             io_suspended: false,
             failed: None,
@@ -513,7 +519,7 @@ impl<P: Payload> Node<P> {
                 .filter(|s| {
                     s.phase == SyncPhase::Sending
                         && s.store_flushed
-                        && self.cfg.sync_rate_bytes_per_sec.is_some_and(|r| r > 0)
+                        && self.resync_rate.paced()
                         && s.in_flight < self.cfg.sync_window.max(1)
                         && self.bitmap.next_run(s.next_bit, 1).is_some()
                 })
@@ -639,6 +645,7 @@ impl<P: Payload> Node<P> {
     /// A client request that changes data. Reads bypass the core.
     pub fn handle_client(&mut self, now: Instant, req: RequestId, op: ClientOp<P>) {
         self.now = now;
+        self.resync_rate.note_app_io(now);
         if self.failed.is_some() {
             self.reply(req, Err(ReplyError::Stopping));
             return;
@@ -2423,7 +2430,7 @@ impl<P: Payload> Node<P> {
         let max_bits = (self.cfg.sync_chunk_bytes / granularity).max(1);
         let window = self.cfg.sync_window.max(1);
         let mut exhausted = false;
-        let rate = self.cfg.sync_rate_bytes_per_sec.filter(|r| *r > 0);
+        let rate = self.resync_rate.rate(self.now);
         loop {
             let Some(s) = &mut self.sync else { return };
             if s.in_flight >= window {

@@ -717,6 +717,7 @@ impl Sim {
             bitmap_granularity_bytes: BITMAP_GRANULARITY,
             after_split_brain: self.profile.after_split_brain,
             sync_rate_bytes_per_sec: self.profile.sync_rate_bytes_per_sec,
+            sync_rate_min_bytes_per_sec: None,
             al_extent_bytes: self.profile.al_extent_bytes,
             al_extents: self.profile.al_extents,
         }

@@ -108,6 +108,7 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         bitmap_granularity_bytes: GRANULARITY,
         after_split_brain: pairbd_repl_core::AfterSplitBrain::Disconnect,
         sync_rate_bytes_per_sec: None,
+        sync_rate_min_bytes_per_sec: None,
         al_extent_bytes: AL_EXTENT,
         al_extents: AL_EXTENTS,
     }
