@@ -152,6 +152,9 @@ fn every_replication_subcommand_has_help() {
         "demote",
         "resume-io",
         "restart",
+        "invalidate",
+        "verify",
+        "resync-marked",
         "status",
         "demo",
         "attach",
@@ -166,6 +169,8 @@ fn every_replication_subcommand_has_help() {
     }
     let (_, text) = pairbd(&["status", "--help"]);
     assert!(text.contains("--json"), "{text}");
+    let (_, text) = pairbd(&["resync-marked", "--help"]);
+    assert!(text.contains("--json") && text.contains("marked"), "{text}");
     let (_, text) = pairbd(&["restart", "--help"]);
     assert!(
         text.contains("--json") && text.contains("--force"),

@@ -52,8 +52,10 @@ enum Command {
     Restart(admin::RestartArgs),
     /// Throw this Secondary's data away: it becomes Inconsistent and receives a full sync.
     Invalidate(admin::ResourceArg),
-    /// On the Primary: compare both copies block by block; differing blocks are resynced.
+    /// On the Primary: compare both copies block by block; differing blocks are marked out of sync.
     Verify(admin::ResourceArg),
+    /// On the Primary: resync the blocks a verify marked out of sync (a reconnect does too).
+    ResyncMarked(admin::ResourceArg),
     /// Show role, disk state, peer connection and sync progress, like `drbdadm status`.
     Status(admin::StatusArgs),
     /// Serve one unreplicated volume over NBD in the foreground.
@@ -85,6 +87,7 @@ fn main() -> ExitCode {
         Command::Restart(args) => admin::restart(&ctx, args),
         Command::Invalidate(args) => admin::simple(&ctx, args, "invalidate"),
         Command::Verify(args) => admin::simple(&ctx, args, "verify"),
+        Command::ResyncMarked(args) => admin::simple(&ctx, args, "resync-marked"),
         Command::Status(args) => admin::status(&ctx, args),
         Command::Demo(args) => demo::run(args),
         Command::Attach(args) => attach::attach(&ctx, args),

@@ -148,6 +148,13 @@ pub struct ResourceConfig {
     pub bitmap_granularity_bytes: Option<u64>,
     /// The most bytes per second a sync sends (`None`: unlimited).
     pub sync_rate_bytes_per_sec: Option<u64>,
+    /// The rate a sync drops to while clients are active (`sync-rate-min`;
+    /// `None`: it does not yield).
+    pub sync_rate_min_bytes_per_sec: Option<u64>,
+    /// Bytes per activity-log extent (`al-extent-size`, default 4 MiB).
+    pub al_extent_bytes: u64,
+    /// Extents in the activity log (`al-extents`, default 257).
+    pub al_extents: usize,
     pub engine: Engine,
     pub direct_io: bool,
     pub nodes: BTreeMap<String, NodeConfig>,

@@ -44,6 +44,9 @@ struct RawResource {
     sync_rate: Option<Spanned<SizeValue>>,
     batch_messages: Option<Spanned<i64>>,
     batch_bytes: Option<Spanned<SizeValue>>,
+    sync_rate_min: Option<Spanned<SizeValue>>,
+    al_extent_size: Option<Spanned<SizeValue>>,
+    al_extents: Option<Spanned<i64>>,
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
     #[serde(default)]
@@ -332,6 +335,46 @@ fn resource(
             (b > 0).then_some(b)
         }
     };
+    // Bytes per second while clients are active; 0 or absent: no yielding.
+    let sync_rate_min_bytes_per_sec = match &raw.sync_rate_min {
+        None => None,
+        Some(v) => {
+            let k = format!("{key}.sync-rate-min");
+            let b = size_value(ctx, v, &k)?;
+            (b > 0).then_some(b)
+        }
+    };
+    // The activity log (bounds: pairbd-repl-core's activity_log module; at
+    // most 960 extents fit a metadata slot).
+    let al_extent_bytes = match &raw.al_extent_size {
+        None => 4 << 20,
+        Some(v) => {
+            let k = format!("{key}.al-extent-size");
+            let b = size_value(ctx, v, &k)?;
+            if !b.is_power_of_two() || !(64 << 10..=1 << 30).contains(&b) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &k,
+                    "must be a power of two from 64KiB to 1GiB",
+                ));
+            }
+            b
+        }
+    };
+    let al_extents = match &raw.al_extents {
+        None => 257,
+        Some(v) => {
+            let n = *v.get_ref();
+            if !(8..=960).contains(&n) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &format!("{key}.al-extents"),
+                    "must be 8 to 960",
+                ));
+            }
+            n as usize
+        }
+    };
     let sync_window = match &raw.sync_window {
         None => 8,
         Some(v) => {
@@ -468,6 +511,9 @@ fn resource(
         sync_rate_bytes_per_sec,
         batch_messages,
         batch_bytes,
+        sync_rate_min_bytes_per_sec,
+        al_extent_bytes,
+        al_extents,
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
         nodes,

@@ -9,25 +9,33 @@
 //! | 28 | node id |
 //! | 29 | role (0 Secondary, 1 Primary) |
 //! | 30 | disk state (0 Inconsistent, 1 Outdated, 2 UpToDate) |
-//! | 31 | flags (bit 0: peer needs a sync) |
+//! | 31 | flags (bit 0: peer needs a sync; format 3, bit 1: the activity log's whole-volume entry) |
 //! | 32..40 | current generation |
 //! | 40..48 | bitmap generation |
 //! | 48..64 | history generations |
 //! | 64..128 | node name (length byte + up to 63 bytes) |
 //! | 128..192 | resource name (length byte + up to 63 bytes) |
 //! | 192 | format 2: log2 of the dirty bitmap's granularity (0: no bitmap recorded) |
+//! | 193 | format 3: log2 of the activity log's extent size (0: no log recorded) |
+//! | 194..196 | format 3: number of activity-log extents `n` (at most 960) |
+//! | 200..200+4n | format 3: the extents' indexes, ascending, u32 each |
 //! | 4092..4096 | crc32c of bytes 0..4092 |
 //!
 //! Everything else is zero. Format 1 (before the dirty bitmap) is read as a
-//! record with no bitmap. Decoding checks every field; any byte sequence
-//! yields a record or an error, never a panic.
+//! record with no bitmap, format 2 (before the activity log) as one with no
+//! log: a node that crashed as Primary under format 2 trusts no bitmap, as
+//! before. The activity log lives in the slot, so the slot's atomicity (two
+//! alternating slots) covers it too. Decoding checks every field; any byte
+//! sequence yields a record or an error, never a panic.
 
-use pairbd_repl_core::{DiskState, PersistentState, Role};
+use pairbd_repl_core::activity_log::AL_EXTENTS_MAX;
+use pairbd_repl_core::{ActivityLogImage, DiskState, PersistentState, Role};
 
 /// The size of one slot.
 pub const SLOT_BYTES: usize = 4096;
 /// The format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+const AL_AT: usize = 200;
 const MAGIC: &[u8; 8] = b"PAIRBDMD";
 const NAME_MAX: usize = 63;
 const CRC_AT: usize = SLOT_BYTES - 4;
@@ -52,6 +60,8 @@ pub struct MetaRecord {
     /// Bytes per bit of the dirty bitmap in the bitmap area (0: none
     /// recorded). Written with the pages (`MetaStore::write_with_bitmap`).
     pub bitmap_granularity_bytes: u64,
+    /// The activity log (format 3; empty with `extent_bytes` 0 before).
+    pub activity_log: ActivityLogImage,
 }
 
 impl MetaRecord {
@@ -76,6 +86,7 @@ impl MetaRecord {
             resource: resource.to_string(),
             state: PersistentState::fresh(),
             bitmap_granularity_bytes: 0,
+            activity_log: ActivityLogImage::default(),
         })
     }
 }
@@ -129,7 +140,11 @@ pub fn encode_slot(r: &MetaRecord) -> [u8; SLOT_BYTES] {
         DiskState::Outdated => 1,
         DiskState::UpToDate => 2,
     };
-    b[31] = u8::from(r.state.peer_sync_needed);
+    let al = &r.activity_log;
+    let al_recorded = r.format_version >= 3
+        && al.extent_bytes.is_power_of_two()
+        && al.extents.len() <= AL_EXTENTS_MAX;
+    b[31] = u8::from(r.state.peer_sync_needed) | (u8::from(al_recorded && al.whole) << 1);
     b[32..40].copy_from_slice(&r.state.current_generation.to_le_bytes());
     b[40..48].copy_from_slice(&r.state.bitmap_generation.to_le_bytes());
     b[48..56].copy_from_slice(&r.state.history_generations[0].to_le_bytes());
@@ -141,9 +156,49 @@ pub fn encode_slot(r: &MetaRecord) -> [u8; SLOT_BYTES] {
     } else {
         0
     };
+    if al_recorded {
+        b[193] = al.extent_bytes.trailing_zeros() as u8;
+        b[194..196].copy_from_slice(&(al.extents.len() as u16).to_le_bytes());
+        for (i, e) in al.extents.iter().enumerate() {
+            b[AL_AT + 4 * i..AL_AT + 4 * i + 4].copy_from_slice(&e.to_le_bytes());
+        }
+    }
     let crc = crc32c::crc32c(&b[..CRC_AT]);
     b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
     b
+}
+
+/// The activity log of a format-3 slot whose checksum matched.
+fn decode_al(b: &[u8]) -> Result<ActivityLogImage, SlotError> {
+    let log2 = b[193];
+    let n = usize::from(u16::from_le_bytes([b[194], b[195]]));
+    let whole = b[31] & 2 != 0;
+    if log2 == 0 {
+        if n != 0 || whole {
+            return Err(SlotError::Field("activity log"));
+        }
+        return Ok(ActivityLogImage::default());
+    }
+    if !(12..=40).contains(&log2) || n > AL_EXTENTS_MAX || b[196..AL_AT].iter().any(|&x| x != 0) {
+        return Err(SlotError::Field("activity log"));
+    }
+    let mut extents = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = AL_AT + 4 * i;
+        let e = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        if extents.last().is_some_and(|&prev| prev >= e) {
+            return Err(SlotError::Field("activity log order"));
+        }
+        extents.push(e);
+    }
+    if b[AL_AT + 4 * n..CRC_AT].iter().any(|&x| x != 0) {
+        return Err(SlotError::Field("reserved bytes"));
+    }
+    Ok(ActivityLogImage {
+        extent_bytes: 1 << log2,
+        extents,
+        whole,
+    })
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -185,7 +240,8 @@ pub fn decode_slot(b: &[u8]) -> Result<MetaRecord, SlotError> {
         2 => DiskState::UpToDate,
         _ => return Err(SlotError::Field("disk state")),
     };
-    if b[31] > 1 {
+    let flags_max = if version >= 3 { 3 } else { 1 };
+    if b[31] > flags_max {
         return Err(SlotError::Field("flags"));
     }
     let (log2, reserved_from) = if version >= 2 {
@@ -193,9 +249,14 @@ pub fn decode_slot(b: &[u8]) -> Result<MetaRecord, SlotError> {
     } else {
         (0, 192)
     };
-    if b[reserved_from..CRC_AT].iter().any(|&x| x != 0) {
-        return Err(SlotError::Field("reserved bytes"));
-    }
+    let activity_log = if version >= 3 {
+        decode_al(b)?
+    } else {
+        if b[reserved_from..CRC_AT].iter().any(|&x| x != 0) {
+            return Err(SlotError::Field("reserved bytes"));
+        }
+        ActivityLogImage::default()
+    };
     if log2 != 0 && !(12..=20).contains(&log2) {
         return Err(SlotError::Field("bitmap granularity"));
     }
@@ -212,9 +273,10 @@ pub fn decode_slot(b: &[u8]) -> Result<MetaRecord, SlotError> {
             current_generation: u64_at(b, 32),
             bitmap_generation: u64_at(b, 40),
             history_generations: [u64_at(b, 48), u64_at(b, 56)],
-            peer_sync_needed: b[31] == 1,
+            peer_sync_needed: b[31] & 1 == 1,
         },
         bitmap_granularity_bytes: if log2 == 0 { 0 } else { 1 << log2 },
+        activity_log,
     })
 }
 
@@ -232,6 +294,11 @@ mod tests {
         r.state.history_generations = [7, 8];
         r.state.peer_sync_needed = true;
         r.bitmap_granularity_bytes = 65536;
+        r.activity_log = ActivityLogImage {
+            extent_bytes: 4 << 20,
+            extents: vec![0, 7, 4095],
+            whole: false,
+        };
         r
     }
 
@@ -262,7 +329,9 @@ mod tests {
 
     #[test]
     fn format_1_reads_as_no_bitmap() {
-        let mut b = encode_slot(&sample());
+        let mut r = sample();
+        r.activity_log = ActivityLogImage::default();
+        let mut b = encode_slot(&r);
         b[8..12].copy_from_slice(&1u32.to_le_bytes());
         b[192] = 0;
         let crc = crc32c::crc32c(&b[..CRC_AT]);
@@ -274,6 +343,47 @@ mod tests {
         let crc = crc32c::crc32c(&b[..CRC_AT]);
         b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(decode_slot(&b), Err(SlotError::Field("reserved bytes")));
+    }
+
+    fn reformat(b: &mut [u8; SLOT_BYTES], version: u32) {
+        b[8..12].copy_from_slice(&version.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    #[test]
+    fn format_2_reads_as_no_activity_log_and_refuses_one() {
+        let mut r = sample();
+        r.activity_log = ActivityLogImage::default();
+        let mut b = encode_slot(&r);
+        reformat(&mut b, 2);
+        let d = decode_slot(&b).unwrap();
+        assert_eq!(d.format_version, 2);
+        assert_eq!(d.activity_log, ActivityLogImage::default());
+        assert_eq!(d.bitmap_granularity_bytes, 65536);
+        // Format 2 has no log: its bytes are reserved there.
+        let mut b = encode_slot(&sample());
+        reformat(&mut b, 2);
+        assert_eq!(decode_slot(&b), Err(SlotError::Field("reserved bytes")));
+    }
+
+    #[test]
+    fn a_full_activity_log_fits_and_the_whole_entry_round_trips() {
+        let mut r = sample();
+        r.activity_log = ActivityLogImage {
+            extent_bytes: 1 << 16,
+            extents: (0..AL_EXTENTS_MAX as u32).map(|i| i * 3).collect(),
+            whole: true,
+        };
+        assert_eq!(decode_slot(&encode_slot(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn unordered_extents_are_refused() {
+        let mut b = encode_slot(&sample());
+        b[AL_AT..AL_AT + 4].copy_from_slice(&9u32.to_le_bytes());
+        reformat(&mut b, 3);
+        assert_eq!(decode_slot(&b), Err(SlotError::Field("activity log order")));
     }
 
     #[test]

@@ -34,7 +34,8 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use pairbd_repl_core::PersistentState;
+use pairbd_repl_core::activity_log::AL_EXTENTS_MAX;
+use pairbd_repl_core::{ActivityLogImage, PersistentState};
 
 /// Bytes reserved at the end of a backing store for internal metadata (room
 /// for bitmaps later).
@@ -399,6 +400,36 @@ impl MetaStore {
             self.write_pages(granularity, pages)?;
         }
         self.write(state)
+    }
+
+    /// [`MetaStore::write_with_bitmap`], with the activity log the slot
+    /// records (in the slot itself: it is committed with the state).
+    pub fn write_with_activity_log(
+        &mut self,
+        state: PersistentState,
+        granularity: u64,
+        pages: &[BitmapPage],
+        activity_log: &ActivityLogImage,
+    ) -> Result<(), MetaError> {
+        if activity_log.extents.len() > AL_EXTENTS_MAX {
+            return Err(MetaError::Invalid {
+                what: "activity log",
+                detail: format!(
+                    "{} extents, at most {AL_EXTENTS_MAX} fit a slot",
+                    activity_log.extents.len()
+                ),
+            });
+        }
+        if !pages.is_empty() {
+            self.write_pages(granularity, pages)?;
+        }
+        let previous = std::mem::replace(&mut self.record.activity_log, activity_log.clone());
+        let result = self.write(state);
+        if result.is_err() {
+            // What is on disk is unknown (the store is poisoned anyway).
+            self.record.activity_log = previous;
+        }
+        result
     }
 
     fn write_pages(&mut self, granularity: u64, pages: &[BitmapPage]) -> Result<(), MetaError> {

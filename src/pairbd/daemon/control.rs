@@ -240,6 +240,7 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         Some("resume-io") => AdminCommand::ResumeIo,
         Some("invalidate") => AdminCommand::Invalidate,
         Some("verify") => AdminCommand::Verify,
+        Some("resync-marked") => AdminCommand::ResyncMarked,
         Some("connect") => {
             if request.get("discard_my_data").and_then(Value::as_bool) == Some(true) {
                 AdminCommand::ConnectDiscardingMyData

@@ -22,8 +22,9 @@ use std::time::Instant;
 use pairbd_meta::MetaStore;
 use pairbd_nbd_server::Clients;
 use pairbd_repl_core::{
-    AdminCommand, AdminError, AdminId, BitmapPage, ClientOp, DiskOp, DiskOpId, DiskResult, Message,
-    MetaWriteId, Node, Output, Payload, PersistentState, ReplyError, RequestId, Status,
+    ActivityLogImage, AdminCommand, AdminError, AdminId, BitmapPage, ClientOp, DiskOp, DiskOpId,
+    DiskResult, Message, MetaWriteId, Node, Output, Payload, PersistentState, ReplyError,
+    RequestId, Status,
 };
 use pairbd_store::{AlignedBuf, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -200,9 +201,14 @@ impl Driver {
     fn execute(self: &Arc<Self>, inner: &mut Inner, out: Output<SharedBuf>) {
         match out {
             Output::Disk { id, op } => self.spawn_disk(id, op),
-            Output::WriteMeta { id, state, bitmap } => {
+            Output::WriteMeta {
+                id,
+                state,
+                bitmap,
+                activity_log,
+            } => {
                 let granularity = inner.node.bitmap().granularity();
-                self.spawn_meta(id, state, granularity, bitmap)
+                self.spawn_meta(id, state, granularity, bitmap, activity_log)
             }
             Output::Send(m) => {
                 let full = match &inner.link {
@@ -313,6 +319,7 @@ impl Driver {
         state: PersistentState,
         granularity: u64,
         bitmap: Vec<BitmapPage>,
+        activity_log: ActivityLogImage,
     ) {
         let driver = Arc::clone(self);
         tokio::spawn(async move {
@@ -321,7 +328,7 @@ impl Driver {
                 // The core has at most one metadata write in flight, so the
                 // pages and slots are written in the order it emitted them.
                 let mut meta = meta.lock().unwrap_or_else(|e| e.into_inner());
-                match meta.write_with_bitmap(state, granularity, &bitmap) {
+                match meta.write_with_activity_log(state, granularity, &bitmap, &activity_log) {
                     Ok(()) => Ok(()),
                     Err(pairbd_meta::MetaError::TestCrash) => {
                         // Tests only (PAIRBD_TEST_META_CRASH): the process dies

@@ -229,6 +229,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         .read_bitmap(bitmap_bytes)
         .context("cannot read the dirty bitmap")?;
     let recorded_granularity = meta.record().bitmap_granularity_bytes;
+    let recorded_al = meta.record().activity_log.clone();
 
     let mut store_cfg = StoreConfig::new(local.backing.clone());
     store_cfg.engine = match res.engine {
@@ -248,6 +249,17 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
     let store = Store::open(&store_cfg)
         .with_context(|| format!("cannot open the backing store {}", local.backing.display()))?;
     let engine = store.engine_kind().to_string();
+    if persisted.role == pairbd_repl_core::Role::Primary {
+        // Stopped as Primary (a crash or a planned restart): what the store
+        // holds, page cache included, becomes durable before anything reads
+        // it. The activity log says where it may differ from the peer, and a
+        // resync from this store must not copy data that a power cut of this
+        // node could still take back (docs/DURABILITY.md).
+        store
+            .flush()
+            .await
+            .context("cannot flush the backing store after an unclean stop")?;
+    }
 
     let core_cfg = pairbd_repl_core::Config {
         node_name: local.name.clone(),
@@ -269,6 +281,9 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         },
         bitmap_granularity_bytes: granularity,
         sync_rate_bytes_per_sec: res.sync_rate_bytes_per_sec,
+        sync_rate_min_bytes_per_sec: res.sync_rate_min_bytes_per_sec,
+        al_extent_bytes: res.al_extent_bytes,
+        al_extents: res.al_extents,
         after_split_brain: match res.after_split_brain {
             pairbd_config::AfterSplitBrain::Disconnect => AfterSplitBrain::Disconnect,
             pairbd_config::AfterSplitBrain::DiscardZeroChanges => {
@@ -277,7 +292,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         },
     };
     let mut node = Node::new(core_cfg, persisted, Instant::now());
-    node.restore_bitmap(recorded_granularity, &bitmap_image);
+    node.restore_metadata(recorded_granularity, &bitmap_image, &recorded_al);
     if recorded_granularity != 0 && recorded_granularity != granularity {
         warn!(
             "the dirty bitmap was kept at {recorded_granularity} bytes per bit, the configuration says {granularity}: it counts as all dirty (one full sync)"
@@ -294,6 +309,20 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         );
     } else if persisted.role == pairbd_repl_core::Role::Primary {
         info!("the metadata says Primary: this node stopped uncleanly; it starts as Secondary");
+    }
+    if persisted.role == pairbd_repl_core::Role::Primary {
+        match recorded_al.ranges(res.size_bytes) {
+            Some(r) => info!(
+                "activity log: {} hot extent(s) of {} bytes are marked out of sync (not the \
+                 whole volume)",
+                r.len(),
+                recorded_al.extent_bytes
+            ),
+            None => warn!(
+                "no usable activity log recorded (older metadata, or a write spanning most of \
+                 the volume was in flight): the whole volume counts as out of sync"
+            ),
+        }
     }
     let batch = driver::BatchLimits {
         messages: res.batch_messages,

@@ -11,12 +11,15 @@
 //! client or to the peer depends on metadata the driver has not yet reported
 //! durable.
 
+pub mod activity_log;
 pub mod bitmap;
 pub mod generations;
 mod node;
 mod ops;
+pub mod resync_rate;
 mod status;
 
+pub use activity_log::{ActivityLog, ActivityLogImage};
 pub use bitmap::{BitmapPage, DirtyBitmap};
 pub use generations::Verdict;
 #[cfg(feature = "mutations")]
@@ -154,6 +157,15 @@ pub struct Config {
     /// fast as the window allows), so that a resync leaves the disks to the
     /// clients.
     pub sync_rate_bytes_per_sec: Option<u64>,
+    /// The rate a sync drops to while clients are active (`None`: it does
+    /// not yield; see `resync_rate`).
+    pub sync_rate_min_bytes_per_sec: Option<u64>,
+    /// Bytes per activity-log extent (a power of two, 64 KiB to 1 GiB; see
+    /// `activity_log`).
+    pub al_extent_bytes: u64,
+    /// Extents the activity log holds at most (8 to 960): after a crash as
+    /// Primary at most this many extents are resynced.
+    pub al_extents: usize,
 }
 
 /// What a node does when it finds itself in split brain with its peer.
@@ -285,8 +297,12 @@ pub enum AdminCommand {
     ResumeIo,
     /// `pairbd verify`: on a Primary connected to an UpToDate Secondary,
     /// compare both copies block by block (crc32c of 4 KiB); blocks that
-    /// differ are marked in the dirty bitmap and resynced when it ends.
+    /// differ are marked in the dirty bitmap, and repaired by
+    /// `ResyncMarked` or the next reconnect.
     Verify,
+    /// `pairbd resync-marked`: on a Primary connected to its Secondary,
+    /// resync the regions marked out of sync (by a verify) now.
+    ResyncMarked,
     /// `pairbd invalidate`: this Secondary's data stops counting (it becomes
     /// Inconsistent, durably) and the next sync into it covers everything.
     Invalidate,
@@ -307,11 +323,13 @@ pub enum Output<P> {
     /// Persist this state atomically; report with `handle_meta_done`. The
     /// bitmap pages (those changed since the last write) go to the bitmap
     /// area first, made durable before the state is written: the state's
-    /// slot is the commit point (docs/DURABILITY.md).
+    /// slot is the commit point (docs/DURABILITY.md). The activity log is
+    /// recorded in the same slot.
     WriteMeta {
         id: MetaWriteId,
         state: PersistentState,
         bitmap: Vec<BitmapPage>,
+        activity_log: ActivityLogImage,
     },
     /// Send this message to the peer, in order.
     Send(Message<P>),

@@ -22,9 +22,11 @@ use std::time::Instant;
 
 use pairbd_repl_proto::Hello;
 
+use crate::activity_log::{ActivityLog, ActivityLogImage, Admit};
 use crate::bitmap::DirtyBitmap;
 use crate::generations::{self, GenerationSource, Verdict};
 use crate::ops::{OpTable, Range};
+use crate::resync_rate::ResyncRate;
 use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult};
 use crate::{
     AdminCommand, AdminError, AdminId, AfterCrash, AfterSplitBrain, ClientOp, Config, DirtyRanges,
@@ -61,11 +63,23 @@ pub enum Mutation {
     /// Clear a dirty bit as soon as the target acknowledged the sync chunk,
     /// before the target flushed it.
     BitClearedBeforeTargetFlush,
+    /// Submit a write to a cold extent once its activity-log entry is
+    /// requested, before the metadata write carrying it completed.
+    WriteBeforeAlEntryDurable,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
 /// leaves the role (see `check_demote`); its reply goes to no client.
 const LEAVING_FLUSH: RequestId = RequestId(u64::MAX);
+
+/// The request id of the flush a primary runs on both nodes when its
+/// activity log is full of idle extents that no flush covered yet (see
+/// `al_make_room`); its reply goes to no client.
+const AL_FLUSH: RequestId = RequestId(u64::MAX - 1);
+
+/// The request id of the flush a sync source runs before it reads its first
+/// chunk (see `maybe_start_sync`); its reply goes to no client.
+const SYNC_SOURCE_FLUSH: RequestId = RequestId(u64::MAX - 2);
 
 /// Whether a request still needs the peer's acknowledgement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +225,9 @@ struct SyncSource {
     flush_pending: bool,
     /// With a rate limit: no chunk starts before this.
     next_chunk_at: Instant,
+    /// This node's store was flushed after the sync began (chunks are read
+    /// only then).
+    store_flushed: bool,
 }
 
 struct VerifySource {
@@ -273,6 +290,22 @@ pub struct Node<P> {
     transfer_spill: Option<(Box<DirtyBitmap>, u64)>,
     marked_bytes: u64,
     resynced_bytes: u64,
+    /// The hot extents (see `activity_log`).
+    al: ActivityLog,
+    /// Flushes running, by operation id, with their activity-log tokens.
+    al_flush_tokens: BTreeMap<u64, u64>,
+    /// An `AL_FLUSH` is running.
+    al_flush_running: bool,
+    /// A crash as Primary is covered by the activity log it recorded: the
+    /// bitmap holds its extents, and is trusted.
+    al_covers_crash: bool,
+    /// The running `SYNC_SOURCE_FLUSH`: its operation id and the sync's epoch.
+    sync_source_flush: Option<(u64, u64)>,
+    /// A verify marked differing blocks: they wait for `resync-marked` (or
+    /// the next connection) instead of resyncing by themselves.
+    marked_held: bool,
+    /// The sync rate, yielding to client I/O.
+    resync_rate: ResyncRate,
     /// `connect --discard-my-data`: a split brain makes this node the sync
     /// target (until a sync into it finishes).
     discard_my_data: bool,
@@ -300,6 +333,9 @@ impl<P: Payload> Node<P> {
     pub fn new(cfg: Config, persisted: PersistentState, now: Instant) -> Node<P> {
         let unclean_primary = persisted.role == Role::Primary;
         let cfg_seed = cfg.generation_seed;
+        let al = ActivityLog::new(cfg.al_extent_bytes, cfg.al_extents);
+        let resync_rate =
+            ResyncRate::new(cfg.sync_rate_bytes_per_sec, cfg.sync_rate_min_bytes_per_sec);
         let mut wanted = persisted;
         wanted.role = Role::Secondary;
         let mut bitmap = DirtyBitmap::new(cfg.size_bytes, cfg.bitmap_granularity_bytes);
@@ -342,6 +378,13 @@ impl<P: Payload> Node<P> {
             transfer_spill: None,
             marked_bytes: 0,
             resynced_bytes: 0,
+            al,
+            al_flush_tokens: BTreeMap::new(),
+            al_flush_running: false,
+            al_covers_crash: false,
+            sync_source_flush: None,
+            marked_held: false,
+            resync_rate,
             discard_my_data: false,
             io_suspended: false,
             failed: None,
@@ -365,7 +408,31 @@ impl<P: Payload> Node<P> {
     /// sync owed or bits set) counts as all dirty: a mixed image cannot be
     /// trusted, and all-set is right under any reading.
     pub fn restore_bitmap(&mut self, recorded_granularity: u64, image: &[u8]) {
+        self.restore_metadata(recorded_granularity, image, &ActivityLogImage::default());
+    }
+
+    /// `restore_bitmap`, with the activity log the metadata recorded. A
+    /// node that stopped as Primary uncleanly with a log recorded (and a
+    /// bitmap of this granularity) trusts its bitmap plus the log's extents:
+    /// only those may differ from the peer (docs/DURABILITY.md). Without a
+    /// log (older metadata, or the whole-volume entry) it keeps every bit set.
+    pub fn restore_metadata(
+        &mut self,
+        recorded_granularity: u64,
+        image: &[u8],
+        al: &ActivityLogImage,
+    ) {
         if self.unclean_primary {
+            let ranges = al.ranges(self.cfg.size_bytes);
+            if let (Some(ranges), true) =
+                (ranges, recorded_granularity == self.bitmap.granularity())
+            {
+                self.bitmap.load(image);
+                for (offset, length) in ranges {
+                    self.mark(offset, length);
+                }
+                self.al_covers_crash = true;
+            }
             return;
         }
         if recorded_granularity == self.bitmap.granularity() {
@@ -381,6 +448,17 @@ impl<P: Payload> Node<P> {
     /// The dirty bitmap (tests and the simulator look at it).
     pub fn bitmap(&self) -> &DirtyBitmap {
         &self.bitmap
+    }
+
+    /// The activity log (tests and the simulator look at it).
+    pub fn activity_log(&self) -> &ActivityLog {
+        &self.al
+    }
+
+    /// Crashed as Primary with nothing recording where writes were in
+    /// flight: every bit is set, and the peer must not trust the bitmap.
+    fn crash_uncovered(&self) -> bool {
+        self.unclean_primary && !self.al_covers_crash
     }
 
     /// Marks `[offset, offset + length)` out of sync.
@@ -431,6 +509,22 @@ impl<P: Payload> Node<P> {
             .as_ref()
             .filter(|s| s.phase == SyncPhase::Sending && s.next_chunk_at > self.now)
             .map(|s| s.next_chunk_at);
+        // A paced chunk whose turn came while another input moved the clock
+        // on (pump_sync runs only from a timeout, an ack or SyncReady): due
+        // now, so that the driver calls handle_timeout. (Found by the
+        // simulator.)
+        let paced = paced.or_else(|| {
+            self.sync
+                .as_ref()
+                .filter(|s| {
+                    s.phase == SyncPhase::Sending
+                        && s.store_flushed
+                        && self.resync_rate.paced()
+                        && s.in_flight < self.cfg.sync_window.max(1)
+                        && self.bitmap.next_run(s.next_bit, 1).is_some()
+                })
+                .map(|s| s.next_chunk_at)
+        });
         let verify_paced = self
             .verify
             .as_ref()
@@ -551,6 +645,7 @@ impl<P: Payload> Node<P> {
     /// A client request that changes data. Reads bypass the core.
     pub fn handle_client(&mut self, now: Instant, req: RequestId, op: ClientOp<P>) {
         self.now = now;
+        self.resync_rate.note_app_io(now);
         if self.failed.is_some() {
             self.reply(req, Err(ReplyError::Stopping));
             return;
@@ -618,6 +713,9 @@ impl<P: Payload> Node<P> {
     }
 
     fn start_op(&mut self, id: u64) {
+        if !self.admit_write(id) {
+            return;
+        }
         self.ops.activate(id);
         let range_of = self.ops.range(id);
         let replicate = self.peer_replicates();
@@ -698,6 +796,7 @@ impl<P: Payload> Node<P> {
                 }
             }
             Some(Op::ClientFlush { peer, .. }) => {
+                self.al_flush_tokens.insert(id, self.al.flush_started());
                 disk = Some(DiskOp::Flush);
                 if replicate_flush {
                     *peer = PeerAck::Waiting;
@@ -750,6 +849,90 @@ impl<P: Payload> Node<P> {
                 self.mark(r.start, r.end - r.start);
             }
             self.note_unreplicated_write();
+        }
+    }
+
+    /// The activity-log gate of a client write (a no-op for other
+    /// operations): it starts only once every extent it touches is durably
+    /// in the log. Returns whether operation `id` may start now; if not, the
+    /// metadata write it waits for is requested (or room is being made), and
+    /// `start_ready` tries it again when that completes.
+    fn admit_write(&mut self, id: u64) -> bool {
+        if !matches!(self.ops.get(id), Some(Op::ClientWrite { .. })) {
+            return true;
+        }
+        let Some(r) = self.ops.range(id) else {
+            return true;
+        };
+        #[cfg(feature = "mutations")]
+        let unchecked = self.mutated(Mutation::WriteBeforeAlEntryDurable);
+        #[cfg(not(feature = "mutations"))]
+        let unchecked = false;
+        let (offset, length) = (r.start, r.end - r.start);
+        match self
+            .al
+            .admit(offset, length, self.durable_version, unchecked)
+        {
+            Admit::Ready => true,
+            Admit::Waiting { new_entries } => {
+                if new_entries {
+                    // Batching: a metadata write not yet emitted (one is in
+                    // flight and another already requested) carries the new
+                    // entries too.
+                    let v = match self.meta_in_flight {
+                        Some((running, _)) if self.meta_version > running.0 => self.meta_version,
+                        _ => self.request_meta(),
+                    };
+                    self.al.requested(v);
+                    if unchecked {
+                        return self.al.admit(offset, length, self.durable_version, true)
+                            == Admit::Ready;
+                    }
+                }
+                false
+            }
+            Admit::Full => {
+                self.al_make_room();
+                false
+            }
+        }
+    }
+
+    /// The activity log is full: if idle extents wait only for a flush of
+    /// both stores to become evictable, runs one (answered to no client).
+    fn al_make_room(&mut self) {
+        if self.al_flush_running || !self.al.flush_would_help() {
+            return;
+        }
+        self.al_flush_running = true;
+        let data = Op::ClientFlush {
+            req: AL_FLUSH,
+            local_done: false,
+            peer: PeerAck::NotNeeded,
+        };
+        let op = self.ops.insert(None, data);
+        self.start_op(op);
+    }
+
+    /// A client write or flush finished (answered): the activity log hears
+    /// of it.
+    fn al_op_finished(&mut self, id: u64, req: RequestId) {
+        if req == SYNC_SOURCE_FLUSH && self.sync_source_flush.is_some_and(|(op, _)| op == id) {
+            let epoch = self.sync_source_flush.take().map(|(_, e)| e);
+            if let Some(s) = self.sync.as_mut().filter(|s| Some(s.epoch) == epoch) {
+                s.store_flushed = true;
+            }
+            self.pump_sync();
+        }
+        if let Some(token) = self.al_flush_tokens.remove(&id) {
+            if req == AL_FLUSH {
+                self.al_flush_running = false;
+            }
+            // A whole-volume entry that goes is recorded by the next
+            // metadata write there is (none is needed for it alone).
+            self.al.flushed(token, self.durable_version);
+        } else if let Some(r) = self.ops.range(id) {
+            self.al.complete(r.start, r.end - r.start);
         }
     }
 
@@ -851,6 +1034,7 @@ impl<P: Payload> Node<P> {
             _ => None,
         };
         if let Some(req) = done {
+            self.al_op_finished(id, req);
             self.ops.remove(id);
             self.reply(req, Ok(()));
             self.check_demote();
@@ -865,7 +1049,7 @@ impl<P: Payload> Node<P> {
     }
 
     fn reply(&mut self, id: RequestId, result: Result<(), ReplyError>) {
-        if id == LEAVING_FLUSH {
+        if id == LEAVING_FLUSH || id == AL_FLUSH || id == SYNC_SOURCE_FLUSH {
             return;
         }
         self.out.push_back(Output::Reply { id, result });
@@ -1077,6 +1261,7 @@ impl<P: Payload> Node<P> {
             id,
             state: self.wanted,
             bitmap,
+            activity_log: self.al.image(),
         });
     }
 
@@ -1234,6 +1419,8 @@ impl<P: Payload> Node<P> {
             return;
         }
         self.epoch += 1;
+        // A new connection repairs what a verify marked.
+        self.marked_held = false;
         self.conn = ConnectionState::Handshaking;
         self.handshake_deadline = Some(now + self.cfg.ack_timeout);
         self.next_seq = 1;
@@ -1246,7 +1433,7 @@ impl<P: Payload> Node<P> {
             size_bytes: self.cfg.size_bytes,
             state: self.my_state(),
             peer_sync_needed: self.wanted.peer_sync_needed,
-            unclean_primary: self.unclean_primary,
+            unclean_primary: self.crash_uncovered(),
             discard_my_data: self.discard_my_data,
             dirty_bytes: self.bitmap.dirty_bytes(),
         })));
@@ -1626,7 +1813,7 @@ impl<P: Payload> Node<P> {
     /// nodes reach the mirrored answer from the two hellos.
     fn resolve_split_brain(&self, h: &Hello) -> Verdict {
         let auto = self.cfg.after_split_brain == AfterSplitBrain::DiscardZeroChanges;
-        let my_zero = self.bitmap.is_empty() && !self.unclean_primary;
+        let my_zero = self.bitmap.is_empty() && !self.crash_uncovered();
         let peer_zero = h.dirty_bytes == 0 && !h.unclean_primary;
         let i_discard = self.discard_my_data || (auto && my_zero && !peer_zero);
         let peer_discards = h.discard_my_data || (auto && peer_zero && !my_zero);
@@ -1748,9 +1935,11 @@ impl<P: Payload> Node<P> {
                 );
                 let mut result = v.result;
                 result.checked_bytes = v.done_bytes;
+                // The operator repairs them with `resync-marked` (after
+                // looking at them, if they wish), or the next connection does.
+                self.marked_held = result.differing_blocks > 0;
                 self.last_verify = Some(result);
             }
-            // Marked blocks are resynced now.
             self.maybe_start_sync();
         }
     }
@@ -2048,6 +2237,8 @@ impl<P: Payload> Node<P> {
             Some(Op::ClientFlush { peer, .. }) if flush => {
                 *peer = PeerAck::Done;
                 self.try_finish(id);
+                // A finished flush may make room in the activity log.
+                self.start_ready();
                 Ok(())
             }
             Some(Op::SyncChunk {
@@ -2131,7 +2322,8 @@ impl<P: Payload> Node<P> {
     }
 
     fn maybe_start_sync(&mut self) {
-        if self.sync.is_some()
+        if self.marked_held
+            || self.sync.is_some()
             || self.conn != ConnectionState::Connected
             || !self.serves_clients()
             || self.wanted.disk != DiskState::UpToDate
@@ -2209,21 +2401,36 @@ impl<P: Payload> Node<P> {
             unflushed: Vec::new(),
             flush_pending: false,
             next_chunk_at: self.now,
+            store_flushed: false,
         });
         self.out
             .push_back(Output::Send(Message::SyncStart { total_bytes }));
+        // What this store holds may not be durable (data the node received
+        // as a Secondary, or from before a crash): it is made durable before
+        // a chunk of it is sent, or a power cut here could take back what
+        // the target keeps, where no activity log or bitmap records it.
+        // (Found by the simulator once the activity log replaced the full
+        // sync after a crash as Primary.)
+        let data = Op::ClientFlush {
+            req: SYNC_SOURCE_FLUSH,
+            local_done: false,
+            peer: PeerAck::NotNeeded,
+        };
+        let op = self.ops.insert(None, data);
+        self.sync_source_flush = Some((op, self.epoch));
+        self.start_op(op);
     }
 
     fn pump_sync(&mut self) {
         let Some(s) = &self.sync else { return };
-        if s.phase != SyncPhase::Sending {
+        if s.phase != SyncPhase::Sending || !s.store_flushed {
             return;
         }
         let granularity = self.bitmap.granularity();
         let max_bits = (self.cfg.sync_chunk_bytes / granularity).max(1);
         let window = self.cfg.sync_window.max(1);
         let mut exhausted = false;
-        let rate = self.cfg.sync_rate_bytes_per_sec.filter(|r| *r > 0);
+        let rate = self.resync_rate.rate(self.now);
         loop {
             let Some(s) = &mut self.sync else { return };
             if s.in_flight >= window {
@@ -2433,6 +2640,38 @@ impl<P: Payload> Node<P> {
                 });
                 Ok(())
             }
+            AdminCommand::ResyncMarked => {
+                let connected = self.conn == ConnectionState::Connected
+                    && self
+                        .peer
+                        .as_ref()
+                        .is_some_and(|p| p.state.role == Role::Secondary);
+                if !self.serves_clients() || !connected {
+                    return Err(AdminError(
+                        "resync-marked runs on the Primary while it is connected to its \
+                         Secondary (a reconnect repairs marked blocks too)"
+                            .into(),
+                    ));
+                }
+                if self.sync.is_some() || self.verify.is_some() {
+                    return Err(AdminError(
+                        "a sync or a verify is running; wait for it to end".into(),
+                    ));
+                }
+                let dirty = self.bitmap.dirty_bytes();
+                self.marked_held = false;
+                let msg = if dirty == 0 {
+                    "nothing is marked out of sync".to_string()
+                } else {
+                    self.maybe_start_sync();
+                    format!("resync of {dirty} marked bytes started")
+                };
+                self.out.push_back(Output::AdminDone {
+                    id,
+                    result: Ok(msg),
+                });
+                Ok(())
+            }
             AdminCommand::Invalidate => {
                 if self.wanted.role == Role::Primary {
                     return Err(AdminError(
@@ -2558,14 +2797,27 @@ impl<P: Payload> Node<P> {
             return;
         }
         self.demoting = None;
-        if self.sync.take().is_some() {
-            tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+        match self.sync.take() {
+            // SyncDone went out and its acknowledgement did not come yet: the
+            // target may have taken this node's current generation, so the
+            // two are on one line again, as `lose_peer` assumes too; without
+            // this, a later write here would not begin a new generation and a
+            // split brain would pass for "behind". (Found by the simulator.)
+            Some(s) if s.phase == SyncPhase::DoneSent => self.rejoin_line(),
+            Some(_) => {
+                tracing::warn!(resource = %self.cfg.resource, "demoted during a full sync: the peer stays Inconsistent");
+            }
+            None => {}
         }
         if self.verify.take().is_some() {
             tracing::warn!(resource = %self.cfg.resource, "demoted during an online verify: it stops");
         }
         self.wanted.role = Role::Secondary;
         self.io_suspended = false;
+        self.marked_held = false;
+        // Both stores flushed and no client write is left: nothing the log
+        // covers can differ any more.
+        self.al.clear();
         let v = self.request_meta();
         self.defer(v, Deferred::SendState);
         self.defer(v, Deferred::Admin(id, "demoted to Secondary".into()));

@@ -303,7 +303,74 @@ fn verify_finds_exactly_the_corrupted_blocks_and_the_resync_repairs_them() {
     assert_eq!(result.differing_blocks, 3);
     assert_eq!(result.ranges, vec![(40_960, 8192), (696_320, 4096)]);
     assert!(st.verify.is_none());
+    // Marked, not repaired yet: that waits for resync-marked.
+    assert!(st.sync.is_none());
+    assert_eq!(st.out_of_sync_bytes, 3 * 4096);
+    assert_ne!(p.nodes[A].data[40_960], p.nodes[B].data[40_960]);
+    assert!(
+        p.admin(B, AdminCommand::ResyncMarked).is_err(),
+        "not on a Secondary"
+    );
+    let msg = p.admin(A, AdminCommand::ResyncMarked).unwrap();
+    assert!(msg.contains("12288"), "{msg}");
+    p.run_until_idle();
+    let st = p.nodes[A].node.status(p.now);
     p.assert_same("after the resync of the marked blocks");
     assert_eq!(p.nodes[B].node.disk(), DiskState::UpToDate);
     assert_eq!(st.out_of_sync_bytes, 0);
+}
+
+/// A pair with four dirty 64 KiB regions on alpha, alpha Secondary again,
+/// configured by `f`, connected, ready to be promoted.
+fn four_dirty_regions(f: impl Fn(&mut pairbd_repl_core::Config)) -> Pair {
+    let mut p = Pair::synced(OnPeerLoss::Continue);
+    p.cut_link("partition");
+    for k in 0..4u64 {
+        let id = p.write(A, k * 65536, 3, 65536);
+        p.run_until_idle();
+        assert_eq!(p.reply(A, id), Some(&Ok(())));
+    }
+    p.admin(A, AdminCommand::Demote { force: false }).unwrap();
+    let mut cfg = p.nodes[A].node_config();
+    f(&mut cfg);
+    p.restart_with(A, cfg);
+    p.connect();
+    p.run_until_idle();
+    p
+}
+
+#[test]
+fn the_resync_yields_to_application_io_and_runs_unpaced_without_it() {
+    let min = |c: &mut pairbd_repl_core::Config| {
+        c.sync_rate_bytes_per_sec = None;
+        c.sync_rate_min_bytes_per_sec = Some(65536);
+    };
+    let promote = AdminCommand::Promote {
+        force: false,
+        new_generation: 5,
+    };
+    // No client I/O: the minimum does not apply, the resync runs at once.
+    let mut p = four_dirty_regions(min);
+    p.admin(A, promote.clone()).unwrap();
+    p.run_until_idle();
+    assert!(p.nodes[A].node.status(p.now).sync.is_none(), "done at once");
+    p.assert_same("after the unpaced resync");
+
+    // A client request has just arrived (any request counts, even one a
+    // Secondary refuses): the resync drops to the minimum, one 64 KiB chunk
+    // per second, until the clients have been quiet for a moment.
+    let mut p = four_dirty_regions(min);
+    let refused = p.write(A, 0, 1, 4096);
+    assert!(p.reply(A, refused).is_some_and(|r| r.is_err()));
+    p.admin(A, promote).unwrap();
+    p.run_until_idle();
+    let sync = p.nodes[A].node.status(p.now).sync.expect("a sync runs");
+    assert_eq!(sync.done_bytes, 65536, "only the first chunk went at once");
+    p.advance(std::time::Duration::from_secs(1));
+    p.run_until_idle();
+    assert!(
+        p.nodes[A].node.status(p.now).sync.is_none(),
+        "quiet clients: the rest went unpaced"
+    );
+    p.assert_same("after the yielding resync");
 }

@@ -192,16 +192,18 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::TransferLogIgnored => "transfer-log-ignored",
         Mutation::PromoteOutdated => "promote-outdated",
         Mutation::BitClearedBeforeTargetFlush => "bit-cleared-before-target-flush",
+        Mutation::WriteBeforeAlEntryDurable => "write-before-al-entry-durable",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 5] = [
+pub const MUTATIONS: [Mutation; 6] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
     Mutation::PromoteOutdated,
     Mutation::BitClearedBeforeTargetFlush,
+    Mutation::WriteBeforeAlEntryDurable,
 ];
 
 /// The mutation with this command-line name.

@@ -101,6 +101,12 @@ pub struct Profile {
     /// The sync rate limit (a simulated volume of 32 KiB takes 125 ms at
     /// 256 KiB/s: the pacing timer runs, the liveness phase still ends).
     pub sync_rate_bytes_per_sec: Option<u64>,
+    /// Bytes per activity-log extent (2 to 8 blocks: several extents in the
+    /// simulated volume).
+    pub al_extent_bytes: u64,
+    /// Extents the activity log holds (small: eviction and a full log are
+    /// common).
+    pub al_extents: usize,
     /// Concurrent clients.
     pub clients: usize,
     /// Requests in flight per client, at most.
@@ -133,7 +139,7 @@ impl Profile {
         if faults.iter().all(|w| *w == 0) {
             faults[0] = 1;
         }
-        Profile {
+        let mut p = Profile {
             blocks,
             hot_blocks: rng.between(2, (blocks / 2) as u64) as usize,
             sync_chunk_blocks: [1, 4, 8][rng.below(3) as usize],
@@ -167,7 +173,15 @@ impl Profile {
             ],
             faults,
             chaos_mean_us: [100_000, 300_000, 800_000, 2_000_000][rng.below(4) as usize],
-        }
+            al_extent_bytes: 0,
+            al_extents: 0,
+        };
+        // The activity log's shape is derived from what was drawn rather than
+        // drawn itself, so that every seed keeps the run it had before the
+        // log existed (the regression seeds replay what they found).
+        p.al_extent_bytes = [1024, 2048, 4096][(p.hot_blocks + p.clients) % 3];
+        p.al_extents = [2, 3, 4, 8][(p.sync_window + p.max_depth as usize) % 4];
+        p
     }
 
     /// The pause before the next action.

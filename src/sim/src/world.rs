@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use pairbd_repl_core::bitmap::{bitmap_area_bytes, BITMAP_PAGE_BYTES};
 use pairbd_repl_core::{
-    AdminCommand, AdminId, BitmapPage, ClientOp, Config, ConnectionState, DiskOp, DiskOpId,
-    DiskResult, DiskState, Message, MetaWriteId, Node, Output, PersistentState, ReplyError,
-    RequestId, Role, Status,
+    ActivityLogImage, AdminCommand, AdminId, BitmapPage, ClientOp, Config, ConnectionState, DiskOp,
+    DiskOpId, DiskResult, DiskState, Message, MetaWriteId, Node, Output, PersistentState,
+    ReplyError, RequestId, Role, Status,
 };
 
 use crate::checker::{Checker, ReadSnapshot, Violation};
@@ -132,7 +132,14 @@ pub struct SimNode {
     pub meta: PersistentState,
     /// The dirty bitmap area as it is on disk.
     pub bitmap_image: Vec<u8>,
-    pub meta_pending: Option<(MetaWriteId, PersistentState, Vec<BitmapPage>)>,
+    /// The activity log as the metadata slot holds it.
+    pub al_image: ActivityLogImage,
+    pub meta_pending: Option<(
+        MetaWriteId,
+        PersistentState,
+        Vec<BitmapPage>,
+        ActivityLogImage,
+    )>,
     pub disk_pending: BTreeMap<u64, PendingDisk>,
     pub armed: Option<u64>,
     pub fail_next_write: bool,
@@ -184,6 +191,7 @@ impl SimNode {
                 bitmap_area_bytes((blocks * BLOCK_BYTES) as u64, BITMAP_GRANULARITY)
                     as usize
             ],
+            al_image: ActivityLogImage::default(),
             meta_pending: None,
             disk_pending: BTreeMap::new(),
             armed: None,
@@ -544,8 +552,13 @@ impl Sim {
     fn route(&mut self, n: usize, out: Output<Vec<u8>>) {
         match out {
             Output::Disk { id, op } => self.submit_disk(n, id, op),
-            Output::WriteMeta { id, state, bitmap } => {
-                self.nodes[n].meta_pending = Some((id, state, bitmap));
+            Output::WriteMeta {
+                id,
+                state,
+                bitmap,
+                activity_log,
+            } => {
+                self.nodes[n].meta_pending = Some((id, state, bitmap, activity_log));
                 let at = self.now + self.rng.between(50, 2_000);
                 let inc = self.nodes[n].inc;
                 self.schedule(at, Event::MetaDone { node: n, inc, id });
@@ -665,8 +678,9 @@ impl Sim {
             return;
         }
         match self.nodes[n].meta_pending.take() {
-            Some((pending, state, pages)) if pending == id => {
+            Some((pending, state, pages, al)) if pending == id => {
                 self.nodes[n].write_bitmap_pages(&pages);
+                self.nodes[n].al_image = al;
                 // A Secondary becomes UpToDate only at the end of a full sync:
                 // the sync is over, whether or not the source hears of it.
                 let synced = self.nodes[n].meta.disk != DiskState::UpToDate
@@ -703,6 +717,9 @@ impl Sim {
             bitmap_granularity_bytes: BITMAP_GRANULARITY,
             after_split_brain: self.profile.after_split_brain,
             sync_rate_bytes_per_sec: self.profile.sync_rate_bytes_per_sec,
+            sync_rate_min_bytes_per_sec: None,
+            al_extent_bytes: self.profile.al_extent_bytes,
+            al_extents: self.profile.al_extents,
         }
     }
 
@@ -711,9 +728,21 @@ impl Sim {
         if self.nodes[n].up() {
             return;
         }
+        // A node that stopped as Primary makes what its store holds (the
+        // page cache survives a killed process) durable before it starts, as
+        // the daemon does: its activity log says where the data may differ
+        // from the peer's, and a resync from this store must not copy data
+        // that a power cut of this node could still take back.
+        if self.nodes[n].meta.role == Role::Primary {
+            self.nodes[n].store.flush_all();
+        }
         let cfg = self.config(n);
         let mut core = Node::new(cfg, self.nodes[n].meta, self.instant());
-        core.restore_bitmap(BITMAP_GRANULARITY, &self.nodes[n].bitmap_image);
+        core.restore_metadata(
+            BITMAP_GRANULARITY,
+            &self.nodes[n].bitmap_image,
+            &self.nodes[n].al_image,
+        );
         core.set_mutation(self.opts.mutation);
         let node = &mut self.nodes[n];
         node.core = Some(core);
@@ -763,7 +792,7 @@ impl Sim {
             self.apply_disk(n, p);
         }
         let node = &mut self.nodes[n];
-        if let Some((_, state, pages)) = meta {
+        if let Some((_, state, pages, al)) = meta {
             // The bitmap pages go first (durably), then the slot, which is
             // atomic (two slots): pages and slot, the pages alone (some of
             // them, one torn), or nothing.
@@ -771,6 +800,7 @@ impl Sim {
                 0 | 1 => {
                     node.write_bitmap_pages(&pages);
                     node.meta = state;
+                    node.al_image = al;
                 }
                 2 => node.tear_bitmap_pages(&pages, &mut rng),
                 _ => {}

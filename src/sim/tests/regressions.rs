@@ -10,6 +10,21 @@ use pairbd_sim::{run_seed, Options};
 /// (seed, the bug it found — what breaks with the fix reverted).
 const FOUND: &[(u64, &str)] = &[
     (
+        3061,
+        "liveness: with the activity log full, a steady stream of writes to its hot extents \
+         starved a write to a cold one, and the sync chunk waiting behind it",
+    ),
+    (
+        4917,
+        "split brain: a demotion dropped a sync whose SyncDone was out but unacknowledged \
+         without rejoining the peer's line; a later write did not begin a generation",
+    ),
+    (
+        2623,
+        "liveness: a rate-limited sync chunk whose turn came while another input moved the \
+         core's clock on was never timed",
+    ),
+    (
         3283,
         "liveness: a demotion without --force under suspend-io waited forever for its own \
          flush of both stores, held by the suspension",

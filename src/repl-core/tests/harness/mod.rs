@@ -13,14 +13,20 @@ use std::time::{Duration, Instant};
 
 use pairbd_repl_core::bitmap::{bitmap_area_bytes, BITMAP_PAGE_BYTES};
 use pairbd_repl_core::{
-    AdminCommand, AdminId, AfterCrash, BitmapPage, ClientOp, Config, DiskOp, DiskOpId, DiskResult,
-    Message, MetaWriteId, Node, OnPeerLoss, Output, PersistentState, ReplyError, RequestId,
+    ActivityLogImage, AdminCommand, AdminId, AfterCrash, BitmapPage, ClientOp, Config, DiskOp,
+    DiskOpId, DiskResult, Message, MetaWriteId, Node, OnPeerLoss, Output, PersistentState,
+    ReplyError, RequestId,
 };
 
 /// The harness's bitmap granularity (bytes per bit).
 pub const GRANULARITY: u64 = 4096;
 
 pub const SIZE: u64 = 1 << 20;
+
+/// The harness's activity-log extent (16 extents in the volume) and
+/// capacity (half of them: eviction happens in ordinary tests).
+pub const AL_EXTENT: u64 = 64 * 1024;
+pub const AL_EXTENTS: usize = 8;
 
 /// A tiny deterministic generator (xorshift64*), so tests need no crate.
 pub struct Rng(u64);
@@ -53,8 +59,17 @@ pub struct Sim {
     pub meta: PersistentState,
     /// The bitmap area as the metadata holds it.
     pub bitmap_image: Vec<u8>,
+    /// The activity log as the metadata holds it.
+    pub al_image: ActivityLogImage,
+    /// Metadata writes completed (for cost figures).
+    pub meta_writes: u64,
     pub disk_queue: Vec<(DiskOpId, DiskOp<Vec<u8>>)>,
-    pub meta_queue: VecDeque<(MetaWriteId, PersistentState, Vec<BitmapPage>)>,
+    pub meta_queue: VecDeque<(
+        MetaWriteId,
+        PersistentState,
+        Vec<BitmapPage>,
+        ActivityLogImage,
+    )>,
     pub inbox: VecDeque<Message<Vec<u8>>>,
     pub replies: BTreeMap<RequestId, Result<(), ReplyError>>,
     pub admin: BTreeMap<AdminId, Result<String, String>>,
@@ -67,6 +82,11 @@ pub struct Pair {
     pub nodes: [Sim; 2],
     pub link_up: bool,
     pub disconnects: Vec<String>,
+    /// `client` completes at once the metadata writes a request caused that
+    /// change nothing but the activity log (so tests that step a write by
+    /// hand see its disk operation right away). Activity-log tests turn it
+    /// off.
+    pub auto_al: bool,
     next_req: u64,
     next_admin: u64,
 }
@@ -88,6 +108,9 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         bitmap_granularity_bytes: GRANULARITY,
         after_split_brain: pairbd_repl_core::AfterSplitBrain::Disconnect,
         sync_rate_bytes_per_sec: None,
+        sync_rate_min_bytes_per_sec: None,
+        al_extent_bytes: AL_EXTENT,
+        al_extents: AL_EXTENTS,
     }
 }
 
@@ -107,6 +130,8 @@ impl Sim {
             durable: vec![0; SIZE as usize],
             meta,
             bitmap_image: vec![0; bitmap_area_bytes(SIZE, GRANULARITY) as usize],
+            al_image: ActivityLogImage::default(),
+            meta_writes: 0,
             disk_queue: Vec::new(),
             meta_queue: VecDeque::new(),
             inbox: VecDeque::new(),
@@ -139,6 +164,7 @@ impl Pair {
             ],
             link_up: false,
             disconnects: Vec::new(),
+            auto_al: true,
             next_req: 1,
             next_admin: 1,
         }
@@ -194,6 +220,14 @@ impl Pair {
         self.next_req += 1;
         self.nodes[i].node.handle_client(self.now, id, op);
         self.drain();
+        while self.auto_al
+            && self.nodes[i]
+                .meta_queue
+                .front()
+                .is_some_and(|(_, state, _, _)| *state == self.nodes[i].meta)
+        {
+            self.complete_meta(i);
+        }
         id
     }
 
@@ -244,9 +278,14 @@ impl Pair {
     fn route(&mut self, i: usize, out: Output<Vec<u8>>) {
         match out {
             Output::Disk { id, op } => self.nodes[i].disk_queue.push((id, op)),
-            Output::WriteMeta { id, state, bitmap } => {
-                self.nodes[i].meta_queue.push_back((id, state, bitmap))
-            }
+            Output::WriteMeta {
+                id,
+                state,
+                bitmap,
+                activity_log,
+            } => self.nodes[i]
+                .meta_queue
+                .push_back((id, state, bitmap, activity_log)),
             Output::Send(m) => {
                 if self.link_up {
                     self.nodes[1 - i].inbox.push_back(m);
@@ -313,10 +352,12 @@ impl Pair {
     }
 
     pub fn complete_meta(&mut self, i: usize) {
-        let (id, state, pages) = self.nodes[i]
+        let (id, state, pages, al) = self.nodes[i]
             .meta_queue
             .pop_front()
             .expect("a metadata write");
+        self.nodes[i].al_image = al;
+        self.nodes[i].meta_writes += 1;
         for p in pages {
             let at = p.index as usize * BITMAP_PAGE_BYTES;
             self.nodes[i].bitmap_image[at..at + BITMAP_PAGE_BYTES].copy_from_slice(&p.bytes);
@@ -418,7 +459,8 @@ impl Pair {
         s.inbox.clear();
         s.node = Node::new(cfg.clone(), s.meta, self.now);
         s.cfg = cfg;
-        s.node.restore_bitmap(GRANULARITY, &s.bitmap_image);
+        s.node
+            .restore_metadata(GRANULARITY, &s.bitmap_image, &s.al_image);
         s.failed = None;
     }
 
