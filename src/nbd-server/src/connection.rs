@@ -586,3 +586,307 @@ async fn write_reply<W: AsyncWrite + Unpin>(writer: &mut W, reply: Reply) -> io:
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The transmission phase against an in-memory volume over an in-process pipe:
+    //! pipelined requests, the request limit's backpressure, and replies that back up
+    //! while the client is still sending.
+
+    use std::collections::HashMap;
+
+    use pairbd_nbd_proto::transmission::{decode_simple_reply, encode_request_header};
+    use pairbd_nbd_proto::transmission::{RequestHeader, SIMPLE_REPLY_HEADER_LEN};
+    use tokio::io::DuplexStream;
+
+    use super::*;
+
+    const VOLUME_BYTES: usize = 8 << 20;
+
+    /// An in-memory volume. With `defer`, every read and write returns `Pending` once
+    /// before completing (as a call that waits for a disk or a peer does).
+    struct MemVolume {
+        data: Mutex<Vec<u8>>,
+        defer: bool,
+        flushes: std::sync::atomic::AtomicU64,
+    }
+
+    impl MemVolume {
+        fn new(defer: bool) -> MemVolume {
+            MemVolume {
+                data: Mutex::new(vec![0; VOLUME_BYTES]),
+                defer,
+                flushes: std::sync::atomic::AtomicU64::new(0),
+            }
+        }
+
+        async fn maybe_defer(&self) {
+            if self.defer {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    impl Volume for MemVolume {
+        fn size_bytes(&self) -> u64 {
+            VOLUME_BYTES as u64
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        fn alignment(&self) -> u32 {
+            1
+        }
+        fn description(&self) -> String {
+            "test".into()
+        }
+        async fn read(&self, offset: u64, length: usize) -> Result<AlignedBuf, VolumeError> {
+            self.maybe_defer().await;
+            let data = self.data.lock().expect("lock");
+            let start = offset as usize;
+            Ok(AlignedBuf::from_slice(&data[start..start + length]))
+        }
+        async fn write(
+            &self,
+            offset: u64,
+            payload: AlignedBuf,
+            _fua: bool,
+        ) -> Result<(), VolumeError> {
+            self.maybe_defer().await;
+            let mut data = self.data.lock().expect("lock");
+            let start = offset as usize;
+            data[start..start + payload.len()].copy_from_slice(&payload);
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), VolumeError> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn trim(&self, _offset: u64, _length: u64) -> Result<(), VolumeError> {
+            Ok(())
+        }
+        async fn write_zeroes(
+            &self,
+            _offset: u64,
+            _length: u64,
+            _no_hole: bool,
+            _fast_only: bool,
+        ) -> Result<(), VolumeError> {
+            Ok(())
+        }
+    }
+
+    /// A transmission phase running on one end of a pipe; the test holds the other.
+    struct Harness {
+        client: DuplexStream,
+        volume: Arc<MemVolume>,
+        server: tokio::task::JoinHandle<&'static str>,
+    }
+
+    impl Harness {
+        /// `pipe_bytes` is the buffer of each direction of the pipe.
+        fn start(volume: MemVolume, max_in_flight_requests: usize, pipe_bytes: usize) -> Harness {
+            let (client, server_end) = tokio::io::duplex(pipe_bytes);
+            let volume = Arc::new(volume);
+            let limits = ConnectionLimits {
+                max_in_flight_requests,
+                ..ConnectionLimits::default()
+            };
+            let context = ConnectionContext {
+                id: 1,
+                peer: "test".into(),
+                export_name: String::new(),
+                volume: Arc::clone(&volume),
+                limits: limits.clone(),
+                shutdown: CancellationToken::new(),
+                clients: Clients::default(),
+            };
+            let server = tokio::spawn(async move {
+                let (reader, writer) = tokio::io::split(server_end);
+                let reader = BufReader::with_capacity(256 * 1024, reader);
+                transmit(
+                    &context,
+                    &limits.normalised(),
+                    reader,
+                    writer,
+                    CancellationToken::new(),
+                )
+                .await
+            });
+            Harness {
+                client,
+                volume,
+                server,
+            }
+        }
+
+        /// Reads `count` replies; `read_lengths` names the handles of READs and their
+        /// lengths. Returns the data of each READ by handle, and checks that every reply
+        /// is a success and no handle is answered twice.
+        async fn replies(
+            &mut self,
+            count: usize,
+            read_lengths: &HashMap<u64, usize>,
+        ) -> HashMap<u64, Vec<u8>> {
+            let mut answered = HashMap::new();
+            for _ in 0..count {
+                let mut header = [0u8; SIMPLE_REPLY_HEADER_LEN];
+                self.client
+                    .read_exact(&mut header)
+                    .await
+                    .expect("reply header");
+                let (handle, error) = decode_simple_reply(&header).expect("reply magic");
+                assert_eq!(error, 0, "request {handle} failed");
+                let mut data = vec![0u8; read_lengths.get(&handle).copied().unwrap_or(0)];
+                self.client.read_exact(&mut data).await.expect("read data");
+                assert!(
+                    answered.insert(handle, data).is_none(),
+                    "request {handle} answered twice"
+                );
+            }
+            answered
+        }
+
+        /// Closes the client's side and waits for the server to finish.
+        async fn finish(self) -> &'static str {
+            drop(self.client);
+            self.server.await.expect("transmit task")
+        }
+    }
+
+    fn request(kind: u16, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+        encode_request_header(&RequestHeader {
+            flags: 0,
+            kind,
+            handle,
+            offset,
+            length,
+        })
+        .to_vec()
+    }
+
+    fn pattern(seed: u64, length: usize) -> Vec<u8> {
+        (0..length)
+            .map(|index| (seed as usize * 131 + index * 7 % 251) as u8)
+            .collect()
+    }
+
+    /// 24 writes (every fourth one 128 KiB) and a flush, pipelined in one burst, are
+    /// each answered once; then 24 pipelined reads return what was written.
+    async fn pipelined_writes_then_reads(defer: bool) {
+        let mut harness = Harness::start(MemVolume::new(defer), 256, 4 << 20);
+        let length = |index: u64| if index % 4 == 3 { 128 * 1024 } else { 4096 };
+        let offset = |index: u64| index * 256 * 1024;
+        let mut burst = Vec::new();
+        for index in 0..24u64 {
+            burst.extend(request(
+                consts::NBD_CMD_WRITE,
+                index,
+                offset(index),
+                length(index),
+            ));
+            burst.extend(pattern(index, length(index) as usize));
+        }
+        burst.extend(request(consts::NBD_CMD_FLUSH, 100, 0, 0));
+        harness.client.write_all(&burst).await.expect("send writes");
+        harness.replies(25, &HashMap::new()).await;
+        assert_eq!(harness.volume.flushes.load(Ordering::SeqCst), 1);
+
+        let mut burst = Vec::new();
+        let mut read_lengths = HashMap::new();
+        for index in 0..24u64 {
+            burst.extend(request(
+                consts::NBD_CMD_READ,
+                1000 + index,
+                offset(index),
+                length(index),
+            ));
+            read_lengths.insert(1000 + index, length(index) as usize);
+        }
+        harness.client.write_all(&burst).await.expect("send reads");
+        let data = harness.replies(24, &read_lengths).await;
+        for index in 0..24u64 {
+            assert!(
+                data[&(1000 + index)] == pattern(index, length(index) as usize),
+                "read {index} did not return what was written"
+            );
+        }
+        assert_eq!(harness.finish().await, "client closed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_requests_are_all_answered() {
+        pipelined_writes_then_reads(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_requests_are_all_answered_when_calls_wait() {
+        pipelined_writes_then_reads(true).await;
+    }
+
+    /// With one request permit, a burst of 64 small writes is still answered: the
+    /// reader waits for each reply to return the permit before it takes the next
+    /// request, and never waits for itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_request_permit_still_serves_a_burst() {
+        let mut harness = Harness::start(MemVolume::new(false), 1, 4 << 20);
+        let mut burst = Vec::new();
+        for index in 0..64u64 {
+            burst.extend(request(consts::NBD_CMD_WRITE, index, index * 4096, 4096));
+            burst.extend(pattern(index, 4096));
+        }
+        harness.client.write_all(&burst).await.expect("send");
+        // A deadlock shows as this bound expiring, not as a hung test run.
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            harness.replies(64, &HashMap::new()),
+        )
+        .await
+        .expect("the 64 writes were not all answered");
+        assert_eq!(harness.finish().await, "client closed");
+    }
+
+    /// A lone request is answered without the client sending anything more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_request_is_answered_without_more_input() {
+        let mut harness = Harness::start(MemVolume::new(false), 256, 4 << 20);
+        let mut burst = request(consts::NBD_CMD_WRITE, 7, 4096, 512);
+        burst.extend(pattern(7, 512));
+        harness.client.write_all(&burst).await.expect("send");
+        let answered =
+            tokio::time::timeout(Duration::from_secs(60), harness.replies(1, &HashMap::new()))
+                .await
+                .expect("the lone write was not answered");
+        assert!(answered.contains_key(&7));
+        assert_eq!(harness.finish().await, "client closed");
+    }
+
+    /// A client that sends all its requests before reading any reply (as the raw test
+    /// client does) over a pipe much smaller than the replies: the reader must keep
+    /// reading while the socket refuses more replies.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_keeps_reading_while_replies_back_up() {
+        let mut harness = Harness::start(MemVolume::new(false), 256, 64 * 1024);
+        let mut burst = Vec::new();
+        let mut read_lengths = HashMap::new();
+        for index in 0..48u64 {
+            let offset = index * 64 * 1024;
+            if index % 2 == 1 {
+                burst.extend(request(consts::NBD_CMD_READ, index, offset, 64 * 1024));
+                read_lengths.insert(index, 64 * 1024);
+            } else {
+                burst.extend(request(consts::NBD_CMD_WRITE, index, offset, 64 * 1024));
+                burst.extend(pattern(index, 64 * 1024));
+            }
+        }
+        // 1.5 MiB of requests and 1.5 MiB of replies through 64 KiB pipes: the send
+        // completes only if the server reads on while its replies wait.
+        tokio::time::timeout(Duration::from_secs(60), harness.client.write_all(&burst))
+            .await
+            .expect("the server stopped reading while its replies backed up")
+            .expect("send");
+        let answered = harness.replies(48, &read_lengths).await;
+        assert_eq!(answered.len(), 48);
+        assert_eq!(harness.finish().await, "client closed");
+    }
+}
