@@ -102,6 +102,20 @@ impl SimStore {
         }
     }
 
+    /// Puts `bytes` at block `b` in the cache and the durable layer at once,
+    /// bypassing the write path (bit rot, or a write that went around the
+    /// replication): its unflushed versions are gone with it.
+    pub fn corrupt(&mut self, b: usize, bytes: &[u8]) {
+        let range = b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES;
+        self.cache[range.clone()].copy_from_slice(bytes);
+        self.durable[range].copy_from_slice(bytes);
+        let v = self.next_version;
+        self.next_version += 1;
+        self.cache_version[b] = v;
+        self.durable_version[b] = v;
+        self.dirty.remove(&b);
+    }
+
     /// What a flush submitted now covers.
     pub fn flush_snapshot(&self) -> FlushSnapshot {
         FlushSnapshot(
