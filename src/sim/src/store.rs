@@ -203,6 +203,21 @@ mod tests {
     }
 
     #[test]
+    fn a_corruption_is_durable_at_once_and_replaces_unflushed_versions() {
+        let mut rng = Rng::new(3);
+        for _ in 0..50 {
+            let mut s = SimStore::new(2);
+            s.write(0, &[1; BLOCK_BYTES], false);
+            s.corrupt(0, &[9; BLOCK_BYTES]);
+            assert_eq!(s.cached(0)[0], 9);
+            assert_eq!(s.durable(0)[0], 9);
+            s.write(0, &[2; BLOCK_BYTES], false);
+            s.lose_cache(&mut rng);
+            assert!(s.cached(0)[0] == 9 || s.cached(0)[0] == 2);
+        }
+    }
+
+    #[test]
     fn fua_is_durable_and_power_loss_never_goes_behind_it() {
         let mut rng = Rng::new(2);
         for _ in 0..100 {
