@@ -66,6 +66,12 @@ pub enum Mutation {
     /// Submit a write to a cold extent once its activity-log entry is
     /// requested, before the metadata write carrying it completed.
     WriteBeforeAlEntryDurable,
+    /// Online verify reads a chunk without taking its extent lock: writes
+    /// in flight can be reported as differences.
+    VerifyIgnoresExtentLock,
+    /// Online verify reports differing blocks but marks none out of sync:
+    /// resync-marked repairs nothing.
+    VerifyMarksNothing,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
@@ -1858,8 +1864,14 @@ impl<P: Payload> Node<P> {
                 differing.push((at, VERIFY_BLOCK_BYTES.min(offset + length - at)));
             }
         }
-        for &(at, len) in &differing {
-            self.mark(at, len);
+        #[cfg(feature = "mutations")]
+        let marks = !self.mutated(Mutation::VerifyMarksNothing);
+        #[cfg(not(feature = "mutations"))]
+        let marks = true;
+        if marks {
+            for &(at, len) in &differing {
+                self.mark(at, len);
+            }
         }
         if let Some(v) = &mut self.verify {
             v.done_bytes += length;
@@ -1908,8 +1920,12 @@ impl<P: Payload> Node<P> {
                 v.next_chunk_at = v.next_chunk_at.max(self.now) + pause;
             }
             let epoch = v.epoch;
+            #[cfg(feature = "mutations")]
+            let locked = !self.mutated(Mutation::VerifyIgnoresExtentLock);
+            #[cfg(not(feature = "mutations"))]
+            let locked = true;
             let id = self.ops.insert(
-                Some(Range::new(offset, length)),
+                locked.then(|| Range::new(offset, length)),
                 Op::VerifyChunk {
                     offset,
                     length,

@@ -79,6 +79,10 @@ pub enum Violation {
     /// Invariant 6.
     #[error("liveness (invariant 6): {0}")]
     Liveness(String),
+    /// Online verify reported a block that nobody corrupted (a write in
+    /// flight, say), or missed one that differs.
+    #[error("online verify: {0}")]
+    Verify(String),
     /// The core stopped although the simulator injected no fault.
     #[error("node {node} fail-stopped without an injected fault: {reason}")]
     CoreFailStop { node: usize, reason: String },
@@ -181,6 +185,12 @@ pub struct Checker {
     flushes: BTreeMap<u64, FlushSnapshot>,
     sync: [Option<SyncSnapshot>; 2],
     verified: Vec<bool>,
+    /// Blocks the simulator corrupted on purpose (the online-verify
+    /// scenario): while a node's block holds exactly that corruption, it is
+    /// no lost write (the fault destroyed it), on either node (a failover
+    /// or a resync may carry it over). The whole-store comparison at the end
+    /// makes no exception: verify and resync-marked must have repaired it.
+    injected: Vec<bool>,
     counts: CheckerCounts,
 }
 
@@ -188,6 +198,7 @@ fn describe(c: Content) -> String {
     match c {
         Content::Zero => "zeroes".into(),
         Content::Write(id) => format!("write #{id}"),
+        Content::Injected => "the simulator's injected corruption".into(),
         Content::Garbage => "bytes no write put there".into(),
     }
 }
@@ -216,6 +227,7 @@ impl Checker {
             flushes: BTreeMap::new(),
             sync: [None, None],
             verified: vec![false],
+            injected: vec![false; blocks],
             counts: CheckerCounts::default(),
         }
     }
@@ -281,8 +293,19 @@ impl Checker {
             Content::Zero => self.log[block][min.min(self.log[block].len())..]
                 .iter()
                 .any(|id| self.writes[*id as usize].zero),
+            Content::Injected => self.injected[block],
             Content::Garbage => false,
         }
+    }
+
+    /// Whether the simulator corrupted `block` (on either node) in this run.
+    pub fn was_corrupted(&self, block: usize) -> bool {
+        self.injected[block]
+    }
+
+    /// The simulator corrupts `block` on a node's store on purpose.
+    pub fn corrupted(&mut self, block: usize) {
+        self.injected[block] = true;
     }
 
     /// The list position of what a block holds (for a reset).
@@ -293,7 +316,7 @@ impl Checker {
                 .get(id as usize)
                 .and_then(|w| w.position(block))
                 .unwrap_or(0),
-            Content::Zero | Content::Garbage => self.log[block]
+            Content::Zero | Content::Injected | Content::Garbage => self.log[block]
                 .iter()
                 .rposition(|id| self.writes[*id as usize].zero)
                 .unwrap_or(0),

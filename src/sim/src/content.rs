@@ -18,8 +18,27 @@ pub enum Content {
     Zero,
     /// The block as write `id` wrote it.
     Write(u64),
+    /// The simulator's deliberate corruption of this block (bit rot, or a
+    /// write that bypassed replication: the online-verify scenario).
+    Injected,
     /// Bytes that no write put at this block.
     Garbage,
+}
+
+/// The first word of an injected corruption: no write id (they count up
+/// from 1) comes near it.
+const INJECTED_MAGIC: u64 = 0xBAD0_B10C_0000_0000;
+
+/// The bytes the simulator's corruption puts at `block`: recognisable (so
+/// the checkers tell it from a lost write) and unlike any write's.
+pub fn corruption(block: u64) -> Vec<u8> {
+    let mut out = vec![0u8; BLOCK_BYTES];
+    out[0..8].copy_from_slice(&INJECTED_MAGIC.to_le_bytes());
+    out[8..16].copy_from_slice(&block.to_le_bytes());
+    for (i, chunk) in out[HEADER_BYTES..].chunks_exact_mut(8).enumerate() {
+        chunk.copy_from_slice(&pattern_word(INJECTED_MAGIC, block, i).to_le_bytes());
+    }
+    out
 }
 
 fn pattern_word(write_id: u64, block: u64, i: usize) -> u64 {
@@ -67,6 +86,13 @@ pub fn decode(bytes: &[u8], block: u64) -> Content {
     if word(8) != block {
         return Content::Garbage;
     }
+    if write_id == INJECTED_MAGIC {
+        return if bytes == corruption(block) {
+            Content::Injected
+        } else {
+            Content::Garbage
+        };
+    }
     let pattern_ok = bytes[HEADER_BYTES..]
         .chunks_exact(8)
         .enumerate()
@@ -91,5 +117,7 @@ mod tests {
         torn[300] ^= 1;
         assert_eq!(decode(&torn, 7), Content::Garbage);
         assert_eq!(decode(&[0; BLOCK_BYTES], 7), Content::Zero);
+        assert_eq!(decode(&corruption(7), 7), Content::Injected);
+        assert_eq!(decode(&corruption(7), 8), Content::Garbage, "misplaced");
     }
 }

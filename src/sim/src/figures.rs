@@ -66,6 +66,20 @@ pub struct Figures {
     /// ... of which the pair was in service (a Primary serving, connected to
     /// an UpToDate Secondary).
     pub samples_in_service: u64,
+    /// Online verifies that ran to the end (scenario and repair).
+    pub verifies: u64,
+    /// 4 KiB blocks the simulator corrupted on a Secondary's store.
+    pub blocks_corrupted: u64,
+    /// 4 KiB blocks the verifies reported as differing.
+    pub blocks_found: u64,
+    /// Corrupted 4 KiB blocks with no corrupted byte left on either store at
+    /// the end of the run (resynced, or overwritten by a client).
+    pub blocks_repaired: u64,
+    /// Corrupted 4 KiB blocks that ended on both stores (the corrupted node
+    /// became the Primary first, and the resync carried its blocks over).
+    pub blocks_carried_over: u64,
+    /// Verifies that reported a block nobody corrupted, or missed one.
+    pub verify_violations: u64,
     /// Acknowledged writes found missing.
     pub lost: u64,
     /// Blocks that differed while the pair said it was in sync.
@@ -125,7 +139,13 @@ impl Figures {
             divergent_blocks,
             undetected_split_brains,
             unsafe_promotions,
-            liveness_timeouts
+            liveness_timeouts,
+            verifies,
+            blocks_corrupted,
+            blocks_found,
+            blocks_repaired,
+            blocks_carried_over,
+            verify_violations
         );
     }
 }
@@ -172,17 +192,27 @@ impl fmt::Display for Figures {
         )?;
         writeln!(
             f,
+            "online verifies {}, 4 KiB blocks corrupted {}, found {}, repaired {} (carried over to both stores {})",
+            self.verifies,
+            self.blocks_corrupted,
+            self.blocks_found,
+            self.blocks_repaired,
+            self.blocks_carried_over
+        )?;
+        writeln!(
+            f,
             "in service at {:.0}% of the safety phase's samples",
             self.samples_in_service as f64 * 100.0 / self.samples.max(1) as f64
         )?;
         write!(
             f,
-            "lost {}, divergent blocks {}, undetected split brains {}, unsafe promotions {}, liveness timeouts {}",
+            "lost {}, divergent blocks {}, undetected split brains {}, unsafe promotions {}, liveness timeouts {}, wrong verify reports {}",
             self.lost,
             self.divergent_blocks,
             self.undetected_split_brains,
             self.unsafe_promotions,
-            self.liveness_timeouts
+            self.liveness_timeouts,
+            self.verify_violations
         )
     }
 }

@@ -22,6 +22,7 @@ pub mod net;
 mod operator;
 pub mod rng;
 pub mod store;
+mod verify;
 mod workload;
 pub mod world;
 
@@ -46,6 +47,10 @@ pub struct Options {
     pub liveness_ms: u64,
     /// A run that needs more events than this is stuck.
     pub max_events: u64,
+    /// Whether the online-verify scenario may run (in the profiles that
+    /// draw it). Off, every seed replays the run it had before the scenario
+    /// existed (the regression seeds do).
+    pub verify_scenario: bool,
 }
 
 impl Options {
@@ -59,6 +64,7 @@ impl Options {
             safety_ms: 5_000,
             liveness_ms: 60_000,
             max_events: 3_000_000,
+            verify_scenario: true,
         }
     }
 }
@@ -114,6 +120,7 @@ pub fn run_seed(opts: Options) -> Outcome {
             Violation::UndetectedSplitBrain(_) => figures.undetected_split_brains += 1,
             Violation::UnsafePromotion { .. } => figures.unsafe_promotions += 1,
             Violation::Liveness(_) => figures.liveness_timeouts += 1,
+            Violation::Verify(_) => figures.verify_violations += 1,
             Violation::CoreFailStop { .. } | Violation::Panic(_) | Violation::Contract(_) => {}
         }
     }
@@ -193,17 +200,21 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::PromoteOutdated => "promote-outdated",
         Mutation::BitClearedBeforeTargetFlush => "bit-cleared-before-target-flush",
         Mutation::WriteBeforeAlEntryDurable => "write-before-al-entry-durable",
+        Mutation::VerifyIgnoresExtentLock => "verify-ignores-extent-lock",
+        Mutation::VerifyMarksNothing => "verify-marks-nothing",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 6] = [
+pub const MUTATIONS: [Mutation; 8] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
     Mutation::PromoteOutdated,
     Mutation::BitClearedBeforeTargetFlush,
     Mutation::WriteBeforeAlEntryDurable,
+    Mutation::VerifyIgnoresExtentLock,
+    Mutation::VerifyMarksNothing,
 ];
 
 /// The mutation with this command-line name.

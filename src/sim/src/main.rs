@@ -4,6 +4,7 @@
 //! ```text
 //! pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all]
 //!            [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure]
+//!            [--no-verify-scenario]
 //! ```
 //!
 //! Exits 1 if any seed broke an invariant (0 with `--expect-failure` if
@@ -23,6 +24,7 @@ struct Args {
     stop_on_failure: bool,
     expect_failure: bool,
     jobs: usize,
+    no_verify_scenario: bool,
 }
 
 fn usage() -> String {
@@ -32,7 +34,7 @@ fn usage() -> String {
         .collect();
     format!(
         "usage: pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all] \
-         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure]\nmutations: {}",
+         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario]\nmutations: {}",
         names.join(", ")
     )
 }
@@ -53,6 +55,7 @@ fn parse() -> Result<Args, String> {
         safety_ms: None,
         stop_on_failure: false,
         expect_failure: false,
+        no_verify_scenario: false,
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let mut it = std::env::args().skip(1);
@@ -82,6 +85,7 @@ fn parse() -> Result<Args, String> {
             "--stop-on-failure" => a.stop_on_failure = true,
             "--jobs" => a.jobs = parse_u64("--jobs", it.next())?.max(1) as usize,
             "--expect-failure" => a.expect_failure = true,
+            "--no-verify-scenario" => a.no_verify_scenario = true,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         opts.mutation = args.mutation;
         opts.trace = args.trace;
         opts.trace_all = args.trace_all;
+        opts.verify_scenario = !args.no_verify_scenario;
         if let Some(ms) = args.safety_ms {
             opts.safety_ms = ms;
         }

@@ -13,6 +13,7 @@
 use pairbd_repl_core::{AdminCommand, ConnectionState, DiskState, PersistentState, Role};
 
 use crate::checker::Violation;
+use crate::verify::VerifyTask;
 use crate::workload::{Action, ACTIONS};
 use crate::world::{Death, Event, Phase, Sim, NAMES};
 
@@ -47,6 +48,8 @@ pub enum Task {
     },
     /// One admin command, waiting for its answer.
     Single { admin: u64, since: u64 },
+    /// Online verify on the Primary, then resync-marked (`verify.rs`).
+    Verify(VerifyTask),
 }
 
 impl Task {
@@ -134,6 +137,7 @@ impl Sim {
                 admin,
                 since,
             } => self.clean_restart(node, step, admin, since),
+            Task::Verify(t) => self.verify_step(t),
         }
     }
 
@@ -542,6 +546,10 @@ impl Sim {
             }
             return;
         }
+        // Corruption a verify has not repaired yet: verify again first.
+        if self.repair_leftover_corruption() {
+            return;
+        }
         // At rest and in service: the whole stores must be identical.
         self.checkpoint();
         if self.violation.is_some() {
@@ -571,6 +579,7 @@ impl Sim {
                 );
             }
         } else {
+            self.count_repaired();
             self.phase = Phase::Done;
         }
     }

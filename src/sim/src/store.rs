@@ -102,6 +102,20 @@ impl SimStore {
         }
     }
 
+    /// Puts `bytes` at block `b` in the cache and the durable layer at once,
+    /// bypassing the write path (bit rot, or a write that went around the
+    /// replication): its unflushed versions are gone with it.
+    pub fn corrupt(&mut self, b: usize, bytes: &[u8]) {
+        let range = b * BLOCK_BYTES..(b + 1) * BLOCK_BYTES;
+        self.cache[range.clone()].copy_from_slice(bytes);
+        self.durable[range].copy_from_slice(bytes);
+        let v = self.next_version;
+        self.next_version += 1;
+        self.cache_version[b] = v;
+        self.durable_version[b] = v;
+        self.dirty.remove(&b);
+    }
+
     /// What a flush submitted now covers.
     pub fn flush_snapshot(&self) -> FlushSnapshot {
         FlushSnapshot(
@@ -186,6 +200,21 @@ mod tests {
         s.lose_cache(&mut rng);
         assert!(s.cached(0)[0] == 1 || s.cached(0)[0] == 2);
         assert_eq!(s.cached(0), s.durable(0));
+    }
+
+    #[test]
+    fn a_corruption_is_durable_at_once_and_replaces_unflushed_versions() {
+        let mut rng = Rng::new(3);
+        for _ in 0..50 {
+            let mut s = SimStore::new(2);
+            s.write(0, &[1; BLOCK_BYTES], false);
+            s.corrupt(0, &[9; BLOCK_BYTES]);
+            assert_eq!(s.cached(0)[0], 9);
+            assert_eq!(s.durable(0)[0], 9);
+            s.write(0, &[2; BLOCK_BYTES], false);
+            s.lose_cache(&mut rng);
+            assert!(s.cached(0)[0] == 9 || s.cached(0)[0] == 2);
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use pairbd_repl_core::{
 };
 
 use crate::checker::{Checker, ReadSnapshot, Violation};
-use crate::content::BLOCK_BYTES;
+use crate::content::{decode, Content, BLOCK_BYTES};
 use crate::figures::Figures;
 use crate::net::Net;
 use crate::operator::Task;
@@ -31,6 +31,9 @@ use crate::Options;
 
 /// The nodes' names (node 0 has the lower id and dials).
 pub const NAMES: [&str; 2] = ["alpha", "beta"];
+
+/// Mixed into the seed for the online-verify scenario's random stream.
+const VERIFY_STREAM: u64 = 0x7E21_F1ED_0B5E_55ED;
 
 /// QUIC's idle timeout, the daemon's default ping-timeout.
 pub const PING_TIMEOUT_US: u64 = 1_000_000;
@@ -58,6 +61,8 @@ pub enum Death {
 /// Something scheduled.
 #[derive(Debug, Clone)]
 pub enum Event {
+    /// The online-verify scenario's turn (its own random stream).
+    VerifyScenario,
     DiskDone {
         node: usize,
         inc: u64,
@@ -281,6 +286,15 @@ pub struct Sim {
     pub final_power_cut_done: bool,
     /// Clients issue nothing until then (a quiet spell).
     pub lull_until: u64,
+    /// The online-verify scenario's own random stream: seeds whose profile
+    /// leaves the scenario out replay the runs they had before it existed.
+    pub verify_rng: Rng,
+    /// Whether this seed runs the online-verify scenario.
+    pub verify_scenario: bool,
+    /// Verifies the settle phase ran to repair corruption still present.
+    pub repair_verifies: u32,
+    /// The 4 KiB blocks corrupted in this run, one entry per corruption.
+    pub corrupted: Vec<u64>,
 }
 
 impl Sim {
@@ -296,6 +310,8 @@ impl Sim {
         let clients = (0..profile.clients)
             .map(|i| Client::new(i, rng.between(1, profile.max_depth)))
             .collect();
+        let mut verify_rng = Rng::new(opts.seed ^ VERIFY_STREAM);
+        let verify_scenario = verify_rng.percent(40) && opts.verify_scenario;
         Sim {
             profile,
             rng,
@@ -321,6 +337,10 @@ impl Sim {
             trace: Vec::new(),
             final_power_cut_done: false,
             lull_until: 0,
+            verify_rng,
+            verify_scenario,
+            repair_verifies: 0,
+            corrupted: Vec::new(),
             opts,
         }
     }
@@ -410,7 +430,12 @@ impl Sim {
                 break;
             };
             self.now = at;
-            self.figures.events += 1;
+            // The verify scenario's ticks are not counted, so that the
+            // checks' cadence (every 64 events) stays that of the runs
+            // before the scenario existed.
+            if !matches!(event, Event::VerifyScenario) {
+                self.figures.events += 1;
+            }
             if self.figures.events > max_events {
                 self.fail(Violation::Liveness(format!(
                     "more than {max_events} events: the run does not end"
@@ -442,6 +467,10 @@ impl Sim {
         let first_chaos = self.profile.chaos_gap_us(&mut self.rng) + 500_000;
         self.schedule(first_chaos, Event::Chaos);
         self.schedule(1_000_000, Event::Manage);
+        if self.verify_scenario {
+            let first = 800_000 + self.verify_rng.between(0, 2_000_000);
+            self.schedule(first, Event::VerifyScenario);
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -478,6 +507,7 @@ impl Sim {
             Event::Chaos => self.chaos(),
             Event::OperatorStep => self.operator_step(),
             Event::Manage => self.manage_tick(),
+            Event::VerifyScenario => self.verify_scenario(),
         }
     }
 
@@ -1270,9 +1300,19 @@ impl Sim {
                 busy[b] |= writing;
             }
         }
+        // Corruption the simulator injected is no divergence until the final
+        // comparison: verify and resync-marked must have repaired it by then.
+        let injected = |blk: usize| {
+            !whole
+                && (0..2).any(|n| {
+                    decode(self.nodes[n].store.cached(blk), blk as u64) == Content::Injected
+                })
+        };
         let differ: Vec<usize> = (0..self.profile.blocks)
             .filter(|&blk| {
-                !busy[blk] && self.nodes[0].store.cached(blk) != self.nodes[1].store.cached(blk)
+                !busy[blk]
+                    && self.nodes[0].store.cached(blk) != self.nodes[1].store.cached(blk)
+                    && !injected(blk)
             })
             .collect();
         if let Some(&first) = differ.first() {

@@ -170,3 +170,25 @@ fn writing_before_the_activity_log_entry_is_durable_is_caught() {
         "caught, but not as divergence or loss: {v}"
     );
 }
+
+#[test]
+fn a_verify_that_ignores_the_extent_lock_is_caught() {
+    // Seed 24 catches it today: a write in flight during the verify's read
+    // of its chunk is reported as a difference in a block nobody corrupted.
+    let (_, v) = first_catch(Mutation::VerifyIgnoresExtentLock);
+    assert!(
+        matches!(v, Violation::Verify(_)),
+        "caught, but not as a wrong verify report: {v}"
+    );
+}
+
+#[test]
+fn a_verify_that_marks_nothing_is_caught() {
+    // Seed 22 catches it today: resync-marked repairs nothing, and the
+    // corruption is still on one store at the final comparison.
+    let (_, v) = first_catch(Mutation::VerifyMarksNothing);
+    assert!(
+        matches!(v, Violation::Divergence { .. }),
+        "caught, but not as a divergence at the end: {v}"
+    );
+}
