@@ -60,8 +60,10 @@ pub type Msg = Message<SharedBuf>;
 /// keeps producing; then the link is dropped instead of the queue growing.
 pub const LINK_QUEUE_MESSAGES: usize = 65536;
 
-/// The largest plain write the driver tries on its own thread (see `drive`).
-const INLINE_WRITE_BYTES: usize = 64 << 10;
+/// The largest plain write the driver tries on its own thread (see `drive`):
+/// the store's own bound for a write it does on the caller's thread without
+/// `block_in_place`, so an inline write never blocks under the core's lock.
+const INLINE_WRITE_BYTES: usize = pairbd_store::SMALL_WRITE_BYTES;
 
 /// Whether `op` is a small plain write the store does on the caller's thread.
 fn inline_write(op: &DiskOp<SharedBuf>) -> bool {

@@ -40,6 +40,7 @@ pub use config::{
 pub use error::StoreError;
 #[doc(hidden)]
 pub use fault::FaultPoint;
+pub use nowait::SMALL_WRITE_BYTES;
 pub use store::{Store, ZERO_CHUNK_BYTES};
 #[doc(hidden)]
 pub use volatile::PowerCutReport;

@@ -19,7 +19,7 @@ use rustix::io::{preadv2, Errno, ReadWriteFlags};
 
 /// Writes up to this size are a copy of a few microseconds: done right here. Larger ones
 /// (up to `inline_sync_max_bytes`) go through [`blocking`].
-pub(crate) const SMALL_WRITE_BYTES: usize = 64 * 1024;
+pub const SMALL_WRITE_BYTES: usize = 64 * 1024;
 
 /// Writes all of `data` at `offset` on this thread (a small buffered write: a copy
 /// into the page cache), with the pool engine's loop (short writes, bounded EINTR
