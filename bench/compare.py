@@ -361,7 +361,8 @@ class PairbdTarget(NbdServerTarget):
 
     def commands(self):
         return [("pairbd", [self.args.pairbd, "serve", "--backing", self.backing,
-                            "--listen", f"unix:{self.sock}", "--export", EXPORT])]
+                            "--listen", f"unix:{self.sock}", "--export", EXPORT,
+                            *(getattr(self.args, "serve_arg", None) or [])])]
 
 
 class PairbdPoolTarget(PairbdTarget):
@@ -449,6 +450,16 @@ class PairCluster:
         except ValueError:
             return None
 
+    def counters(self, node):
+        """The status counters the report uses (flushes asked of the node's
+        store, fdatasyncs that served them, metadata writes), or None."""
+        st = self.status(node)
+        if not st or "flushes" not in st:
+            return None
+        return {"flushes": st["flushes"]["requested"],
+                "fdatasyncs": st["flushes"]["fdatasyncs"],
+                "meta_writes": st.get("meta_writes", 0)}
+
     def write_config(self):
         os.makedirs(self.dir, exist_ok=True)
         for node in ("alpha", "beta"):
@@ -467,6 +478,8 @@ class PairCluster:
         # refuses clients anyway). Everything else is the daemon's defaults.
         text = (f"# written by bench/compare.py\n[resource.{EXPORT}]\n"
                 f"size = {self.args.size_bytes}\n")
+        for opt in getattr(self.args, "pair_option", None) or []:
+            text += opt + "\n"
         listen = {"alpha": f'["unix:{self.sock}"]', "beta": "[]"}
         for i, node in enumerate(("alpha", "beta")):
             text += (f"\n[resource.{EXPORT}.node.{node}]\nid = {i + 1}\n"
@@ -638,6 +651,7 @@ class PairTarget(PairbdTarget):
                                      f"stopped: {json.dumps(st)}")
                 time.sleep(0.05)
         self.bring_up_record = rec
+        self.counters_at_start = {n: self.cluster.counters(n) for n in self.nodes_running()}
         if rec["alpha_resynced_bytes"] or rec["beta_resynced_bytes"]:
             log(f"{self.name}: this start resynced alpha->beta "
                 f"{rec['alpha_resynced_bytes'] / MIB:.1f} MiB, beta->alpha "
@@ -646,6 +660,9 @@ class PairTarget(PairbdTarget):
         check_export_size(self.name, self.uri(), self.args.size_bytes, self.args.start_timeout)
         return {"NBD_URI": self.uri()}
 
+    def nodes_running(self):
+        return [label for label, proc, _ in self.procs if not exited(proc)]
+
     def stop(self):
         stats = {}
         for label, proc, _ in self.procs:
@@ -653,6 +670,13 @@ class PairTarget(PairbdTarget):
                 hwm = read_status_kib(proc.pid, "VmHWM")
                 if hwm is not None:
                     stats[f"{label}_vmhwm_kib"] = hwm
+        # What the run (ramp included) cost each node in flushes, fdatasyncs
+        # and metadata writes: the status counters' growth since the start.
+        for label, before in (getattr(self, "counters_at_start", None) or {}).items():
+            after = self.cluster.counters(label) if label in self.nodes_running() else None
+            if before and after:
+                stats[f"{label}_counters"] = {k: after[k] - before[k] for k in after}
+        self.counters_at_start = None
         for label, code in stop_daemons(self.procs).items():
             stats[f"{label}_exit"] = code
         if self.bring_up_record is not None:
@@ -1362,6 +1386,37 @@ def resources_section(results, names, jobs):
             "peak MiB |", "|---|---|---|--:|--:|---|"] + rows + [""]
 
 
+def counters_section(results, names, jobs):
+    """Group commit and metadata writes on the pair's nodes, from their status
+    counters (growth over a run, ramp included)."""
+    rows = []
+    for job in jobs:
+        for t in names:
+            rs = [r for r in results if r["job"] == job.name and r["target"] == t]
+            for node in ("alpha", "beta"):
+                cs = [r["server"][f"{node}_counters"] for r in rs
+                      if f"{node}_counters" in r.get("server", {})]
+                if not cs:
+                    continue
+                fl = statistics.median(c["flushes"] for c in cs)
+                fd = statistics.median(c["fdatasyncs"] for c in cs)
+                mw = statistics.median(c["meta_writes"] for c in cs)
+                per = [c["fdatasyncs"] / c["flushes"] for c in cs if c["flushes"]]
+                rows.append(f"| ({job.letter}) {job.name} | {t} | {node} | {len(cs)} | "
+                            f"{fl:,.0f} | {fd:,.0f} | {fmt_ratio(per)} | {mw:,.0f} |")
+    if not rows:
+        return []
+    return ["## Pair nodes: group commit and metadata writes", "",
+            "From each node's `pairbd status --json` counters, their growth over a run (ramp "
+            "included), median over rounds: flushes asked of the node's store (client FLUSHes "
+            "on alpha, alpha's on beta, the core's own), the fdatasyncs that served them "
+            "(fewer when flushes arriving during an fdatasync shared the next one: group "
+            "commit), and metadata writes (activity-log entries, bitmap pages).", "",
+            "| job | target | node | runs | flushes | fdatasyncs | fdatasyncs per flush "
+            "(median, min–max) | metadata writes |",
+            "|---|---|---|--:|--:|--:|--:|--:|"] + rows + [""]
+
+
 def starts_section(meta, results):
     pair = meta.get("pair")
     if not pair:
@@ -1647,6 +1702,7 @@ def build_summary(args, meta, results, targets, jobs, complete):
                      f"{max(v) / 1024:.1f} |")
         L.append("")
     L += resources_section(results, names, jobs)
+    L += counters_section(results, names, jobs)
     L += starts_section(meta, results)
     L.append("Raw fio JSON per run: `<job>__<target>__r<round>.json` in this directory; "
              "server logs `*.log`; all parsed numbers in `results.json`.")
@@ -1696,6 +1752,13 @@ def parse_args(argv):
                    help="maildir job: mailboxes the deliveries are spread over (default 32)")
     p.add_argument("--no-floor", dest="floor", action="store_false",
                    help="skip measuring the latency floor (UDP round trip, fdatasync)")
+    p.add_argument("--pair-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a line added to the pair's [resource] section (both nodes), e.g. "
+                        "'al-extents = 960'; repeat for several (default: none, the daemon's "
+                        "defaults)")
+    p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                   help="an argument added to `pairbd serve` (the pairbd target), e.g. "
+                        "--serve-arg=--direct-io; repeat for several (default: none)")
     p.add_argument("--fio", default="fio", help="fio binary (default fio)")
     p.add_argument("--nbdfuse", default="nbdfuse", help="nbdfuse binary (default nbdfuse)")
     p.add_argument("--nbdkit", default="nbdkit", help="nbdkit binary (default nbdkit)")

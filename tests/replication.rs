@@ -79,6 +79,20 @@ fn writes_on_the_primary_reach_both_stores_byte_for_byte() {
     );
     let st = files.status("alpha");
     assert_eq!(st["peer_sync_needed"], false, "{st}");
+    // The FUA write and the FLUSH each asked both stores for a flush (a
+    // buffered FUA write is a write plus a group-commit flush), and every
+    // flush was served by some fdatasync, never more fdatasyncs than flushes.
+    for node in ["alpha", "beta"] {
+        let st = files.status(node);
+        let requested = st["flushes"]["requested"]
+            .as_u64()
+            .expect("flushes.requested");
+        let fdatasyncs = st["flushes"]["fdatasyncs"]
+            .as_u64()
+            .expect("flushes.fdatasyncs");
+        assert!(requested >= 2, "{node}: {st}");
+        assert!((1..=requested).contains(&fdatasyncs), "{node}: {st}");
+    }
     assert!(a.stop().success());
     assert!(b.stop().success());
     files.assert_data_equal();

@@ -180,6 +180,13 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         Some("status") => {
             let mut status = status_json(&driver.status(), engine, &driver.attached_clients());
             status["meta_writes"] = json!(driver.meta_writes());
+            // Group commit at a glance: flushes asked of this node's store
+            // (client flushes on a Primary, the peer's on a Secondary, the
+            // core's own) and the fdatasyncs that served them.
+            status["flushes"] = json!({
+                "requested": driver.store().flushes_requested(),
+                "fdatasyncs": driver.store().fdatasyncs_issued(),
+            });
             return json!({"ok": true, "status": status});
         }
         Some("promote") => AdminCommand::Promote {

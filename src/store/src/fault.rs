@@ -16,7 +16,9 @@ pub enum FaultPoint {
     Read,
     /// `write` without FUA (also the zero-writing fallback).
     Write,
-    /// `write` with FUA (poisons the store).
+    /// `write` with FUA on an O_DIRECT store, i.e. RWF_DSYNC (poisons the store).
+    /// A buffered store's FUA write is a plain write and a flush: see `Write`
+    /// and `Flush`.
     FuaWrite,
     /// `flush`, i.e. fdatasync (poisons the store).
     Flush,

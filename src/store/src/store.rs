@@ -268,7 +268,8 @@ impl Store {
     }
 
     /// Writes `data` at `offset`. With `fua`, the data is durable when this returns Ok
-    /// (RWF_DSYNC); without, only after a later successful [`Store::flush`].
+    /// (buffered: a plain write, then a group-commit flush; O_DIRECT: RWF_DSYNC);
+    /// without, only after a later successful [`Store::flush`].
     pub async fn write(&self, offset: u64, data: AlignedBuf, fua: bool) -> Result<(), StoreError> {
         self.write_buf(offset, WriteBuf::Owned(data), fua).await
     }
@@ -287,6 +288,15 @@ impl Store {
     async fn write_buf(&self, offset: u64, buf: WriteBuf, fua: bool) -> Result<(), StoreError> {
         self.check_writable()?;
         self.check_transfer(offset, buf.len())?;
+        if fua && !self.inner.direct_io {
+            // Buffered FUA rides on group commit: the plain write completes, then a
+            // flush requested after that covers it. FUA writes and FLUSHes that
+            // arrive together share one fdatasync, where RWF_DSYNC would run one
+            // per write. (With O_DIRECT, RWF_DSYNC stays: the device does the FUA
+            // write in one command, no cache flush of everything else.)
+            Box::pin(self.write_buf(offset, buf, false)).await?;
+            return self.flush().await;
+        }
         let sync = if fua {
             Some(self.sync_lease().await?)
         } else {
@@ -379,6 +389,12 @@ impl Store {
     /// commit served several with one).
     pub fn fdatasyncs_issued(&self) -> u64 {
         self.inner.flush_group.issued.load(Ordering::Relaxed)
+    }
+
+    /// How many flushes were requested of `flush` (each served by one of the
+    /// [`Store::fdatasyncs_issued`], or failed).
+    pub fn flushes_requested(&self) -> u64 {
+        self.inner.flush_group.requested.load(Ordering::Relaxed)
     }
 
     /// Deallocates a range, which then reads as zeroes (fallocate PUNCH_HOLE, falling
@@ -666,6 +682,48 @@ mod tests {
             .await
             .expect("write");
         (dir, store)
+    }
+
+    /// Buffered FUA writes ride on group commit: 16 FUA writes queued behind a
+    /// running fdatasync (the test holds the turn) none of them answered yet, are
+    /// all served by the one fdatasync that follows, and each reads back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_fua_writes_share_one_fdatasync() {
+        let (_dir, store) = store_with_one_write().await;
+        let turn = store.inner.flush_group.turn.lock().await;
+        let mut writes = Vec::new();
+        for i in 0..16u8 {
+            let store = store.clone();
+            writes.push(tokio::spawn(async move {
+                let data = AlignedBuf::from_slice(&[i + 1; 4096]);
+                store.write(u64::from(i) * 4096 + 8192, data, true).await
+            }));
+        }
+        while store.inner.flush_group.requested.load(Ordering::SeqCst) < 16 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            store.fdatasyncs_issued(),
+            0,
+            "a FUA write synced on its own"
+        );
+        drop(turn);
+        for w in writes {
+            w.await.expect("join").expect("FUA write");
+        }
+        assert_eq!(store.fdatasyncs_issued(), 1);
+        assert_eq!(store.flushes_requested(), 16);
+        for i in 0..16u8 {
+            let got = store
+                .read(u64::from(i) * 4096 + 8192, 4096)
+                .await
+                .expect("read");
+            assert!(
+                got.as_ref().iter().all(|&b| b == i + 1),
+                "FUA write {i} lost"
+            );
+        }
+        store.close().await;
     }
 
     /// Holds the group-commit turn while `count` flushes register behind it, then

@@ -6,8 +6,10 @@
 //! Off unless `StoreConfig::volatile_for_tests` is set. The model:
 //! - before a plain write, trim or zeroing runs, the old contents of its range
 //!   are saved (an *undo* entry; ranges of zeroes are saved as such);
-//! - a FUA write is durable at once: its data is saved as a *redo* entry, so
-//!   that undoing an older overlapping write cannot take it back;
+//! - a FUA write with RWF_DSYNC (an O_DIRECT store) is durable at once: its
+//!   data is saved as a *redo* entry, so that undoing an older overlapping
+//!   write cannot take it back (a buffered store's FUA write is a plain write
+//!   and a flush, modelled as those);
 //! - a successful flush drops every entry recorded before the flush started;
 //! - a power cut walks the undo entries newest first and, per entry, keeps the
 //!   write, drops it, or tears it (a random subset of its 4 KiB pieces reverts),

@@ -521,9 +521,11 @@ async fn failed_flush_poisons_until_reopen(engine: EngineChoice) {
 
 async fn failed_fua_write_poisons_until_reopen(engine: EngineChoice) {
     let dir = temp_dir();
+    // Buffered: a FUA write is a plain write and a group-commit flush; the
+    // flush's failure fails the write and poisons the store.
     let cfg = config(&dir, "store", 4 * MIB, engine);
     let store = open(&cfg);
-    store.inject_errors(FaultPoint::FuaWrite, 1, libc::EIO);
+    store.inject_errors(FaultPoint::Flush, 1, libc::EIO);
     assert!(matches!(
         store.write(0, pattern(1, 4096), true).await,
         Err(StoreError::Io(_))
@@ -534,8 +536,34 @@ async fn failed_fua_write_poisons_until_reopen(engine: EngineChoice) {
         store.write(0, pattern(1, 4096), true).await,
         Err(StoreError::Poisoned)
     ));
-    // A failed plain write does not poison.
     store.close().await;
+    // O_DIRECT: a FUA write is one RWF_DSYNC write; its failure poisons.
+    let mut direct = config(&dir, "direct", 4 * MIB, engine);
+    direct.direct_io = true;
+    match Store::open(&direct) {
+        Err(StoreError::DirectIoUnsupported { path }) => {
+            eprintln!(
+                "SKIPPED (O_DIRECT part): {} refuses O_DIRECT",
+                path.display()
+            );
+        }
+        other => {
+            let store = other.expect("open with O_DIRECT");
+            store.inject_errors(FaultPoint::FuaWrite, 1, libc::EIO);
+            assert!(matches!(
+                store.write(0, pattern(1, 4096), true).await,
+                Err(StoreError::Io(_))
+            ));
+            assert!(store.is_poisoned());
+            assert!(matches!(store.flush().await, Err(StoreError::Poisoned)));
+            assert!(matches!(
+                store.write(0, pattern(1, 4096), true).await,
+                Err(StoreError::Poisoned)
+            ));
+            store.close().await;
+        }
+    }
+    // A failed plain write does not poison.
     let store = open(&cfg);
     store.inject_errors(FaultPoint::Write, 1, libc::EIO);
     assert!(store.write(0, pattern(1, 4096), false).await.is_err());
