@@ -71,6 +71,11 @@ JOBS = [
         "1 MiB sequential writes, iodepth 4, no FLUSH", ("write",), False),
     Job("e", "randread-4k-qd32",
         "4 KiB random reads, iodepth 32, cold cache", ("read",), False),
+    Job("f", "hol-4k-beside-1m",
+        "Head of line: 4 KiB random writes, iodepth 1, no FLUSH, alone (the rows below), then "
+        "while 1 MiB sequential writes at iodepth 4 run on another connection (see \"Head of "
+        "line\")",
+        ("write",), False),
     Job("m", "maildir",
         "Maildir deliveries on XFS (nbdfuse + loop on the export): N deliverers each write a "
         "message (4–64 KiB, log-uniform) to tmp/, fsync, rename into new/, fsync new/; "
@@ -1149,6 +1154,13 @@ def parse_fio(path):
         out[d] = {"iops": s["iops"], "mibs": s["bw_bytes"] / MIB, "ios": s["total_ios"],
                   "bytes": s.get("io_bytes", 0),
                   "clat_p50_us": pct(clat, "50.000000"), "clat_p99_us": pct(clat, "99.000000")}
+    # Files with several job sections (job f) also report each one's writes.
+    if len(data["jobs"]) > 1:
+        out["sections"] = {
+            j["jobname"]: {"iops": j["write"]["iops"],
+                           "clat_p50_us": pct(j["write"].get("clat_ns", {}), "50.000000"),
+                           "clat_p99_us": pct(j["write"].get("clat_ns", {}), "99.000000")}
+            for j in data["jobs"]}
     sync = job.get("sync", {})
     lat = sync.get("lat_ns", {})
     out["flush"] = {"ios": sync.get("total_ios", 0), "lat_p50_us": pct(lat, "50.000000"),
@@ -1199,7 +1211,10 @@ def job_value(job, metrics):
 
 
 def job_bytes(job, metrics):
-    """Bytes the CPU time is divided by: written, or read for a read-only job."""
+    """Bytes the CPU time is divided by: written, or read for a read-only job;
+    None for job f, whose report covers one of its two writers."""
+    if job.letter == "f":
+        return None
     if "write" in job.dirs or job.kind == "maildir":
         return metrics[job.dirs[0] if job.kind == "maildir" else "write"].get("bytes", 0)
     return metrics["read"].get("bytes", 0)
@@ -1456,7 +1471,7 @@ def starts_section(meta, results):
 
 # Short group labels for the chart (the full job names do not fit).
 CHART_LABELS = {"a": "4K QD1 + flush", "b": "4K QD32", "c": "fio Maildir mix", "d": "1M seq write",
-                "e": "4K rand read", "m": "Maildir on XFS"}
+                "e": "4K rand read", "f": "4K beside 1M", "m": "Maildir on XFS"}
 
 PALETTE = {"pair": "#1f77b4", "pair-degraded": "#9ecae1", "pairbd": "#2ca02c",
            "pairbd-pool": "#98df8a", "nbdkit": "#ff7f0e", "qemu-nbd": "#d62728", "raw": "#7f7f7f"}
@@ -1551,6 +1566,40 @@ def build_chart_svg(args, meta, results, names, jobs):
     return "\n".join(out) + "\n"
 
 
+def hol_section(results, names):
+    """Job f: 4 KiB writes alone, then beside 1 MiB writes on another
+    connection: how much the large writes delay the small ones, per target. On
+    the pair both share one ordered replication stream."""
+    def sec(t, name, key):
+        return med(r["metrics"].get("sections", {}).get(name, {}).get(key) for r in results
+                   if r["job"] == "hol-4k-beside-1m" and r["target"] == t)
+    rows = []
+    for t in names:
+        a50 = sec(t, "small-4k-qd1-alone", "clat_p50_us")
+        f50 = sec(t, "small-4k-qd1-beside-1m", "clat_p50_us")
+        a99 = sec(t, "small-4k-qd1-alone", "clat_p99_us")
+        f99 = sec(t, "small-4k-qd1-beside-1m", "clat_p99_us")
+        big = sec(t, "large-1m-qd4", "iops")
+        if f50 is None:
+            continue
+        rows.append(f"| {t} | {fmt(a50, 1)} | {fmt(f50, 1)} | "
+                    f"{fmt(f50 / a50, 2) if a50 else '–'} | {fmt(a99, 1)} | {fmt(f99, 1)} | "
+                    f"{fmt(f99 / a99, 2) if a99 else '–'} | {fmt(big)} |")
+    if not rows:
+        return []
+    return ["## Head of line: 4 KiB writes beside 1 MiB writes (job f)", "",
+            "Write completion latency of 4 KiB random writes at iodepth 1, alone and then "
+            "while 1 MiB sequential writes at iodepth 4 run on another connection, medians "
+            "over rounds, and the factor beside / alone. The disk and the CPUs are shared by "
+            "both writers on every target; on the pair the small writes also travel behind "
+            "the large ones in the one ordered replication stream, so a factor far above the "
+            "unreplicated targets' would be head-of-line blocking in the link. The job's "
+            "IOPS elsewhere in this report are the small writer's alone group.", "",
+            "| target | alone p50 µs | beside 1M p50 µs | factor | alone p99 µs | "
+            "beside 1M p99 µs | factor | 1M writes/s |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|"] + rows + [""]
+
+
 def build_summary(args, meta, results, targets, jobs, complete):
     ref = args.reference
     L = []
@@ -1586,6 +1635,7 @@ def build_summary(args, meta, results, targets, jobs, complete):
     L += ["Chart: [chart.svg](chart.svg) (per job, every target over the best peer of the "
           "same round, median over rounds).", ""]
     L += floor_section(meta, results, names_)
+    L += hol_section(results, names_)
     L.append("Medians over rounds. IOPS and MiB/s per direction; clat = fio completion "
              "latency (clat_ns) percentiles; FLUSH = fio's sync latency (fsync=N sends "
              "NBD_CMD_FLUSH on nbd, IORING_OP_FSYNC on raw); FLUSH/write = FLUSHes fio "
@@ -1723,7 +1773,7 @@ def parse_args(argv):
     p.add_argument("--ramp", type=int, default=2,
                    help="seconds of ramp (not measured) before each run (default 2)")
     p.add_argument("--jobs", default=",".join(j.name for j in JOBS),
-                   help="comma-separated job names or letters a-e, m = maildir (default: all)")
+                   help="comma-separated job names or letters a-f, m = maildir (default: all)")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS)} "
                         f"(default: {','.join(DEFAULT_TARGETS)})")
