@@ -341,8 +341,10 @@ impl Sim {
             task_one_in: batch_rng.between(2, 8),
         });
         let batching = batching.filter(|_| opts.batch_scenario);
-        let mut figures = Figures::default();
-        figures.batching_runs = u64::from(batching.is_some());
+        let figures = Figures {
+            batching_runs: u64::from(batching.is_some()),
+            ..Figures::default()
+        };
         Sim {
             profile,
             rng,
