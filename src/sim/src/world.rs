@@ -330,7 +330,7 @@ impl Sim {
             (rng.between(30, 200), rng.between(300, 1_500)),
             (rng.between(30, 200), rng.between(300, 1_500)),
         ];
-        let clients = (0..profile.clients)
+        let clients: Vec<Client> = (0..profile.clients)
             .map(|i| Client::new(i, rng.between(1, profile.max_depth)))
             .collect();
         let mut verify_rng = Rng::new(opts.seed ^ VERIFY_STREAM);
@@ -341,6 +341,15 @@ impl Sim {
             task_one_in: batch_rng.between(2, 8),
         });
         let batching = batching.filter(|_| opts.batch_scenario);
+        // Half the batching runs also give their clients deep queues (4 to
+        // 16 requests each), as a mail host under load has: more writes
+        // complete in one step, and more complete out of order.
+        let mut clients = clients;
+        if batching.is_some() && batch_rng.percent(50) {
+            for c in &mut clients {
+                c.depth = batch_rng.between(4, 16);
+            }
+        }
         let figures = Figures {
             batching_runs: u64::from(batching.is_some()),
             ..Figures::default()

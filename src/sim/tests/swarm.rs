@@ -119,7 +119,7 @@ fn promoting_an_outdated_node_is_caught() {
 
 #[test]
 fn clearing_a_bit_before_the_target_flushed_is_caught() {
-    // Seed 916 catches it today (as a silent divergence).
+    // Seed 541 catches it today (as a silent divergence).
     let (_, v) = first_catch_within(Mutation::BitClearedBeforeTargetFlush, 2000);
     assert!(
         matches!(
@@ -158,7 +158,7 @@ fn ci_swarm() {
 
 #[test]
 fn writing_before_the_activity_log_entry_is_durable_is_caught() {
-    // Seed 424 catches it today: a crash between the write's submission and
+    // Seed 350 catches it today: a crash between the write's submission and
     // its log entry's metadata write leaves an extent that differs between
     // the nodes and that no log records.
     let (_, v) = first_catch_within(Mutation::WriteBeforeAlEntryDurable, 2000);
@@ -184,7 +184,7 @@ fn a_verify_that_ignores_the_extent_lock_is_caught() {
 
 #[test]
 fn a_verify_that_marks_nothing_is_caught() {
-    // Seed 1 catches it today: resync-marked repairs nothing, and the
+    // Seed 22 catches it today: resync-marked repairs nothing, and the
     // corruption is still on one store at the final comparison.
     let (_, v) = first_catch(Mutation::VerifyMarksNothing);
     assert!(
