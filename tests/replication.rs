@@ -249,9 +249,54 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
             }
         }
         assert!(ended, "beta kept a connection that sent an oversized frame");
+        // 3: a peer speaking protocol version 1 (its hello's version byte).
+        let link = endpoint.connect(beta_addr).await.unwrap();
+        let (mut tx, mut rx) = link.split();
+        let mut hello =
+            pairbd_repl_proto::encode_to_vec::<Vec<u8>>(&pairbd_repl_proto::Message::Flush {
+                seq: 1,
+            });
+        hello[4] = 1;
+        let crc = crc32c_of(&hello[..40]);
+        hello[40..44].copy_from_slice(&crc.to_le_bytes());
+        tx.send_raw(&hello).await.unwrap();
+        let mut refused = false;
+        for _ in 0..3 {
+            if rx.recv(|n| vec![0u8; n]).await.is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "beta kept a connection speaking version 1");
+        // 4: a batch of acks over the bound.
+        let link = endpoint.connect(beta_addr).await.unwrap();
+        let (mut tx, mut rx) = link.split();
+        let acks = pairbd_repl_proto::Message::<Vec<u8>>::Acks(pairbd_repl_proto::AckBatch {
+            seqs: (1..=pairbd_repl_proto::ACKS_MAX as u64 + 1).collect(),
+        });
+        tx.send_raw(&pairbd_repl_proto::encode_to_vec(&acks))
+            .await
+            .unwrap();
+        let mut dropped = false;
+        for _ in 0..3 {
+            if rx.recv(|n| vec![0u8; n]).await.is_err() {
+                dropped = true;
+                break;
+            }
+        }
+        assert!(
+            dropped,
+            "beta kept a connection that sent 1025 acks in one frame"
+        );
         endpoint.close();
     });
     wait_for_log(&files, "beta", "(limit 33554432)");
+    wait_for_log(
+        &files,
+        "beta",
+        "unsupported protocol version 1 (this node speaks 2)",
+    );
+    wait_for_log(&files, "beta", "1025 sequence numbers (limit 1024)");
     assert_eq!(files.status("beta")["disk"], "Inconsistent");
     // The real alpha still connects afterwards.
     let a = files.start("alpha");
@@ -381,4 +426,59 @@ fn suspend_io_holds_writes_until_resume_io() {
     assert_eq!(st["io_suspended"], false);
     assert_eq!(st["peer_sync_needed"], true);
     assert!(a.stop().success());
+}
+
+/// Frames on the replication link per application write, with batched
+/// acknowledgements: fio random 4 KiB writes at queue depth 1 and 32, and
+/// sequential 1 MiB writes at depth 4. Before batching every replicated
+/// write cost one Ack frame back; the figure shows what it costs now.
+/// A figure, not a check: `cargo nextest run --test replication
+/// figure_frames_per_write --run-ignored ignored-only --no-capture`.
+#[test]
+#[ignore = "a figure (fio); run by hand"]
+fn figure_frames_per_write() {
+    require_tool("fio");
+    let dir = TestDir::new("repl-frames");
+    let files = pair::setup(&dir, SIZE, "");
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    let frames = |node: &str| files.status(node)["link_frames"].clone();
+    let get = |v: &serde_json::Value, k: &str| v[k].as_u64().expect("a counter");
+    for (rw, bs, depth, ios) in [
+        ("randwrite", "4k", 1u32, 2000u64),
+        ("randwrite", "4k", 32, 8000),
+        ("write", "1m", 4, 64),
+    ] {
+        let (a0, b0) = (frames("alpha"), frames("beta"));
+        let out = Command::new("fio")
+            .args(["--name=frames", "--ioengine=nbd", "--randrepeat=0"])
+            .arg(format!("--rw={rw}"))
+            .arg(format!("--bs={bs}"))
+            .arg(format!("--uri={}", files.uri("alpha")))
+            .arg(format!("--size={SIZE}"))
+            .arg(format!("--iodepth={depth}"))
+            .arg(format!("--number_ios={ios}"))
+            .output()
+            .expect("fio");
+        assert!(out.status.success(), "{out:?}");
+        let (a1, b1) = (frames("alpha"), frames("beta"));
+        let d = |x: &serde_json::Value, y: &serde_json::Value, k: &str| get(y, k) - get(x, k);
+        let acks = d(&b0, &b1, "acks_sent");
+        let ack_frames = d(&b0, &b1, "ack_frames_sent");
+        eprintln!(
+            "figure: {rw} {bs} depth {depth}, {ios} writes: primary sent {} frames, secondary \
+             sent {} ({ack_frames} ack frames for {acks} acks, {:.2} acks per frame; \
+             {:.3} frames back per write)",
+            d(&a0, &a1, "sent"),
+            d(&b0, &b1, "sent"),
+            acks as f64 / ack_frames.max(1) as f64,
+            d(&b0, &b1, "sent") as f64 / ios as f64
+        );
+        assert!(acks >= ios, "{acks} acks for {ios} writes");
+        assert_eq!(d(&a0, &a1, "acks_received"), acks);
+    }
+    assert!(a.stop().success());
+    assert!(b.stop().success());
 }

@@ -187,6 +187,7 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
                 "requested": driver.store().flushes_requested(),
                 "fdatasyncs": driver.store().fdatasyncs_issued(),
             });
+            status["link_frames"] = driver.frames.json();
             return json!({"ok": true, "status": status});
         }
         Some("promote") => AdminCommand::Promote {

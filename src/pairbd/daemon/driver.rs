@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
@@ -80,6 +81,57 @@ pub struct BatchLimits {
     pub bytes: usize,
 }
 
+/// Frames on the replication link since the daemon started, for status
+/// (what batching saves is seen here: acks per ack frame, frames per write).
+#[derive(Debug, Default)]
+pub struct FrameCounters {
+    /// Frames written to the link, and those of them that were Ack/Acks.
+    pub sent: AtomicU64,
+    pub ack_frames_sent: AtomicU64,
+    /// Writes (and sync chunks) those ack frames acknowledged.
+    pub acks_sent: AtomicU64,
+    /// Frames read from the link, and those of them that were Ack/Acks.
+    pub received: AtomicU64,
+    pub ack_frames_received: AtomicU64,
+    /// Writes (and sync chunks) the received ack frames acknowledged.
+    pub acks_received: AtomicU64,
+}
+
+impl FrameCounters {
+    /// Counts a frame written to the link.
+    pub fn count_sent(&self, msg: &Msg) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        if let Some(seqs) = msg.acked_seqs() {
+            self.ack_frames_sent.fetch_add(1, Ordering::Relaxed);
+            self.acks_sent
+                .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a frame read from the link.
+    pub fn count_received(&self, msg: &Msg) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        if let Some(seqs) = msg.acked_seqs() {
+            self.ack_frames_received.fetch_add(1, Ordering::Relaxed);
+            self.acks_received
+                .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The counters as status shows them.
+    pub fn json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "sent": get(&self.sent),
+            "ack_frames_sent": get(&self.ack_frames_sent),
+            "acks_sent": get(&self.acks_sent),
+            "received": get(&self.received),
+            "ack_frames_received": get(&self.ack_frames_received),
+            "acks_received": get(&self.acks_received),
+        })
+    }
+}
+
 /// The current link to the peer, as the driver sees it.
 struct LinkHandle {
     id: u64,
@@ -117,6 +169,8 @@ pub struct Driver {
     /// Cancelled by the control command `restart`: stop for a planned restart.
     pub restart: CancellationToken,
     batch: BatchLimits,
+    /// Frames on the replication link (status).
+    pub frames: FrameCounters,
 }
 
 impl Driver {
@@ -146,6 +200,7 @@ impl Driver {
             reconnect: Notify::new(),
             restart: CancellationToken::new(),
             batch,
+            frames: FrameCounters::default(),
         })
     }
 

@@ -115,7 +115,7 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
     let writer_driver = Arc::clone(&driver);
     let limits = driver.batch_limits();
     let writer = tokio::spawn(async move {
-        let mut batch = Vec::with_capacity(limits.messages);
+        let mut batch: Vec<Msg> = Vec::with_capacity(limits.messages);
         while let Some(msg) = outgoing.recv().await {
             // Everything already queued goes out in one write (one wake-up
             // of quinn's connection driver instead of one per frame).
@@ -124,6 +124,13 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
             while batch.len() < limits.messages && bytes < limits.bytes {
                 match outgoing.try_recv() {
                     Ok(msg) => {
+                        // Acks the core emitted in separate steps (disk
+                        // completions that ran as tasks), queued side by
+                        // side: one frame. Only what is already queued is
+                        // merged, and no other message changes place.
+                        if batch.last_mut().is_some_and(|last| last.absorb_acks(&msg)) {
+                            continue;
+                        }
                         bytes += frame_bytes(&msg);
                         batch.push(msg);
                     }
@@ -133,6 +140,9 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
             if let Err(e) = sender.send_batch(&batch).await {
                 writer_driver.link_lost(id, &format!("sending failed: {e}"));
                 return;
+            }
+            for msg in &batch {
+                writer_driver.frames.count_sent(msg);
             }
             batch.clear();
         }
@@ -160,6 +170,9 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
                         break;
                     }
                 }
+            }
+            for msg in &batch {
+                driver.frames.count_received(msg);
             }
             driver.messages(id, &mut batch);
             if let Some(e) = failed {
@@ -216,6 +229,7 @@ fn share(msg: Message<AlignedBuf>) -> Msg {
         },
         Message::Flush { seq } => Message::Flush { seq },
         Message::Ack { seq } => Message::Ack { seq },
+        Message::Acks(b) => Message::Acks(b),
         Message::FlushAck { seq } => Message::FlushAck { seq },
         Message::SyncStart { total_bytes } => Message::SyncStart { total_bytes },
         Message::SyncReady => Message::SyncReady,

@@ -25,7 +25,9 @@ pub use generations::Verdict;
 #[cfg(feature = "mutations")]
 pub use node::Mutation;
 pub use node::Node;
-pub use pairbd_repl_proto::{DirtyRanges, DiskState, Generations, Hello, Message, NodeState, Role};
+pub use pairbd_repl_proto::{
+    AckBatch, DirtyRanges, DiskState, Generations, Hello, Message, NodeState, Role,
+};
 pub use status::{
     disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult,
 };

@@ -72,6 +72,10 @@ pub enum Mutation {
     /// Online verify reports differing blocks but marks none out of sync:
     /// resync-marked repairs nothing.
     VerifyMarksNothing,
+    /// The primary reads a batch of acks as cumulative: every write up to
+    /// the batch's highest sequence number counts as acknowledged, although
+    /// writes complete out of order on the secondary.
+    AcksCumulative,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
@@ -1100,7 +1104,7 @@ impl<P: Payload> Node<P> {
                     if let Some(t) = &mut self.sync_target {
                         t.done_bytes += sync_bytes;
                     }
-                    self.out.push_back(Output::Send(Message::Ack { seq }));
+                    self.send_ack(seq);
                     self.check_sec_flushes();
                 }
                 self.start_ready();
@@ -1231,6 +1235,23 @@ impl<P: Payload> Node<P> {
             }
             None => {}
         }
+    }
+
+    /// Acknowledges peer write `seq`. Acks due in the same step travel in
+    /// one message: if the last message queued (not yet polled by the
+    /// driver) is an `Ack` or `Acks` with room, `seq` joins it, so the
+    /// order of the messages on the wire is that of one ack each, minus the
+    /// frames. Nothing waits for a batch to fill: what is queued goes out
+    /// when the driver drains this step's outputs.
+    fn send_ack(&mut self, seq: u64) {
+        let last_send = self.out.iter_mut().rev().find_map(|o| match o {
+            Output::Send(m) => Some(m),
+            _ => None,
+        });
+        if last_send.is_some_and(|m| m.absorb_ack(seq)) {
+            return;
+        }
+        self.out.push_back(Output::Send(Message::Ack { seq }));
     }
 
     fn fail_stop(&mut self, reason: String) {
@@ -1737,6 +1758,17 @@ impl<P: Payload> Node<P> {
             }
             Message::VerifyReply(r) => self.on_verify_reply(r),
             Message::Ack { seq } => self.on_ack(seq, false),
+            Message::Acks(batch) => {
+                #[cfg(feature = "mutations")]
+                if self.mutated(Mutation::AcksCumulative) {
+                    return self.on_acks_cumulative(&batch.seqs);
+                }
+                // Exactly N single acks, in order (the batch is sorted).
+                for seq in batch.seqs {
+                    self.on_ack(seq, false)?;
+                }
+                Ok(())
+            }
             Message::FlushAck { seq } => self.on_ack(seq, true),
             Message::SyncDoneAck { seq } => {
                 match self.peer_pending.remove(&seq) {
@@ -2236,6 +2268,9 @@ impl<P: Payload> Node<P> {
                 self.sync_flushed(seq);
                 return Ok(());
             }
+            // Already taken as acknowledged by a cumulative batch (a mutation).
+            #[cfg(feature = "mutations")]
+            None if !flush && self.mutated(Mutation::AcksCumulative) => return Ok(()),
             _ => return Err(format!("acknowledgement of unknown sequence {seq}")),
         };
         if flush {
@@ -2291,6 +2326,30 @@ impl<P: Payload> Node<P> {
             None if !flush && self.mutation == Some(Mutation::ReplyBeforePeerAck) => Ok(()),
             _ => Err(format!("acknowledgement {seq} of the wrong kind")),
         }
+    }
+
+    /// The `AcksCumulative` mutation: every write or sync chunk waiting
+    /// for its ack up to the batch's highest sequence number counts as
+    /// acknowledged (wrong: writes complete out of order on the secondary).
+    #[cfg(feature = "mutations")]
+    fn on_acks_cumulative(&mut self, seqs: &[u64]) -> Result<(), String> {
+        let top = seqs.iter().copied().max().unwrap_or(0);
+        let covered: Vec<u64> = self
+            .peer_pending
+            .range(..=top)
+            .filter(|(_, (p, _))| match p {
+                Pending::Op(id) => matches!(
+                    self.ops.get(*id),
+                    Some(Op::ClientWrite { .. } | Op::SyncChunk { sent: true, .. })
+                ),
+                _ => false,
+            })
+            .map(|(&seq, _)| seq)
+            .collect();
+        for seq in covered {
+            self.on_ack(seq, false)?;
+        }
+        Ok(())
     }
 
     // ----- sync (source side) ----------------------------------------------

@@ -11,7 +11,7 @@
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
-use crate::{DirtyRanges, Hello, Message, NodeState, VerifyReply};
+use crate::{AckBatch, DirtyRanges, Hello, Message, NodeState, VerifyReply};
 
 /// The header's size in bytes.
 pub const HEADER_LEN: usize = 48;
@@ -19,8 +19,9 @@ pub const HEADER_LEN: usize = 48;
 pub const MAX_DATA_PAYLOAD: u32 = 32 << 20;
 /// The largest control payload.
 pub const MAX_CONTROL_PAYLOAD: u32 = 64 << 10;
-/// The protocol version this code speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The protocol version this code speaks. 2: the `Acks` message (and the
+/// hello's discard-my-data and dirty-bytes fields, added without a bump).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// "PBDR", little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PBDR");
 
@@ -72,6 +73,7 @@ pub enum Kind {
     DirtyRanges = 16,
     VerifyRequest = 17,
     VerifyReply = 18,
+    Acks = 19,
 }
 
 impl Kind {
@@ -96,6 +98,7 @@ impl Kind {
             16 => DirtyRanges,
             17 => VerifyRequest,
             18 => VerifyReply,
+            19 => Acks,
             _ => return None,
         })
     }
@@ -107,16 +110,19 @@ impl Kind {
     fn is_control(self) -> bool {
         matches!(
             self,
-            Kind::Hello | Kind::State | Kind::DirtyRanges | Kind::VerifyReply
+            Kind::Hello | Kind::State | Kind::DirtyRanges | Kind::VerifyReply | Kind::Acks
         )
     }
 
     /// Which of seq, offset and length the kind carries; the others must be 0.
     fn uses(self) -> (bool, bool, bool) {
         match self {
-            Kind::Hello | Kind::State | Kind::SyncReady | Kind::DirtyRanges | Kind::VerifyReply => {
-                (false, false, false)
-            }
+            Kind::Hello
+            | Kind::State
+            | Kind::SyncReady
+            | Kind::DirtyRanges
+            | Kind::VerifyReply
+            | Kind::Acks => (false, false, false),
             Kind::Write | Kind::Trim | Kind::WriteZeroes | Kind::SyncData | Kind::VerifyRequest => {
                 (true, true, true)
             }
@@ -195,6 +201,7 @@ fn kind_name(k: Kind) -> &'static str {
         Kind::DirtyRanges => "dirty-ranges",
         Kind::VerifyRequest => "verify-request",
         Kind::VerifyReply => "verify-reply",
+        Kind::Acks => "acks",
     }
 }
 
@@ -345,6 +352,18 @@ fn control<T: serde::de::DeserializeOwned>(kind: Kind, bytes: &[u8]) -> Result<T
     Ok(value)
 }
 
+/// A decoded batch of acks, if the protocol allows it (2 to `ACKS_MAX`
+/// strictly increasing sequence numbers).
+fn ack_batch(b: AckBatch) -> Result<AckBatch, FrameError> {
+    match b.problem() {
+        None => Ok(b),
+        Some(detail) => Err(FrameError::Control {
+            kind: kind_name(Kind::Acks),
+            detail,
+        }),
+    }
+}
+
 /// Builds the message of a checked header and its payload.
 pub fn decode_frame<P: AsRef<[u8]>>(h: &FrameHeader, payload: P) -> Result<Message<P>, FrameError> {
     let bytes = payload.as_ref();
@@ -405,6 +424,7 @@ pub fn decode_frame<P: AsRef<[u8]>>(h: &FrameHeader, payload: P) -> Result<Messa
             length: h.length,
         },
         Kind::VerifyReply => Message::VerifyReply(control::<VerifyReply>(h.kind, bytes)?),
+        Kind::Acks => Message::Acks(ack_batch(control::<AckBatch>(h.kind, bytes)?)?),
     })
 }
 
@@ -442,6 +462,8 @@ pub fn try_encode_frame<P: AsRef<[u8]>>(msg: &Message<P>) -> Result<EncodedFrame
 /// the control payload is empty).
 fn encode<P: AsRef<[u8]>>(msg: &Message<P>) -> (EncodedFrame, Option<FrameError>) {
     let mut problem = None;
+    // A value the peer's decoder refuses although it serialises.
+    let mut invalid = None;
     let mut serialise = |kind: Kind, r: postcard::Result<Vec<u8>>| {
         r.unwrap_or_else(|e| {
             problem = Some(FrameError::Control {
@@ -497,6 +519,14 @@ fn encode<P: AsRef<[u8]>>(msg: &Message<P>) -> (EncodedFrame, Option<FrameError>
         ),
         Message::Flush { seq } => (Kind::Flush, *seq, 0, 0, 0),
         Message::Ack { seq } => (Kind::Ack, *seq, 0, 0, 0),
+        Message::Acks(b) => {
+            control = serialise(Kind::Acks, postcard::to_stdvec(b));
+            invalid = b.problem().map(|detail| FrameError::Control {
+                kind: kind_name(Kind::Acks),
+                detail,
+            });
+            (Kind::Acks, 0, 0, 0, 0)
+        }
         Message::FlushAck { seq } => (Kind::FlushAck, *seq, 0, 0, 0),
         Message::SyncStart { total_bytes } => (Kind::SyncStart, 0, 0, *total_bytes, 0),
         Message::SyncReady => (Kind::SyncReady, 0, 0, 0, 0),
@@ -547,7 +577,7 @@ fn encode<P: AsRef<[u8]>>(msg: &Message<P>) -> (EncodedFrame, Option<FrameError>
     let crc = crc32c::crc32c(&raw.as_bytes()[..CRC_COVERS]);
     raw.header_crc = U32::new(crc);
     let header: [u8; HEADER_LEN] = zerocopy::transmute!(raw);
-    (EncodedFrame { header, control }, problem)
+    (EncodedFrame { header, control }, problem.or(invalid))
 }
 
 /// Encodes a whole frame into one buffer (tests, fuzzing, corpora).

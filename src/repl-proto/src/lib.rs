@@ -112,6 +112,44 @@ pub struct VerifyReply {
     pub crcs: Vec<u32>,
 }
 
+/// Acknowledgements of several writes in one message: every write, trim,
+/// write-zeroes or sync chunk named reached the secondary's store (durably
+/// if it was sent with FUA), exactly as that many `Ack`s would say.
+///
+/// The sequence numbers are strictly increasing (so each batch has one
+/// encoding and none is named twice), at least 2 (one goes as `Ack`) and at
+/// most [`ACKS_MAX`]. They need not be contiguous: writes complete out of
+/// order on the secondary, so a batch is a set, never "everything below".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckBatch {
+    /// The acknowledged sequence numbers, strictly increasing.
+    pub seqs: Vec<u64>,
+}
+
+/// The most acknowledgements one `Acks` message carries (postcard needs at
+/// most 10 bytes a sequence number: well inside the control payload limit).
+pub const ACKS_MAX: usize = 1024;
+
+impl AckBatch {
+    /// Why the batch is not one the protocol allows, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        let n = self.seqs.len();
+        if n < 2 {
+            return Some(format!("{n} sequence numbers (a batch has at least 2)"));
+        }
+        if n > ACKS_MAX {
+            return Some(format!("{n} sequence numbers (limit {ACKS_MAX})"));
+        }
+        if let Some(w) = self.seqs.windows(2).find(|w| w[0] >= w[1]) {
+            return Some(format!(
+                "sequence numbers not strictly increasing ({} then {})",
+                w[0], w[1]
+            ));
+        }
+        None
+    }
+}
+
 /// Bytes per checksum of online verify.
 pub const VERIFY_BLOCK_BYTES: u64 = 4096;
 /// The longest range one `VerifyRequest` may ask for (its reply's crcs fit
@@ -150,6 +188,9 @@ pub enum Message<P> {
     /// Secondary → primary: the write, trim, write-zeroes or sync chunk `seq`
     /// reached the secondary's store (durably if it was sent with FUA).
     Ack { seq: u64 },
+    /// Secondary → primary: `Ack` for each sequence number of the batch
+    /// (acknowledgements that became due together travel in one message).
+    Acks(AckBatch),
     /// Secondary → primary: every write numbered below `seq` is durable.
     FlushAck { seq: u64 },
     /// Primary → secondary: a full sync begins; become Inconsistent first.
@@ -186,6 +227,70 @@ impl<P> Message<P> {
         }
     }
 
+    /// The sequence numbers an `Ack` or `Acks` acknowledges; `None` for
+    /// every other kind.
+    pub fn acked_seqs(&self) -> Option<&[u64]> {
+        match self {
+            Message::Ack { seq } => Some(std::slice::from_ref(seq)),
+            Message::Acks(b) => Some(&b.seqs),
+            _ => None,
+        }
+    }
+
+    /// Folds the acknowledgement of write `seq` into this `Ack` or `Acks`
+    /// (an `Ack` becomes an `Acks`), keeping the batch valid. False, and
+    /// nothing changed, if this is another kind, the batch is full
+    /// ([`ACKS_MAX`]) or already names `seq`.
+    pub fn absorb_ack(&mut self, seq: u64) -> bool {
+        match self {
+            Message::Ack { seq: first } => {
+                if *first == seq {
+                    return false;
+                }
+                let seqs = if *first < seq {
+                    vec![*first, seq]
+                } else {
+                    vec![seq, *first]
+                };
+                *self = Message::Acks(AckBatch { seqs });
+                true
+            }
+            Message::Acks(b) => {
+                if b.seqs.len() >= ACKS_MAX {
+                    return false;
+                }
+                match b.seqs.binary_search(&seq) {
+                    Ok(_) => false,
+                    Err(at) => {
+                        b.seqs.insert(at, seq);
+                        true
+                    }
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Folds every acknowledgement of `other` (an `Ack` or `Acks`) into this
+    /// `Ack` or `Acks`, if all of them fit one valid batch; false, and
+    /// nothing changed, otherwise. The driver uses it to merge acks already
+    /// queued side by side for the link.
+    pub fn absorb_acks(&mut self, other: &Message<P>) -> bool {
+        let (Some(mine), Some(theirs)) = (self.acked_seqs(), other.acked_seqs()) else {
+            return false;
+        };
+        if mine.len() + theirs.len() > ACKS_MAX {
+            return false;
+        }
+        let mut seqs: Vec<u64> = mine.iter().chain(theirs).copied().collect();
+        seqs.sort_unstable();
+        if seqs.windows(2).any(|w| w[0] == w[1]) {
+            return false;
+        }
+        *self = Message::Acks(AckBatch { seqs });
+        true
+    }
+
     /// The message's name, for logs.
     pub fn name(&self) -> &'static str {
         match self {
@@ -196,6 +301,7 @@ impl<P> Message<P> {
             Message::WriteZeroes { .. } => "write-zeroes",
             Message::Flush { .. } => "flush",
             Message::Ack { .. } => "ack",
+            Message::Acks(_) => "acks",
             Message::FlushAck { .. } => "flush-ack",
             Message::SyncStart { .. } => "sync-start",
             Message::SyncReady => "sync-ready",

@@ -58,6 +58,9 @@ fn all_messages() -> Vec<Message<Vec<u8>>> {
         },
         Message::Flush { seq: 5 },
         Message::Ack { seq: 1 },
+        Message::Acks(AckBatch {
+            seqs: vec![1, 2, 4, 300, u64::MAX],
+        }),
         Message::FlushAck { seq: 5 },
         Message::SyncStart {
             total_bytes: 1 << 30,
@@ -115,13 +118,13 @@ fn malformed_frames_are_named() {
     b[0] = b'X';
     assert!(matches!(decode_all(&b), Err(FrameError::BadMagic(_))));
     let mut b = good.clone();
-    b[4] = 2;
+    b[4] = 3;
     reseal(&mut b);
     assert_eq!(
         decode_all(&b).unwrap_err(),
         FrameError::UnsupportedVersion {
-            got: 2,
-            supported: 1
+            got: 3,
+            supported: 2
         }
     );
     let mut b = good.clone();
@@ -362,7 +365,137 @@ fn error_messages_show_the_values() {
     assert!(text.contains("0xdeadbeef"), "{text}");
     let b = patched(&Message::Ack { seq: 1 }, 4, &[7]);
     let text = decode_all(&b).unwrap_err().to_string();
-    assert!(text.contains('7') && text.contains('1'), "{text}");
+    assert!(text.contains('7') && text.contains('2'), "{text}");
+}
+
+/// A frame carrying `payload` as the control payload of an `Acks` frame.
+fn acks_frame_with_payload(payload: &[u8]) -> Vec<u8> {
+    let mut b = encode_to_vec::<Vec<u8>>(&Message::Acks(AckBatch { seqs: vec![1, 2] }));
+    b.truncate(HEADER_LEN);
+    b.extend_from_slice(payload);
+    b[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    b[12..16].copy_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    reseal(&mut b);
+    b
+}
+
+#[test]
+fn a_version_1_frame_is_refused_naming_both_versions() {
+    // A version-1 peer's first message is its hello.
+    let mut b = encode_to_vec::<Vec<u8>>(&Message::Hello(hello()));
+    b[4] = 1;
+    reseal(&mut b);
+    let e = decode_all(&b).unwrap_err();
+    assert_eq!(
+        e,
+        FrameError::UnsupportedVersion {
+            got: 1,
+            supported: 2
+        }
+    );
+    assert_eq!(
+        e.to_string(),
+        "unsupported protocol version 1 (this node speaks 2)"
+    );
+}
+
+#[test]
+fn an_ack_batch_round_trips_up_to_its_bound_and_no_further() {
+    let full = Message::<Vec<u8>>::Acks(AckBatch {
+        seqs: (0..ACKS_MAX as u64)
+            .map(|i| u64::MAX - 3 * i)
+            .rev()
+            .collect(),
+    });
+    let bytes = encode_to_vec(&full);
+    assert!(bytes.len() - HEADER_LEN <= MAX_CONTROL_PAYLOAD as usize);
+    assert_eq!(decode_all(&bytes).unwrap().0, full);
+    assert!(try_encode_frame(&full).is_ok());
+
+    let over = Message::<Vec<u8>>::Acks(AckBatch {
+        seqs: (1..=ACKS_MAX as u64 + 1).collect(),
+    });
+    let e = try_encode_frame(&over).unwrap_err();
+    assert_eq!(decode_all(&encode_to_vec(&over)).unwrap_err(), e);
+    assert!(
+        matches!(&e, FrameError::Control { kind: "acks", detail } if detail.contains("limit 1024")),
+        "{e}"
+    );
+}
+
+#[test]
+fn malformed_ack_batches_are_named() {
+    for (seqs, says) in [
+        (vec![], "0 sequence numbers"),
+        (vec![7], "1 sequence numbers"),
+        (vec![3, 2], "not strictly increasing (3 then 2)"),
+        (vec![1, 5, 5, 9], "not strictly increasing (5 then 5)"),
+    ] {
+        let m = Message::<Vec<u8>>::Acks(AckBatch { seqs });
+        let e = decode_all(&encode_to_vec(&m)).unwrap_err();
+        assert!(
+            matches!(&e, FrameError::Control { kind: "acks", detail } if detail.contains(says)),
+            "{e}"
+        );
+        assert_eq!(try_encode_frame(&m).unwrap_err(), e);
+    }
+    // Postcard garbage: a length prefix promising more than the payload
+    // holds, and a valid batch with a trailing byte.
+    let e = decode_all(&acks_frame_with_payload(&[200, 1, 1])).unwrap_err();
+    assert!(matches!(e, FrameError::Control { kind: "acks", .. }), "{e}");
+    let e = decode_all(&acks_frame_with_payload(&[2, 1, 2, 0])).unwrap_err();
+    assert_eq!(
+        e,
+        FrameError::Control {
+            kind: "acks",
+            detail: "1 trailing bytes".into()
+        }
+    );
+    // Nothing but the payload may carry sequence numbers.
+    let b = patched(
+        &Message::<Vec<u8>>::Acks(AckBatch { seqs: vec![1, 2] }),
+        16,
+        &[1],
+    );
+    assert!(matches!(
+        decode_all(&b).unwrap_err(),
+        FrameError::UnusedField {
+            kind: "acks",
+            field: "seq",
+            value: 1
+        }
+    ));
+}
+
+#[test]
+fn acks_fold_into_one_valid_batch() {
+    let mut m = Message::<Vec<u8>>::Ack { seq: 9 };
+    assert!(m.absorb_ack(4));
+    assert!(!m.absorb_ack(9), "a sequence number is acknowledged once");
+    assert!(m.absorb_ack(12));
+    assert_eq!(
+        m,
+        Message::Acks(AckBatch {
+            seqs: vec![4, 9, 12]
+        })
+    );
+    assert!(m.absorb_acks(&Message::Acks(AckBatch { seqs: vec![1, 10] })));
+    assert!(m.absorb_acks(&Message::Ack { seq: 11 }));
+    assert_eq!(m.acked_seqs(), Some(&[1, 4, 9, 10, 11, 12][..]));
+    assert!(!m.absorb_acks(&Message::Ack { seq: 4 }), "a duplicate");
+    assert!(!m.absorb_acks(&Message::FlushAck { seq: 20 }));
+    let mut flush_ack = Message::<Vec<u8>>::FlushAck { seq: 20 };
+    assert!(!flush_ack.absorb_ack(21));
+    assert!(!flush_ack.absorb_acks(&Message::Ack { seq: 21 }));
+    // Full at ACKS_MAX.
+    let mut full = Message::<Vec<u8>>::Acks(AckBatch {
+        seqs: (1..=ACKS_MAX as u64).collect(),
+    });
+    assert!(!full.absorb_ack(5000));
+    assert!(!full.absorb_acks(&Message::Ack { seq: 5000 }));
+    let mut ack = Message::<Vec<u8>>::Ack { seq: 5000 };
+    assert!(!ack.absorb_acks(&full));
+    assert!(try_encode_frame(&full).is_ok());
 }
 
 fn any_message() -> impl Strategy<Value = Message<Vec<u8>>> {
@@ -431,6 +564,19 @@ fn any_message() -> impl Strategy<Value = Message<Vec<u8>>> {
         any::<u64>().prop_map(|seq| Message::Flush { seq }),
         any::<u64>().prop_map(|seq| Message::Ack { seq }),
         any::<u64>().prop_map(|seq| Message::FlushAck { seq }),
+        // Mostly valid batches (sorted, deduplicated), some not: both sides
+        // must agree either way.
+        (
+            proptest::collection::vec(any::<u64>(), 0..1100),
+            any::<bool>()
+        )
+            .prop_map(|(mut seqs, tidy)| {
+                if tidy {
+                    seqs.sort_unstable();
+                    seqs.dedup();
+                }
+                Message::Acks(AckBatch { seqs })
+            }),
         any::<u64>().prop_map(|total_bytes| Message::SyncStart { total_bytes }),
         Just(Message::SyncReady),
         (any::<u64>(), any::<u64>(), payload()).prop_map(|(seq, offset, payload)| {
@@ -498,9 +644,30 @@ proptest! {
     #[test]
     fn headers_with_a_valid_crc_never_panic(mut bytes in proptest::collection::vec(any::<u8>(), 48..200)) {
         bytes[0..4].copy_from_slice(b"PBDR");
-        bytes[4] = 1;
+        bytes[4] = PROTOCOL_VERSION;
         reseal(&mut bytes);
         let _ = decode_all(&bytes);
+    }
+
+    /// However acks are folded together, the result is one valid batch
+    /// naming each of them once.
+    #[test]
+    fn folded_acks_stay_a_valid_batch(seqs in proptest::collection::vec(1u64..5000, 1..1200)) {
+        let mut m = Message::<Vec<u8>>::Ack { seq: seqs[0] };
+        let mut named = std::collections::BTreeSet::from([seqs[0]]);
+        for &s in &seqs[1..] {
+            let folded = if s % 2 == 0 { m.absorb_ack(s) } else { m.absorb_acks(&Message::Ack { seq: s }) };
+            prop_assert_eq!(folded, named.len() < ACKS_MAX && !named.contains(&s));
+            if folded {
+                named.insert(s);
+            }
+        }
+        let got: Vec<u64> = m.acked_seqs().unwrap().to_vec();
+        prop_assert_eq!(got, named.iter().copied().collect::<Vec<_>>());
+        if named.len() >= 2 {
+            prop_assert!(try_encode_frame(&m).is_ok());
+            prop_assert_eq!(decode_all(&encode_to_vec(&m)).unwrap().0, m);
+        }
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub struct Figures {
     /// Corrupted 4 KiB blocks that ended on both stores (the corrupted node
     /// became the Primary first, and the resync carried its blocks over).
     pub blocks_carried_over: u64,
+    /// Runs with the batching scenario (the drivers hand bursts of messages
+    /// to the core and complete small writes in the same step).
+    pub batching_runs: u64,
+    /// Ack/Acks messages sent ...
+    pub ack_messages: u64,
+    /// ... and the writes and sync chunks they acknowledged.
+    pub acks: u64,
     /// Verifies that reported a block nobody corrupted, or missed one.
     pub verify_violations: u64,
     /// Acknowledged writes found missing.
@@ -145,7 +152,10 @@ impl Figures {
             blocks_found,
             blocks_repaired,
             blocks_carried_over,
-            verify_violations
+            verify_violations,
+            batching_runs,
+            ack_messages,
+            acks
         );
     }
 }
@@ -198,6 +208,14 @@ impl fmt::Display for Figures {
             self.blocks_found,
             self.blocks_repaired,
             self.blocks_carried_over
+        )?;
+        writeln!(
+            f,
+            "batching runs {}, acks {} in {} messages ({:.2} per message)",
+            self.batching_runs,
+            self.acks,
+            self.ack_messages,
+            self.acks as f64 / self.ack_messages.max(1) as f64
         )?;
         writeln!(
             f,

@@ -51,6 +51,12 @@ pub struct Options {
     /// draw it). Off, every seed replays the run it had before the scenario
     /// existed (the regression seeds do).
     pub verify_scenario: bool,
+    /// Whether the batching scenario may run (in the profiles that draw
+    /// it): the drivers hand every message that has arrived to the core in
+    /// one step and complete small plain writes in the step that submitted
+    /// them, as the daemon's driver does, so acks batch. Off, every seed
+    /// replays the run it had before the scenario existed.
+    pub batch_scenario: bool,
 }
 
 impl Options {
@@ -65,6 +71,7 @@ impl Options {
             liveness_ms: 60_000,
             max_events: 3_000_000,
             verify_scenario: true,
+            batch_scenario: true,
         }
     }
 }
@@ -202,11 +209,12 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::WriteBeforeAlEntryDurable => "write-before-al-entry-durable",
         Mutation::VerifyIgnoresExtentLock => "verify-ignores-extent-lock",
         Mutation::VerifyMarksNothing => "verify-marks-nothing",
+        Mutation::AcksCumulative => "acks-cumulative",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 8] = [
+pub const MUTATIONS: [Mutation; 9] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
@@ -215,6 +223,7 @@ pub const MUTATIONS: [Mutation; 8] = [
     Mutation::WriteBeforeAlEntryDurable,
     Mutation::VerifyIgnoresExtentLock,
     Mutation::VerifyMarksNothing,
+    Mutation::AcksCumulative,
 ];
 
 /// The mutation with this command-line name.

@@ -35,6 +35,24 @@ pub const NAMES: [&str; 2] = ["alpha", "beta"];
 /// Mixed into the seed for the online-verify scenario's random stream.
 const VERIFY_STREAM: u64 = 0x7E21_F1ED_0B5E_55ED;
 
+/// Mixed into the seed for the batching scenario's random stream.
+const BATCH_STREAM: u64 = 0xBA7C_4ED0_AC50_0001;
+
+/// The most messages one delivery hands to a core in the batching scenario
+/// (the daemon's default `batch-messages`).
+const BATCH_MESSAGES: usize = 64;
+
+/// How this run's drivers batch (the batching scenario).
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// A delivery also takes the messages that arrive within this many µs
+    /// (the receiving driver woke up that much later and finds them queued).
+    pub gather_us: u64,
+    /// One small plain write in this many goes to the disk as a task
+    /// (completed later) instead of inline.
+    pub task_one_in: u64,
+}
+
 /// QUIC's idle timeout, the daemon's default ping-timeout.
 pub const PING_TIMEOUT_US: u64 = 1_000_000;
 const BACKOFF_MIN_US: u64 = 100_000;
@@ -291,6 +309,11 @@ pub struct Sim {
     pub verify_rng: Rng,
     /// Whether this seed runs the online-verify scenario.
     pub verify_scenario: bool,
+    /// The batching scenario's own random stream (as `verify_rng`).
+    pub batch_rng: Rng,
+    /// This run's drivers batch as the daemon's does (`None`: one message
+    /// per step, every disk operation completes on its own).
+    pub batching: Option<Batching>,
     /// Verifies the settle phase ran to repair corruption still present.
     pub repair_verifies: u32,
     /// The 4 KiB blocks corrupted in this run, one entry per corruption.
@@ -307,11 +330,30 @@ impl Sim {
             (rng.between(30, 200), rng.between(300, 1_500)),
             (rng.between(30, 200), rng.between(300, 1_500)),
         ];
-        let clients = (0..profile.clients)
+        let clients: Vec<Client> = (0..profile.clients)
             .map(|i| Client::new(i, rng.between(1, profile.max_depth)))
             .collect();
         let mut verify_rng = Rng::new(opts.seed ^ VERIFY_STREAM);
         let verify_scenario = verify_rng.percent(40) && opts.verify_scenario;
+        let mut batch_rng = Rng::new(opts.seed ^ BATCH_STREAM);
+        let batching = batch_rng.percent(50).then(|| Batching {
+            gather_us: batch_rng.between(0, 2_000),
+            task_one_in: batch_rng.between(2, 8),
+        });
+        let batching = batching.filter(|_| opts.batch_scenario);
+        // Half the batching runs also give their clients deep queues (4 to
+        // 16 requests each), as a mail host under load has: more writes
+        // complete in one step, and more complete out of order.
+        let mut clients = clients;
+        if batching.is_some() && batch_rng.percent(50) {
+            for c in &mut clients {
+                c.depth = batch_rng.between(4, 16);
+            }
+        }
+        let figures = Figures {
+            batching_runs: u64::from(batching.is_some()),
+            ..Figures::default()
+        };
         Sim {
             profile,
             rng,
@@ -332,13 +374,15 @@ impl Sim {
             checker: Checker::new(blocks),
             task: None,
             phase: Phase::Safety,
-            figures: Figures::default(),
+            figures,
             violation: None,
             trace: Vec::new(),
             final_power_cut_done: false,
             lull_until: 0,
             verify_rng,
             verify_scenario,
+            batch_rng,
+            batching,
             repair_verifies: 0,
             corrupted: Vec::new(),
             opts,
@@ -452,8 +496,8 @@ impl Sim {
 
     fn start(&mut self) {
         self.note(format!(
-            "seed {} profile {:?} mutation {:?}",
-            self.opts.seed, self.profile, self.opts.mutation
+            "seed {} profile {:?} mutation {:?} batching {:?}",
+            self.opts.seed, self.profile, self.opts.mutation, self.batching
         ));
         for n in 0..2 {
             self.start_node(n);
@@ -515,9 +559,17 @@ impl Sim {
 
     /// Runs `f` on node `n`'s core (if it runs) and carries out its outputs.
     pub fn with_core(&mut self, n: usize, f: impl FnOnce(&mut Node<Vec<u8>>, Instant)) {
+        if self.call_core(n, f) {
+            self.drain(n);
+        }
+    }
+
+    /// Runs `f` on node `n`'s core, if it runs; false if it does not, or
+    /// if `f` panicked (a violation).
+    fn call_core(&mut self, n: usize, f: impl FnOnce(&mut Node<Vec<u8>>, Instant)) -> bool {
         let now = self.instant();
         let Some(core) = self.nodes[n].core.as_mut() else {
-            return;
+            return false;
         };
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(core, now)));
         if let Err(panic) = result {
@@ -527,14 +579,48 @@ impl Sim {
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
             self.fail(Violation::Panic(format!("node {n}: {msg}")));
-            return;
+            return false;
         }
-        self.drain(n);
+        true
     }
 
+    /// Carries out node `n`'s outputs. In the batching scenario, as the
+    /// daemon's driver does, small plain writes complete right after the
+    /// round's other outputs went out, and their completions go back to
+    /// the core before the next round is drained (so their acks, due in
+    /// one step, batch).
     fn drain(&mut self, n: usize) {
-        while let Some(out) = self.nodes[n].core.as_mut().and_then(|c| c.poll()) {
-            self.route(n, out);
+        loop {
+            let inc = self.nodes[n].inc;
+            let mut inline = Vec::new();
+            while let Some(out) = self.nodes[n].core.as_mut().and_then(|c| c.poll()) {
+                match out {
+                    Output::Disk { id, op } if self.inline_write(n, &op) => inline.push((id, op)),
+                    out => self.route(n, out),
+                }
+            }
+            // A node stopped meanwhile never submitted them.
+            if inline.is_empty() || self.nodes[n].inc != inc || !self.nodes[n].up() {
+                break;
+            }
+            for (id, op) in inline {
+                let p = PendingDisk {
+                    op,
+                    flush: None,
+                    fail: false,
+                };
+                let result = self.apply_disk(n, &p);
+                if self.opts.trace_all {
+                    self.note(format!(
+                        "{} disk done inline: {}",
+                        NAMES[n],
+                        describe_disk(&p.op)
+                    ));
+                }
+                if !self.call_core(n, |c, now| c.handle_disk(now, id, result)) {
+                    break;
+                }
+            }
         }
         self.arm(n);
         if let Some(reason) = self.nodes[n].failstop.take() {
@@ -545,6 +631,20 @@ impl Sim {
             }
             self.stop_node(n, Death::FailStop);
         }
+    }
+
+    /// Whether node `n`'s driver completes `op` inline (batching scenario):
+    /// a plain write, on a disk that is not stalled or about to fail, and
+    /// not one of those the draw sends to the disk as a task.
+    fn inline_write(&mut self, n: usize, op: &DiskOp<Vec<u8>>) -> bool {
+        let Some(b) = self.batching else {
+            return false;
+        };
+        let node = &self.nodes[n];
+        matches!(op, DiskOp::Write { fua: false, .. })
+            && !node.fail_next_write
+            && node.stall_until <= self.now
+            && !self.batch_rng.one_in(b.task_one_in)
     }
 
     fn arm(&mut self, n: usize) {
@@ -918,6 +1018,10 @@ impl Sim {
             }
             _ => {}
         }
+        if let Some(seqs) = msg.acked_seqs() {
+            self.figures.ack_messages += 1;
+            self.figures.acks += seqs.len() as u64;
+        }
         let conn = self.net.held_by(n);
         if let Some(at) = self.net.send(n, msg, self.now, &mut self.rng) {
             if let Some(conn) = conn {
@@ -934,15 +1038,33 @@ impl Sim {
         if self.net.held_by(receiver) != Some(conn) {
             return;
         }
-        if self.opts.trace_all {
-            self.note(format!(
-                "{} → {}: {}",
-                NAMES[sender],
-                NAMES[receiver],
-                describe_message(&msg)
-            ));
+        // The batching scenario: every message that has arrived (within the
+        // driver's wake-up delay) goes to the core in one step, as the
+        // daemon's reader hands a received batch over under one lock.
+        let mut msgs = vec![msg];
+        if let Some(b) = self.batching {
+            while msgs.len() < BATCH_MESSAGES {
+                match self.net.pop_arrived(conn, sender, self.now + b.gather_us) {
+                    Some(m) => msgs.push(m),
+                    None => break,
+                }
+            }
         }
-        self.with_core(receiver, |c, now| c.handle_message(now, msg));
+        if self.opts.trace_all {
+            for msg in &msgs {
+                self.note(format!(
+                    "{} → {}: {}",
+                    NAMES[sender],
+                    NAMES[receiver],
+                    describe_message(msg)
+                ));
+            }
+        }
+        self.with_core(receiver, |c, now| {
+            for msg in msgs {
+                c.handle_message(now, msg);
+            }
+        });
     }
 
     /// Node `n`'s driver closes its end (its core said so): the peer learns

@@ -87,6 +87,9 @@ pub struct Pair {
     /// hand see its disk operation right away). Activity-log tests turn it
     /// off.
     pub auto_al: bool,
+    /// Per sender: `Ack`/`Acks` messages sent, and the writes they acknowledged.
+    pub ack_messages: [u64; 2],
+    pub acked_writes: [u64; 2],
     next_req: u64,
     next_admin: u64,
 }
@@ -165,6 +168,8 @@ impl Pair {
             link_up: false,
             disconnects: Vec::new(),
             auto_al: true,
+            ack_messages: [0; 2],
+            acked_writes: [0; 2],
             next_req: 1,
             next_admin: 1,
         }
@@ -287,6 +292,10 @@ impl Pair {
                 .meta_queue
                 .push_back((id, state, bitmap, activity_log)),
             Output::Send(m) => {
+                if let Some(seqs) = m.acked_seqs() {
+                    self.ack_messages[i] += 1;
+                    self.acked_writes[i] += seqs.len() as u64;
+                }
                 if self.link_up {
                     self.nodes[1 - i].inbox.push_back(m);
                 }
@@ -317,8 +326,35 @@ impl Pair {
     /// Completes disk operation `k` of node `i`'s queue.
     pub fn complete_disk(&mut self, i: usize, k: usize) {
         let (id, op) = self.nodes[i].disk_queue.remove(k);
+        let result = self.apply_disk(i, op);
+        self.nodes[i].node.handle_disk(self.now, id, result);
+        self.drain();
+    }
+
+    /// Completes every disk operation of node `i`'s queue that `pick`
+    /// chooses, all in one step (as the daemon's driver completes inline
+    /// writes), and drains the outputs only then.
+    pub fn complete_disks_together(
+        &mut self,
+        i: usize,
+        pick: impl Fn(&DiskOp<Vec<u8>>) -> bool,
+    ) -> usize {
+        let (chosen, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.nodes[i].disk_queue)
+            .into_iter()
+            .partition(|(_, op)| pick(op));
+        self.nodes[i].disk_queue = rest;
+        let n = chosen.len();
+        for (id, op) in chosen {
+            let result = self.apply_disk(i, op);
+            self.nodes[i].node.handle_disk(self.now, id, result);
+        }
+        self.drain();
+        n
+    }
+
+    fn apply_disk(&mut self, i: usize, op: DiskOp<Vec<u8>>) -> DiskResult<Vec<u8>> {
         let s = &mut self.nodes[i];
-        let result = if std::mem::take(&mut s.fail_next_disk) {
+        if std::mem::take(&mut s.fail_next_disk) {
             DiskResult::Failed("simulated EIO".into())
         } else {
             match op {
@@ -346,9 +382,7 @@ impl Pair {
                     DiskResult::Read(s.data[offset as usize..(offset + length) as usize].to_vec())
                 }
             }
-        };
-        self.nodes[i].node.handle_disk(self.now, id, result);
-        self.drain();
+        }
     }
 
     pub fn complete_meta(&mut self, i: usize) {
@@ -372,6 +406,41 @@ impl Pair {
         let m = self.nodes[i].inbox.pop_front().expect("a message");
         self.nodes[i].node.handle_message(self.now, m);
         self.drain();
+    }
+
+    /// Delivers every message waiting for node `i` in one step (as the
+    /// daemon's driver hands a received batch to the core under one lock),
+    /// draining the outputs only then.
+    pub fn deliver_all(&mut self, i: usize) {
+        while let Some(m) = self.nodes[i].inbox.pop_front() {
+            self.nodes[i].node.handle_message(self.now, m);
+        }
+        self.drain();
+    }
+
+    /// `run_until_idle` in bursts: each round completes every disk operation
+    /// of a node together and delivers every waiting message together.
+    pub fn run_until_idle_batched(&mut self) {
+        for _ in 0..1_000_000 {
+            let mut any = false;
+            for i in 0..2 {
+                if !self.nodes[i].meta_queue.is_empty() {
+                    self.complete_meta(i);
+                    any = true;
+                }
+                if self.complete_disks_together(i, |_| true) > 0 {
+                    any = true;
+                }
+                if !self.nodes[i].inbox.is_empty() {
+                    self.deliver_all(i);
+                    any = true;
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+        panic!("the pair never went idle");
     }
 
     /// Does one pending thing chosen by `rng`; false when nothing is pending.
