@@ -1244,10 +1244,18 @@ impl<P: Payload> Node<P> {
     /// frames. Nothing waits for a batch to fill: what is queued goes out
     /// when the driver drains this step's outputs.
     fn send_ack(&mut self, seq: u64) {
-        let last_send = self.out.iter_mut().rev().find_map(|o| match o {
-            Output::Send(m) => Some(m),
-            _ => None,
-        });
+        // A message queued before a Disconnect belongs to the old link: an
+        // ack never joins it (acks are due only while connected, so this
+        // does not happen today; the rule keeps it so).
+        let last_send = self
+            .out
+            .iter_mut()
+            .rev()
+            .take_while(|o| !matches!(o, Output::Disconnect { .. }))
+            .find_map(|o| match o {
+                Output::Send(m) => Some(m),
+                _ => None,
+            });
         if last_send.is_some_and(|m| m.absorb_ack(seq)) {
             return;
         }
