@@ -72,6 +72,11 @@ pub enum Mutation {
     /// Online verify reports differing blocks but marks none out of sync:
     /// resync-marked repairs nothing.
     VerifyMarksNothing,
+    /// The write-merging planner (`merge`) also merges a plain write that
+    /// starts after a gap, laying it back to back with the one before it:
+    /// its bytes land at the wrong offset, and the block it was meant for
+    /// keeps its old contents.
+    MergeAcrossGap,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
