@@ -51,6 +51,11 @@ pub struct Options {
     /// draw it). Off, every seed replays the run it had before the scenario
     /// existed (the regression seeds do).
     pub verify_scenario: bool,
+    /// Whether the merging scenario may run (half the seeds draw it, from
+    /// their own random stream): merged store writes, batched message
+    /// delivery, bursts of adjacent client writes. Off, every seed replays
+    /// the run it had before the scenario existed (the regression seeds do).
+    pub merge_scenario: bool,
 }
 
 impl Options {
@@ -65,6 +70,7 @@ impl Options {
             liveness_ms: 60_000,
             max_events: 3_000_000,
             verify_scenario: true,
+            merge_scenario: true,
         }
     }
 }
@@ -202,11 +208,12 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::WriteBeforeAlEntryDurable => "write-before-al-entry-durable",
         Mutation::VerifyIgnoresExtentLock => "verify-ignores-extent-lock",
         Mutation::VerifyMarksNothing => "verify-marks-nothing",
+        Mutation::MergeAcrossGap => "merge-across-gap",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 8] = [
+pub const MUTATIONS: [Mutation; 9] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
@@ -215,6 +222,7 @@ pub const MUTATIONS: [Mutation; 8] = [
     Mutation::WriteBeforeAlEntryDurable,
     Mutation::VerifyIgnoresExtentLock,
     Mutation::VerifyMarksNothing,
+    Mutation::MergeAcrossGap,
 ];
 
 /// The mutation with this command-line name.
