@@ -14,7 +14,7 @@ use crate::engine::Op;
 pub enum FaultPoint {
     /// `read`.
     Read,
-    /// `write` without FUA (also the zero-writing fallback).
+    /// `write` without FUA, a vectored write (also the zero-writing fallback).
     Write,
     /// `write` with FUA (poisons the store).
     FuaWrite,
@@ -40,7 +40,7 @@ impl FaultPoint {
     fn of(op: &Op) -> FaultPoint {
         match op {
             Op::Read { .. } => FaultPoint::Read,
-            Op::Write { fua: false, .. } => FaultPoint::Write,
+            Op::Write { fua: false, .. } | Op::WriteVectored { .. } => FaultPoint::Write,
             Op::Write { fua: true, .. } => FaultPoint::FuaWrite,
             Op::Flush => FaultPoint::Flush,
             Op::Fallocate { .. } => FaultPoint::Fallocate,
