@@ -180,6 +180,7 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         Some("status") => {
             let mut status = status_json(&driver.status(), engine, &driver.attached_clients());
             status["meta_writes"] = json!(driver.meta_writes());
+            status["writes"] = driver.writes.to_json();
             return json!({"ok": true, "status": status});
         }
         Some("promote") => AdminCommand::Promote {
