@@ -38,8 +38,8 @@ fn writes(files: &PairFiles, node: &str) -> (u64, u64, u64, u64) {
 }
 
 /// Runs one fio job against `node` (block size 4 KiB), verifying what it
-/// wrote when `verify` is set.
-fn fio(files: &PairFiles, node: &str, rw: &str, depth: u32, bytes: u64, verify: bool) {
+/// wrote when `verify` is set; returns fio's IOPS line (indicative only).
+fn fio(files: &PairFiles, node: &str, rw: &str, depth: u32, bytes: u64, verify: bool) -> String {
     let mut c = Command::new("fio");
     c.args([
         "--name=merge",
@@ -62,6 +62,12 @@ fn fio(files: &PairFiles, node: &str, rw: &str, depth: u32, bytes: u64, verify: 
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.contains("IOPS="))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
 }
 
 /// A pair with `resource_extra`, alpha Primary and in sync.
@@ -139,8 +145,15 @@ fn merge_bytes_zero_turns_merging_off() {
 #[ignore = "a figure: run with --ignored --nocapture"]
 fn figure_store_writes_per_client_write() {
     require_tool("fio");
+    for merge in ["", "merge-bytes = 0\n"] {
+        figure_with(merge);
+    }
+}
+
+fn figure_with(resource_extra: &str) {
     let dir = TestDir::new("merge-figure");
-    let (files, daemons) = pair_in_sync(&dir, "");
+    let (files, daemons) = pair_in_sync(&dir, resource_extra);
+    eprintln!("figure: config {resource_extra:?}");
     for (rw, depth) in [
         ("write", 1),
         ("write", 32),
@@ -148,7 +161,8 @@ fn figure_store_writes_per_client_write() {
         ("randwrite", 32),
     ] {
         let before = [writes(&files, "alpha"), writes(&files, "beta")];
-        fio(&files, "alpha", rw, depth, 32 << 20, false);
+        let iops = fio(&files, "alpha", rw, depth, 32 << 20, false);
+        eprintln!("figure: {rw} depth {depth}: {iops}");
         files.wait_in_sync();
         for (n, node) in NODES.iter().enumerate() {
             let (ops, store, merged, carried) = writes(&files, node);

@@ -477,12 +477,20 @@ impl Driver {
     /// them (NBD), and each is handed over only after it arrived.
     pub async fn submit(self: &Arc<Self>, op: ClientOp<SharedBuf>) -> Result<(), ReplyError> {
         let (tx, rx) = oneshot::channel();
+        let write = matches!(op, ClientOp::Write { fua: false, .. });
         // Bounded by the requests in flight (the NBD server's per-connection
         // limits): each entry's submitter is here, waiting for its reply.
         self.submitted
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((op, tx));
+        if write && self.merge.enabled() {
+            // Let the requests the NBD server has already read and spawned
+            // (runnable now, typically a client's whole queue) add
+            // themselves first: one pass of the scheduler, no timer; with
+            // nothing else runnable it returns at once.
+            tokio::task::yield_now().await;
+        }
         {
             let mut inner = self.lock();
             let batch =
