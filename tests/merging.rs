@@ -118,6 +118,13 @@ fn sequential_writes_merge_on_both_nodes_and_the_stores_match() {
             ops - carried + merged,
             "{node}: the counters disagree"
         );
+        // The human status says it too.
+        let out = files.cli(node, &["status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("writes: ") && text.contains(" merged, carrying "),
+            "{text}"
+        );
     }
     stop_and_compare(&files, daemons);
 }

@@ -1367,13 +1367,22 @@ impl Sim {
             if msg.starts_with("already") {
                 return;
             }
-            if force {
-                let st = self.status(n);
+            let new_line = self
+                .status(n)
+                .as_ref()
+                .is_some_and(|s| s.generations.current != gen_before);
+            // A forced promotion that began no new generation is one the
+            // core carried out as an ordinary promotion (an UpToDate node:
+            // `--force` changes nothing there), and the peer's line can
+            // still win at the next meeting: it is checked as one
+            // (`watch_promotions`), not as the operator choosing this node's
+            // data. (Found by seed 1917 of the merging scenario: a
+            // "forced" promotion during an unnoticed partition, whose node
+            // then crashed before writing, was resynced from the other
+            // Primary as it must be, and the model had adopted its data.)
+            if force && new_line {
                 let stores = [&self.nodes[0].store, &self.nodes[1].store];
                 self.figures.forced_promotions += 1;
-                let new_line = st
-                    .as_ref()
-                    .is_some_and(|s| s.generations.current != gen_before);
                 let in_flight = self.blocks_in_flight(n);
                 self.checker.forced(n, stores, new_line, &in_flight);
                 self.nodes[n].just_forced = true;
