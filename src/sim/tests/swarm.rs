@@ -128,7 +128,7 @@ fn promoting_an_outdated_node_is_caught() {
 
 #[test]
 fn clearing_a_bit_before_the_target_flushed_is_caught() {
-    // Seed 327 catches it today (as a silent divergence).
+    // Seed 368 catches it today (as a silent divergence).
     let (_, v) = first_catch_within(Mutation::BitClearedBeforeTargetFlush, 2000);
     assert!(
         matches!(
@@ -198,7 +198,7 @@ fn ci_swarm() {
 
 #[test]
 fn writing_before_the_activity_log_entry_is_durable_is_caught() {
-    // Seed 5 catches it today: a crash between the write's submission and
+    // Seed 151 catches it today: a crash between the write's submission and
     // its log entry's metadata write leaves an extent that differs between
     // the nodes and that no log records.
     let (_, v) = first_catch_within(Mutation::WriteBeforeAlEntryDurable, 2000);
@@ -213,7 +213,7 @@ fn writing_before_the_activity_log_entry_is_durable_is_caught() {
 
 #[test]
 fn a_verify_that_ignores_the_extent_lock_is_caught() {
-    // Seed 24 catches it today: a write in flight during the verify's read
+    // Seed 16 catches it today: a write in flight during the verify's read
     // of its chunk is reported as a difference in a block nobody corrupted.
     let (_, v) = first_catch(Mutation::VerifyIgnoresExtentLock);
     assert!(
@@ -224,7 +224,7 @@ fn a_verify_that_ignores_the_extent_lock_is_caught() {
 
 #[test]
 fn a_verify_that_marks_nothing_is_caught() {
-    // Seed 22 catches it today: resync-marked repairs nothing, and the
+    // Seed 24 catches it today: resync-marked repairs nothing, and the
     // corruption is still on one store at the final comparison.
     let (_, v) = first_catch(Mutation::VerifyMarksNothing);
     assert!(
