@@ -474,7 +474,10 @@ impl Driver {
     /// takes the lock next, and their outputs drained together: one batch
     /// window, so that adjacent writes submitted together can merge. Nothing
     /// waits for a batch; requests in flight together carry no order between
-    /// them (NBD), and each is handed over only after it arrived.
+    /// them (NBD), and each is handed over only after it arrived. A submitter
+    /// dropped while it waits (its connection cut off) leaves its request to
+    /// the next one, which hands it over with the others; its reply then goes
+    /// nowhere, as for any request whose client left.
     pub async fn submit(self: &Arc<Self>, op: ClientOp<SharedBuf>) -> Result<(), ReplyError> {
         let (tx, rx) = oneshot::channel();
         let write = matches!(op, ClientOp::Write { fua: false, .. });
