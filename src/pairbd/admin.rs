@@ -499,6 +499,17 @@ fn human_status(s: &Value) -> String {
             ));
         }
     }
+    if let Some(w) = s["writes"].as_object() {
+        let ops = w["write_ops"].as_u64().unwrap_or(0);
+        if ops > 0 {
+            out.push_str(&format!(
+                "  writes: {ops} write ops in {} store writes ({} merged, carrying {} ops)\n",
+                w["store_writes"].as_u64().unwrap_or(0),
+                w["merged_writes"].as_u64().unwrap_or(0),
+                w["merged_ops"].as_u64().unwrap_or(0)
+            ));
+        }
+    }
     if s["peer_sync_needed"].as_bool() == Some(true) {
         out.push_str(
             "  note: writes since the peer left exist on this node only; the peer needs a sync\n",

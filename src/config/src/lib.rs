@@ -123,6 +123,13 @@ pub struct NodeConfig {
     pub control: PathBuf,
 }
 
+/// The default `merge-bytes`: adjacent writes emitted together are merged
+/// into store writes of up to this many bytes (docs/OPERATIONS.md).
+pub const DEFAULT_MERGE_BYTES: u64 = 1 << 20;
+
+/// The largest `merge-bytes` accepted (half the store's largest request).
+pub const MERGE_BYTES_MAX: u64 = 16 << 20;
+
 /// One replicated resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceConfig {
@@ -143,6 +150,10 @@ pub struct ResourceConfig {
     /// bytes (`batch-bytes`, default 4 MiB). Only what is already queued is
     /// batched: nothing waits for a batch to fill.
     pub batch_bytes: u64,
+    /// The most bytes one merged store write may hold (`merge-bytes`,
+    /// default [`DEFAULT_MERGE_BYTES`]; 0: no merging): adjacent plain
+    /// writes the core emits together become one vectored store write.
+    pub merge_bytes: u64,
     /// Bytes per bit of the dirty bitmap; `None`: the daemon picks the
     /// smallest from 4 KiB up whose bitmap fits the metadata area.
     pub bitmap_granularity_bytes: Option<u64>,

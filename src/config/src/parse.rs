@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use crate::{
     AfterCrash, AfterSplitBrain, Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig,
-    OnPeerLoss, ResourceConfig,
+    OnPeerLoss, ResourceConfig, DEFAULT_MERGE_BYTES, MERGE_BYTES_MAX,
 };
 
 #[derive(Deserialize)]
@@ -44,6 +44,7 @@ struct RawResource {
     sync_rate: Option<Spanned<SizeValue>>,
     batch_messages: Option<Spanned<i64>>,
     batch_bytes: Option<Spanned<SizeValue>>,
+    merge_bytes: Option<Spanned<SizeValue>>,
     sync_rate_min: Option<Spanned<SizeValue>>,
     al_extent_size: Option<Spanned<SizeValue>>,
     al_extents: Option<Spanned<i64>>,
@@ -414,6 +415,21 @@ fn resource(
             b
         }
     };
+    let merge_bytes = match &raw.merge_bytes {
+        None => DEFAULT_MERGE_BYTES,
+        Some(v) => {
+            let k = format!("{key}.merge-bytes");
+            let b = size_value(ctx, v, &k)?;
+            if b != 0 && !(4096..=MERGE_BYTES_MAX).contains(&b) {
+                return Err(ctx.err(
+                    v.span().start,
+                    &k,
+                    "must be 0 (no merging) or from 4KiB to 16MiB",
+                ));
+            }
+            b
+        }
+    };
     let on_peer_loss = choice(
         ctx,
         &raw.on_peer_loss,
@@ -511,6 +527,7 @@ fn resource(
         sync_rate_bytes_per_sec,
         batch_messages,
         batch_bytes,
+        merge_bytes,
         sync_rate_min_bytes_per_sec,
         al_extent_bytes,
         al_extents,

@@ -144,6 +144,23 @@ fn bad_values_name_line_key_and_what_is_allowed() {
 }
 
 #[test]
+fn merge_bytes_defaults_bounds_and_zero() {
+    let r = parse(GOOD).unwrap().resource(None).unwrap().clone();
+    assert_eq!(r.merge_bytes, pairbd_config::DEFAULT_MERGE_BYTES);
+    for (value, want) in [("0", 0), ("\"64KiB\"", 64 << 10), ("\"16MiB\"", 16 << 20)] {
+        let c = parse(&GOOD.replace("sync-window = 4", &format!("merge-bytes = {value}"))).unwrap();
+        assert_eq!(c.resource(None).unwrap().merge_bytes, want, "{value}");
+    }
+    for bad in ["\"1KiB\"", "\"32MiB\"", "-1", "\"lots\""] {
+        let e = error(&GOOD.replace("sync-window = 4", &format!("merge-bytes = {bad}")));
+        assert!(
+            e.contains("line 6") && e.contains("resource.mail.merge-bytes"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn missing_and_structural_mistakes() {
     let e = error(&GOOD.replace("size = \"1GiB\"\n", ""));
     assert!(

@@ -188,6 +188,7 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
                 "fdatasyncs": driver.store().fdatasyncs_issued(),
             });
             status["link_frames"] = driver.frames.json();
+            status["writes"] = driver.writes.to_json();
             return json!({"ok": true, "status": status});
         }
         Some("promote") => AdminCommand::Promote {

@@ -8,6 +8,17 @@
 //! queue, replies into oneshot channels. Because outputs are executed under the
 //! lock, messages reach the link in exactly the order the core emitted them.
 //!
+//! Merging: the disk operations of one drain of the core (everything it has
+//! queued after one input, or after one batch of received messages, which
+//! `messages` hands it under one lock) go through the core's merge planner
+//! (`pairbd_repl_core::merge`) after the round's other outputs were executed:
+//! exactly adjacent plain writes, ascending and consecutive in emission
+//! order, become one vectored store write of at most `merge-bytes`. Nothing
+//! waits for a merge partner. The planner never moves an operation past
+//! another, so the order guarantees above are untouched; a merged write
+//! reports every piece to the core under one lock, all done or all failed
+//! with the same error.
+//!
 //! The queues here are bounded by what feeds them: client requests by the NBD
 //! server's per-connection limits, sync chunks by the sync window, disk and
 //! metadata completions by the operations in flight. The link's send queue
@@ -23,9 +34,9 @@ use std::time::Instant;
 use pairbd_meta::MetaStore;
 use pairbd_nbd_server::Clients;
 use pairbd_repl_core::{
-    ActivityLogImage, AdminCommand, AdminError, AdminId, BitmapPage, ClientOp, DiskOp, DiskOpId,
-    DiskResult, Message, MetaWriteId, Node, Output, Payload, PersistentState, ReplyError,
-    RequestId, Status,
+    plan_disk_ops, ActivityLogImage, AdminCommand, AdminError, AdminId, BitmapPage, ClientOp,
+    DiskOp, DiskOpId, DiskResult, MergeLimits, MergedWrite, Message, MetaWriteId, Node, Output,
+    Payload, PersistentState, PlannedOp, ReplyError, RequestId, Status,
 };
 use pairbd_store::{AlignedBuf, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -70,6 +81,57 @@ const INLINE_WRITE_BYTES: usize = pairbd_store::SMALL_WRITE_BYTES;
 fn inline_write(op: &DiskOp<SharedBuf>) -> bool {
     matches!(op, DiskOp::Write { payload, fua: false, .. } if payload.0.len() <= INLINE_WRITE_BYTES)
 }
+
+/// What merging did since the daemon started (`pairbd status --json`,
+/// `"writes"`): the core's write operations against the store writes that
+/// carried them out.
+#[derive(Debug, Default)]
+pub struct WriteCounters {
+    /// Write operations the core emitted (client writes on a Primary, peer
+    /// writes and sync chunks on a Secondary).
+    pub write_ops: AtomicU64,
+    /// Store writes issued for them (a merged write counts once).
+    pub store_writes: AtomicU64,
+    /// Merged store writes (each carrying two or more write operations).
+    pub merged_writes: AtomicU64,
+    /// Write operations carried by merged store writes.
+    pub merged_ops: AtomicU64,
+}
+
+impl WriteCounters {
+    fn count(&self, planned: &PlannedOp<SharedBuf>) {
+        match planned {
+            PlannedOp::Single {
+                op: DiskOp::Write { .. },
+                ..
+            } => {
+                self.write_ops.fetch_add(1, Ordering::Relaxed);
+                self.store_writes.fetch_add(1, Ordering::Relaxed);
+            }
+            PlannedOp::Single { .. } => {}
+            PlannedOp::Merged(m) => {
+                let pieces = m.pieces.len() as u64;
+                self.write_ops.fetch_add(pieces, Ordering::Relaxed);
+                self.store_writes.fetch_add(1, Ordering::Relaxed);
+                self.merged_writes.fetch_add(1, Ordering::Relaxed);
+                self.merged_ops.fetch_add(pieces, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The counters as JSON numbers.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "write_ops": self.write_ops.load(Ordering::Relaxed),
+            "store_writes": self.store_writes.load(Ordering::Relaxed),
+            "merged_writes": self.merged_writes.load(Ordering::Relaxed),
+            "merged_ops": self.merged_ops.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// A store operation on its way (polled once inline, or as a task).
+type DiskRun = std::pin::Pin<Box<dyn Future<Output = DiskResult<SharedBuf>> + Send>>;
 
 /// How much the link batches: frames written to the stream in one write,
 /// and frames received that are handled under one lock.
@@ -171,7 +233,16 @@ pub struct Driver {
     batch: BatchLimits,
     /// Frames on the replication link (status).
     pub frames: FrameCounters,
+    /// The merge planner's bounds (`merge-bytes`; 0: off).
+    merge: MergeLimits,
+    /// What merging did.
+    pub writes: WriteCounters,
+    /// Client requests not yet handed to the core (see `submit`).
+    submitted: Mutex<Vec<Submitted>>,
 }
+
+/// A client request waiting for the core's lock, with its reply channel.
+type Submitted = (ClientOp<SharedBuf>, oneshot::Sender<Result<(), ReplyError>>);
 
 impl Driver {
     pub fn new(
@@ -179,7 +250,11 @@ impl Driver {
         store: Store,
         meta: MetaStore,
         batch: BatchLimits,
+        merge_bytes: u64,
     ) -> Arc<Driver> {
+        // A merged write is one store request: it may not exceed the store's
+        // largest.
+        let merge_bytes = merge_bytes.min(store.max_request_bytes() as u64);
         Arc::new(Driver {
             inner: Mutex::new(Inner {
                 node,
@@ -201,6 +276,9 @@ impl Driver {
             restart: CancellationToken::new(),
             batch,
             frames: FrameCounters::default(),
+            merge: MergeLimits::new(merge_bytes),
+            writes: WriteCounters::default(),
+            submitted: Mutex::new(Vec::new()),
         })
     }
 
@@ -216,34 +294,44 @@ impl Driver {
 
     /// Runs every output the core has, under the lock (see the module doc).
     ///
-    /// Small plain writes (up to `INLINE_WRITE_BYTES`, no FUA) are tried
+    /// The round's disk operations are planned together (merging adjacent
+    /// plain writes) once its other outputs were executed. Small plain
+    /// writes, merged or not (up to `INLINE_WRITE_BYTES`, no FUA), are tried
     /// right here, after the messages of the same round went to the link:
     /// the store copies them into the page cache on this thread, and their
     /// completion goes back to the core at once, saving a task, a wake-up
     /// and a second lock per write on each node. A write the store cannot
     /// finish at once (an engine write, a full queue) continues as a task.
     fn drive(self: &Arc<Self>, inner: &mut Inner) {
-        let mut inline: Vec<(DiskOpId, DiskOp<SharedBuf>)> = Vec::new();
+        let mut disk: Vec<(DiskOpId, DiskOp<SharedBuf>)> = Vec::new();
         loop {
             while let Some(out) = inner.node.poll() {
                 match out {
-                    Output::Disk { id, op } if inline_write(&op) => inline.push((id, op)),
+                    Output::Disk { id, op } => disk.push((id, op)),
                     out => self.execute(inner, out),
                 }
             }
-            if inline.is_empty() {
+            if disk.is_empty() {
                 break;
             }
-            for (id, op) in inline.drain(..) {
-                let mut run = Box::pin(Arc::clone(self).run_disk(op));
-                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-                match run.as_mut().poll(&mut cx) {
-                    std::task::Poll::Ready(result) => {
-                        inner.node.handle_disk(Instant::now(), id, result)
+            for planned in plan_disk_ops(disk.drain(..), &self.merge) {
+                self.writes.count(&planned);
+                match planned {
+                    PlannedOp::Single { id, op } if inline_write(&op) => {
+                        let run = Box::pin(Arc::clone(self).run_disk(op));
+                        self.run_inline(inner, vec![id], run);
                     }
-                    // The first poll registered no waker; the task polls
-                    // again with its own.
-                    std::task::Poll::Pending => self.spawn_running(id, run),
+                    PlannedOp::Single { id, op } => self.spawn_disk(id, op),
+                    PlannedOp::Merged(m) => {
+                        let inline = m.len_bytes() <= INLINE_WRITE_BYTES as u64;
+                        let ids: Vec<DiskOpId> = m.ids().collect();
+                        let run = Box::pin(Arc::clone(self).run_merged(m));
+                        if inline {
+                            self.run_inline(inner, ids, run);
+                        } else {
+                            self.spawn_running(ids, run);
+                        }
+                    }
                 }
             }
         }
@@ -251,6 +339,24 @@ impl Driver {
         if next.is_some() && inner.armed.is_none_or(|armed| next < Some(armed)) {
             inner.armed = next;
             self.timer.notify_one();
+        }
+    }
+
+    /// Polls a small write's future once, on this thread and under the lock:
+    /// if the store finished it, every operation it carries out (`ids`) is
+    /// reported at once; otherwise it continues as a task.
+    fn run_inline(self: &Arc<Self>, inner: &mut Inner, ids: Vec<DiskOpId>, mut run: DiskRun) {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match run.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(result) => {
+                let now = Instant::now();
+                for id in ids {
+                    inner.node.handle_disk(now, id, result.clone());
+                }
+            }
+            // The first poll registered no waker; the task polls again with
+            // its own.
+            std::task::Poll::Pending => self.spawn_running(ids, run),
         }
     }
 
@@ -316,22 +422,32 @@ impl Driver {
     }
 
     fn spawn_disk(self: &Arc<Self>, id: DiskOpId, op: DiskOp<SharedBuf>) {
-        self.spawn_running(id, Box::pin(Arc::clone(self).run_disk(op)));
+        self.spawn_running(vec![id], Box::pin(Arc::clone(self).run_disk(op)));
     }
 
-    /// Finishes a disk operation as a task and reports it to the core.
-    fn spawn_running(
-        self: &Arc<Self>,
-        id: DiskOpId,
-        run: std::pin::Pin<Box<dyn Future<Output = DiskResult<SharedBuf>> + Send>>,
-    ) {
+    /// Finishes a store operation as a task and reports every operation of
+    /// the core it carries out (one, or a merged write's pieces) with its
+    /// result, under one lock.
+    fn spawn_running(self: &Arc<Self>, ids: Vec<DiskOpId>, run: DiskRun) {
         let driver = Arc::clone(self);
         tokio::spawn(async move {
             let result = run.await;
             let mut inner = driver.lock();
-            inner.node.handle_disk(Instant::now(), id, result);
+            let now = Instant::now();
+            for id in ids {
+                inner.node.handle_disk(now, id, result.clone());
+            }
             driver.drive(&mut inner);
         });
+    }
+
+    /// Runs a merged write as one vectored store write.
+    async fn run_merged(self: Arc<Self>, m: MergedWrite<SharedBuf>) -> DiskResult<SharedBuf> {
+        let bufs = m.pieces.into_iter().map(|(_, p)| p.0).collect();
+        match self.store.write_vectored_shared(m.offset, bufs).await {
+            Ok(()) => DiskResult::Done,
+            Err(e) => DiskResult::Failed(e.to_string()),
+        }
     }
 
     /// Runs one disk operation on the store.
@@ -406,15 +522,46 @@ impl Driver {
     }
 
     /// Hands a client request to the core; resolves with its reply.
+    ///
+    /// Requests that arrive while another thread holds the core's lock wait
+    /// in `submitted` and are all handed to the core by whichever thread
+    /// takes the lock next, and their outputs drained together: one batch
+    /// window, so that adjacent writes submitted together can merge. Nothing
+    /// waits for a batch; requests in flight together carry no order between
+    /// them (NBD), and each is handed over only after it arrived. A submitter
+    /// dropped while it waits (its connection cut off) leaves its request to
+    /// the next one, which hands it over with the others; its reply then goes
+    /// nowhere, as for any request whose client left.
     pub async fn submit(self: &Arc<Self>, op: ClientOp<SharedBuf>) -> Result<(), ReplyError> {
         let (tx, rx) = oneshot::channel();
+        let write = matches!(op, ClientOp::Write { fua: false, .. });
+        // Bounded by the requests in flight (the NBD server's per-connection
+        // limits): each entry's submitter is here, waiting for its reply.
+        self.submitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((op, tx));
+        if write && self.merge.enabled() {
+            // Let the requests the NBD server has already read and spawned
+            // (runnable now, typically a client's whole queue) add
+            // themselves first: one pass of the scheduler, no timer; with
+            // nothing else runnable it returns at once.
+            tokio::task::yield_now().await;
+        }
         {
             let mut inner = self.lock();
-            let id = inner.next_request;
-            inner.next_request += 1;
-            inner.replies.insert(id, tx);
-            inner.node.handle_client(Instant::now(), RequestId(id), op);
-            self.drive(&mut inner);
+            let batch =
+                std::mem::take(&mut *self.submitted.lock().unwrap_or_else(|e| e.into_inner()));
+            if !batch.is_empty() {
+                let now = Instant::now();
+                for (op, tx) in batch {
+                    let id = inner.next_request;
+                    inner.next_request += 1;
+                    inner.replies.insert(id, tx);
+                    inner.node.handle_client(now, RequestId(id), op);
+                }
+                self.drive(&mut inner);
+            }
         }
         rx.await.unwrap_or(Err(ReplyError::Stopping))
     }

@@ -328,7 +328,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         messages: res.batch_messages,
         bytes: usize::try_from(res.batch_bytes).unwrap_or(usize::MAX),
     };
-    let driver = Driver::new(node, store.clone(), meta, batch);
+    let driver = Driver::new(node, store.clone(), meta, batch, res.merge_bytes);
     tokio::spawn(Arc::clone(&driver).run_timers());
 
     let endpoint = link::start(&res, &local, &peer, Arc::clone(&driver))?;

@@ -14,6 +14,7 @@
 pub mod activity_log;
 pub mod bitmap;
 pub mod generations;
+pub mod merge;
 mod node;
 mod ops;
 pub mod resync_rate;
@@ -22,6 +23,7 @@ mod status;
 pub use activity_log::{ActivityLog, ActivityLogImage};
 pub use bitmap::{BitmapPage, DirtyBitmap};
 pub use generations::Verdict;
+pub use merge::{plan_disk_ops, MergeLimits, MergedWrite, PlannedOp, MERGE_PIECES_MAX};
 #[cfg(feature = "mutations")]
 pub use node::Mutation;
 pub use node::Node;

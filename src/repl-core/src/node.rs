@@ -76,6 +76,11 @@ pub enum Mutation {
     /// the batch's highest sequence number counts as acknowledged, although
     /// writes complete out of order on the secondary.
     AcksCumulative,
+    /// The write-merging planner (`merge`) also merges a plain write that
+    /// starts after a gap, laying it back to back with the one before it:
+    /// its bytes land at the wrong offset, and the block it was meant for
+    /// keeps its old contents.
+    MergeAcrossGap,
 }
 
 /// The request id of the flush a primary runs on both nodes before it

@@ -97,6 +97,20 @@ pub struct Figures {
     pub unsafe_promotions: u64,
     /// Runs that did not come back into service in time.
     pub liveness_timeouts: u64,
+    /// Runs with the merging scenario.
+    pub merge_runs: u64,
+    /// Bursts of adjacent client writes handed to a core together.
+    pub client_bursts: u64,
+    /// Message batches of more than one message handled together.
+    pub message_batches: u64,
+    /// Merged store writes (each carrying two or more of the core's writes).
+    pub merged_writes: u64,
+    /// The core's writes carried by merged store writes.
+    pub merged_pieces: u64,
+    /// Merged store writes in flight when their node was killed, lost
+    /// power or fail-stopped (each landed whole or not at all; a power cut
+    /// then keeps or loses each of its blocks on its own).
+    pub merged_writes_at_stops: u64,
 }
 
 impl Figures {
@@ -155,7 +169,13 @@ impl Figures {
             verify_violations,
             batching_runs,
             ack_messages,
-            acks
+            acks,
+            merge_runs,
+            client_bursts,
+            message_batches,
+            merged_writes,
+            merged_pieces,
+            merged_writes_at_stops
         );
     }
 }
@@ -216,6 +236,16 @@ impl fmt::Display for Figures {
             self.acks,
             self.ack_messages,
             self.acks as f64 / self.ack_messages.max(1) as f64
+        )?;
+        writeln!(
+            f,
+            "merging scenario runs {}, client bursts {}, message batches {}, merged store writes {} carrying {} writes ({} in flight at a stop)",
+            self.merge_runs,
+            self.client_bursts,
+            self.message_batches,
+            self.merged_writes,
+            self.merged_pieces,
+            self.merged_writes_at_stops
         )?;
         writeln!(
             f,

@@ -57,6 +57,11 @@ pub struct Options {
     /// them, as the daemon's driver does, so acks batch. Off, every seed
     /// replays the run it had before the scenario existed.
     pub batch_scenario: bool,
+    /// Whether the merging scenario may run (half the seeds draw it, from
+    /// their own random stream): merged store writes, batched message
+    /// delivery, bursts of adjacent client writes. Off, every seed replays
+    /// the run it had before the scenario existed (the regression seeds do).
+    pub merge_scenario: bool,
 }
 
 impl Options {
@@ -72,6 +77,7 @@ impl Options {
             max_events: 3_000_000,
             verify_scenario: true,
             batch_scenario: true,
+            merge_scenario: true,
         }
     }
 }
@@ -210,11 +216,12 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::VerifyIgnoresExtentLock => "verify-ignores-extent-lock",
         Mutation::VerifyMarksNothing => "verify-marks-nothing",
         Mutation::AcksCumulative => "acks-cumulative",
+        Mutation::MergeAcrossGap => "merge-across-gap",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 9] = [
+pub const MUTATIONS: [Mutation; 10] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
@@ -224,6 +231,7 @@ pub const MUTATIONS: [Mutation; 9] = [
     Mutation::VerifyIgnoresExtentLock,
     Mutation::VerifyMarksNothing,
     Mutation::AcksCumulative,
+    Mutation::MergeAcrossGap,
 ];
 
 /// The mutation with this command-line name.

@@ -4,7 +4,7 @@
 //! ```text
 //! pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all]
 //!            [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure]
-//!            [--no-verify-scenario] [--no-batch-scenario]
+//!            [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario]
 //! ```
 //!
 //! Exits 1 if any seed broke an invariant (0 with `--expect-failure` if
@@ -26,6 +26,7 @@ struct Args {
     jobs: usize,
     no_verify_scenario: bool,
     no_batch_scenario: bool,
+    no_merge_scenario: bool,
 }
 
 fn usage() -> String {
@@ -35,7 +36,7 @@ fn usage() -> String {
         .collect();
     format!(
         "usage: pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all] \
-         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario] [--no-batch-scenario]\nmutations: {}",
+         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario]\nmutations: {}",
         names.join(", ")
     )
 }
@@ -58,6 +59,7 @@ fn parse() -> Result<Args, String> {
         expect_failure: false,
         no_verify_scenario: false,
         no_batch_scenario: false,
+        no_merge_scenario: false,
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let mut it = std::env::args().skip(1);
@@ -89,6 +91,7 @@ fn parse() -> Result<Args, String> {
             "--expect-failure" => a.expect_failure = true,
             "--no-verify-scenario" => a.no_verify_scenario = true,
             "--no-batch-scenario" => a.no_batch_scenario = true,
+            "--no-merge-scenario" => a.no_merge_scenario = true,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
@@ -111,6 +114,7 @@ fn main() -> ExitCode {
         opts.trace_all = args.trace_all;
         opts.verify_scenario = !args.no_verify_scenario;
         opts.batch_scenario = !args.no_batch_scenario;
+        opts.merge_scenario = !args.no_merge_scenario;
         if let Some(ms) = args.safety_ms {
             opts.safety_ms = ms;
         }

@@ -239,6 +239,10 @@ impl Sim {
             return;
         }
         let op = OPS[self.rng.weighted(&self.profile.ops)];
+        if op == Op::Write && self.merge.is_some() && self.merge_rng.percent(35) {
+            self.burst(c, n);
+            return;
+        }
         self.clients[c].seq += 1;
         let seq = self.clients[c].seq;
         let count = if self.rng.percent(25) { 2 } else { 1 };
@@ -291,6 +295,47 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// The merging scenario: a burst of 2 to 5 writes of 1 or 2 blocks,
+    /// mostly exactly adjacent and ascending (a streaming writer), now and
+    /// then with a gap, a FUA write or a flush among them, handed to the
+    /// core together so that their disk operations share one drain.
+    fn burst(&mut self, c: usize, n: usize) {
+        let count = self.merge_rng.between(2, 5) as usize;
+        let mut shape = Vec::with_capacity(count);
+        let mut span = 0;
+        for _ in 0..count {
+            let gap = usize::from(span > 0 && self.merge_rng.one_in(6));
+            let blocks = if self.merge_rng.percent(25) { 2 } else { 1 };
+            let fua = self.merge_rng.one_in(8);
+            let flush_before = span > 0 && self.merge_rng.one_in(10);
+            shape.push((span + gap, blocks, fua, flush_before));
+            span += gap + blocks;
+        }
+        let first = self.pick_blocks(span);
+        let mut reqs = Vec::with_capacity(count + 2);
+        for (at, blocks, fua, flush_before) in shape {
+            if flush_before {
+                reqs.push((ReqKind::Flush, ClientOp::Flush));
+            }
+            self.clients[c].seq += 1;
+            let seq = self.clients[c].seq;
+            let start = first + at;
+            let id = self.checker.submit_write(start, blocks, false, fua);
+            let mut payload = Vec::with_capacity(blocks * BLOCK_BYTES);
+            for b in start..start + blocks {
+                payload.extend_from_slice(&encode(id, b as u64, c as u32, seq));
+            }
+            let op = ClientOp::Write {
+                offset: (start * BLOCK_BYTES) as u64,
+                payload,
+                fua,
+            };
+            reqs.push((ReqKind::Write(id), op));
+        }
+        self.figures.client_bursts += 1;
+        self.submit_many(c, n, reqs);
     }
 
     /// A read completes: it returns what the node's cache holds now.

@@ -107,11 +107,13 @@ fn seeds_that_found_core_bugs_replay_clean() {
     let mut failures = Vec::new();
     for &(seed, what) in FOUND {
         // Without the online-verify scenario (drawn in 40% of the profiles
-        // since): each seed replays the very run that found its bug.
+        // since) and the merging scenario (50%): each seed replays the very
+        // run that found its bug.
         let mut opts = Options::new(seed);
         opts.verify_scenario = false;
         // Nor the batching scenario (drawn in half of them since).
         opts.batch_scenario = false;
+        opts.merge_scenario = false;
         let outcome = run_seed(opts);
         if outcome.violation.is_some() {
             failures.push(format!("regression ({what}):\n{}", outcome.report(None)));

@@ -99,6 +99,9 @@ pub enum StoreError {
         /// The configured `max_request_bytes`.
         max_bytes: u64,
     },
+    /// A vectored write with no buffer or more than `max` of them.
+    #[error("a vectored write of {pieces} buffers (1 to {max} allowed)")]
+    TooManyPieces { pieces: usize, max: usize },
     /// Zeroing was asked to be fast only, and the filesystem or device can only do it by
     /// writing zeroes (NBD's FAST_ZERO gets `NBD_ENOTSUP` from this).
     #[error("the operation cannot be done quickly here (it would need to write zeroes)")]

@@ -14,7 +14,7 @@ use crate::engine::Op;
 pub enum FaultPoint {
     /// `read`.
     Read,
-    /// `write` without FUA (also the zero-writing fallback).
+    /// `write` without FUA, a vectored write (also the zero-writing fallback).
     Write,
     /// `write` with FUA on an O_DIRECT store, i.e. RWF_DSYNC (poisons the store).
     /// A buffered store's FUA write is a plain write and a flush: see `Write`
@@ -42,7 +42,7 @@ impl FaultPoint {
     fn of(op: &Op) -> FaultPoint {
         match op {
             Op::Read { .. } => FaultPoint::Read,
-            Op::Write { fua: false, .. } => FaultPoint::Write,
+            Op::Write { fua: false, .. } | Op::WriteVectored { .. } => FaultPoint::Write,
             Op::Write { fua: true, .. } => FaultPoint::FuaWrite,
             Op::Flush => FaultPoint::Flush,
             Op::Fallocate { .. } => FaultPoint::Fallocate,

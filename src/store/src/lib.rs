@@ -37,6 +37,7 @@ pub use config::{
     DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_SYNC_IN_FLIGHT,
     DEFAULT_POOL_THREADS, DEFAULT_URING_ENTRIES,
 };
+pub use engine::MAX_WRITE_PIECES;
 pub use error::StoreError;
 #[doc(hidden)]
 pub use fault::FaultPoint;

@@ -29,6 +29,17 @@ pub(crate) fn write_all(file: &File, offset: u64, data: &[u8]) -> io::Result<()>
     crate::engine::pool::write_full(file.as_fd(), offset, data, ReadWriteFlags::empty())
 }
 
+/// Writes `bufs` back to back at `offset` on this thread with `pwritev2` (a merged
+/// write: a copy into the page cache), as `write_all` does for one buffer.
+pub(crate) fn write_vectored_all(
+    file: &File,
+    offset: u64,
+    bufs: &[crate::buf::WriteBuf],
+) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    crate::engine::pool::write_vectored_full(file.as_fd(), offset, bufs, ReadWriteFlags::empty())
+}
+
 /// fdatasync on this thread, never retried (see `durability`).
 pub(crate) fn fdatasync(file: &File) -> io::Result<()> {
     rustix::fs::fdatasync(file).map_err(io::Error::from)

@@ -14,7 +14,7 @@ use tracing::info;
 use crate::buf::{AlignedBuf, WriteBuf};
 use crate::config::{EngineKind, StoreConfig};
 use crate::durability::{open_sync_files, Durability, SyncLease};
-use crate::engine::{Engine, FallocMode, Op, Request};
+use crate::engine::{Engine, FallocMode, Op, Request, MAX_WRITE_PIECES};
 use crate::error::StoreError;
 use crate::fault::{FaultPoint, Faults};
 use crate::nowait;
@@ -326,6 +326,55 @@ impl Store {
             return written.map_err(StoreError::Io);
         }
         self.execute(Op::Write { offset, buf, fua }, sync).await?;
+        Ok(())
+    }
+
+    /// Writes `bufs` back to back from `offset` as one store write (`pwritev2`, or
+    /// IORING_OP_WRITEV): adjacent writes merged into one. Never FUA; like a plain
+    /// [`Store::write`] it is durable only after a later successful [`Store::flush`], a
+    /// failure does not poison the store, and a power cut before that flush may keep or
+    /// lose each of its blocks independently, as for separate writes. Each buffer must
+    /// keep the store's O_DIRECT alignment on its own (every [`AlignedBuf`] starts
+    /// aligned; its length must be a multiple of [`Store::io_alignment`]); at most
+    /// [`MAX_WRITE_PIECES`] buffers; the total is bounded like one write's length.
+    pub async fn write_vectored_shared(
+        &self,
+        offset: u64,
+        bufs: Vec<Arc<AlignedBuf>>,
+    ) -> Result<(), StoreError> {
+        self.check_writable()?;
+        if bufs.is_empty() || bufs.len() > MAX_WRITE_PIECES {
+            return Err(StoreError::TooManyPieces {
+                pieces: bufs.len(),
+                max: MAX_WRITE_PIECES,
+            });
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        self.check_transfer(offset, total)?;
+        let mut at = offset;
+        for buf in &bufs {
+            self.check_alignment(at, buf.len() as u64)?;
+            at += buf.len() as u64;
+        }
+        if total == 0 {
+            return Ok(());
+        }
+        if let Some(v) = &self.inner.volatile {
+            v.before_change(&self.inner.files[0], offset, total as u64)
+                .map_err(StoreError::Io)?;
+        }
+        let bufs: Vec<WriteBuf> = bufs.into_iter().map(WriteBuf::Shared).collect();
+        if self.inline_write_allowed(total) {
+            let file = &self.inner.files[0];
+            let written = if total <= nowait::SMALL_WRITE_BYTES {
+                nowait::write_vectored_all(file, offset, &bufs)
+            } else {
+                nowait::blocking(|| nowait::write_vectored_all(file, offset, &bufs))
+            };
+            return written.map_err(StoreError::Io);
+        }
+        self.execute(Op::WriteVectored { offset, bufs }, None)
+            .await?;
         Ok(())
     }
 
@@ -663,6 +712,7 @@ mod tests {
         is_send(&store.read(0, 0));
         is_send(&store.write(0, AlignedBuf::zeroed(0), false));
         is_send(&store.write_shared(0, Arc::new(AlignedBuf::zeroed(0)), true));
+        is_send(&store.write_vectored_shared(0, Vec::new()));
         is_send(&store.flush());
         is_send(&store.discard(0, 0));
         is_send(&store.write_zeroes(0, 0, false, false));

@@ -7,9 +7,13 @@ mod common;
 use std::sync::Arc;
 
 use common::{allocated_blocks, assert_zeroes, config, open, pattern, temp_dir, MIB};
-use pairbd_store::{AlignedBuf, EngineChoice, FaultPoint, Store, StoreConfig, StoreError};
+use pairbd_store::{
+    AlignedBuf, EngineChoice, FaultPoint, Store, StoreConfig, StoreError, MAX_WRITE_PIECES,
+};
 
 on_both_engines!(
+    vectored_write_round_trip_and_limits,
+    vectored_write_inline_and_direct,
     inline_fast_path_round_trip,
     round_trip_at_various_offsets_and_sizes,
     fua_write_and_flush,
@@ -652,6 +656,120 @@ async fn close_stops_engine_for_all_clones(engine: EngineChoice) {
     drop(again);
     let third = open(&cfg);
     third.close().await;
+}
+
+/// Pieces of `sizes` bytes (patterns seeded from `seed`), and their concatenation.
+fn pieces(seed: u64, sizes: &[usize]) -> (Vec<Arc<AlignedBuf>>, Vec<u8>) {
+    let bufs: Vec<Arc<AlignedBuf>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| Arc::new(pattern(seed * 10_000 + i as u64, len)))
+        .collect();
+    let joined = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+    (bufs, joined)
+}
+
+/// A vectored write (merged adjacent writes) lands its buffers back to back, leaves
+/// the bytes around it alone, takes up to IOV_MAX buffers, refuses none or more, and
+/// fails like a plain write: an error, no poison.
+async fn vectored_write_round_trip_and_limits(engine: EngineChoice) {
+    let dir = temp_dir();
+    let store = open(&config(&dir, "store", 16 * MIB, engine));
+    let around = pattern(7, 64 * 1024);
+    store
+        .write(MIB - 8192, around.clone(), false)
+        .await
+        .expect("write around");
+    let (bufs, joined) = pieces(1, &[4096, 1000, 8192, 512, 3]);
+    store
+        .write_vectored_shared(MIB - 4096, bufs)
+        .await
+        .expect("vectored write");
+    let back = store.read(MIB - 8192, 64 * 1024).await.expect("read");
+    assert_eq!(&back[..4096], &around[..4096], "bytes before it changed");
+    assert_eq!(&back[4096..4096 + joined.len()], &joined[..]);
+    assert_eq!(
+        &back[4096 + joined.len()..],
+        &around[4096 + joined.len()..],
+        "bytes after it changed"
+    );
+    // IOV_MAX buffers in one write; one more is refused, as is none.
+    let (bufs, joined) = pieces(2, &vec![4096; MAX_WRITE_PIECES]);
+    store
+        .write_vectored_shared(4 * MIB, bufs)
+        .await
+        .expect("IOV_MAX buffers");
+    assert!(store.read(4 * MIB, joined.len()).await.expect("read")[..] == joined[..]);
+    let (too_many, _) = pieces(3, &vec![512; MAX_WRITE_PIECES + 1]);
+    assert!(matches!(
+        store.write_vectored_shared(0, too_many).await,
+        Err(StoreError::TooManyPieces { .. })
+    ));
+    assert!(matches!(
+        store.write_vectored_shared(0, Vec::new()).await,
+        Err(StoreError::TooManyPieces { pieces: 0, .. })
+    ));
+    let (past_end, _) = pieces(4, &[4096, 4096]);
+    assert!(matches!(
+        store.write_vectored_shared(16 * MIB - 4096, past_end).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    // A failed vectored write is a failed plain write: no poison.
+    store.inject_errors(FaultPoint::Write, 1, libc::EIO);
+    let (bufs, _) = pieces(5, &[4096, 4096]);
+    assert!(matches!(
+        store.write_vectored_shared(0, bufs).await,
+        Err(StoreError::Io(_))
+    ));
+    assert!(!store.is_poisoned());
+    store
+        .flush()
+        .await
+        .expect("flush after a failed plain write");
+    store.close().await;
+}
+
+/// The inline path writes a merged write on the caller's thread (small and large),
+/// and O_DIRECT takes aligned buffers as they are and refuses an unaligned one.
+async fn vectored_write_inline_and_direct(engine: EngineChoice) {
+    let dir = temp_dir();
+    let mut cfg = config(&dir, "inline", 16 * MIB, engine);
+    cfg.inline_sync_max_bytes = pairbd_store::DEFAULT_INLINE_SYNC_MAX_BYTES;
+    let inline = open(&cfg);
+    for (at, sizes) in [
+        (0u64, vec![4096, 4096, 8192]),
+        (2 * MIB, vec![64 * 1024; 8]),
+    ] {
+        let (bufs, joined) = pieces(at + 1, &sizes);
+        inline
+            .write_vectored_shared(at, bufs)
+            .await
+            .expect("inline vectored write");
+        assert!(inline.read(at, joined.len()).await.expect("read")[..] == joined[..]);
+    }
+    inline.close().await;
+
+    let mut cfg = config(&dir, "direct", 16 * MIB, engine);
+    cfg.direct_io = true;
+    let direct = match Store::open(&cfg) {
+        Err(StoreError::DirectIoUnsupported { .. }) => {
+            eprintln!("SKIPPED: O_DIRECT is refused here");
+            return;
+        }
+        other => other.expect("open with O_DIRECT"),
+    };
+    let (bufs, joined) = pieces(9, &[4096, 12288, 4096]);
+    direct
+        .write_vectored_shared(MIB, bufs)
+        .await
+        .expect("direct vectored write");
+    assert!(direct.read(MIB, joined.len()).await.expect("read")[..] == joined[..]);
+    let (unaligned, _) = pieces(10, &[4096, 100]);
+    assert!(matches!(
+        direct.write_vectored_shared(0, unaligned).await,
+        Err(StoreError::Unaligned { .. })
+    ));
+    direct.close().await;
 }
 
 /// The inline paths (on by default) and the engine agree: data written

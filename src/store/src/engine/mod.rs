@@ -27,6 +27,10 @@ use crate::error::StoreError;
 /// 0x7ffff000 bytes anyway; longer requests are split like short transfers.
 pub(crate) const MAX_TRANSFER_BYTES: usize = 1 << 30;
 
+/// The most buffers one vectored write may gather: Linux's `IOV_MAX`, the most one
+/// `pwritev2` (or IORING_OP_WRITEV) takes.
+pub const MAX_WRITE_PIECES: usize = 1024;
+
 /// How often an op may be retried after EINTR/EAGAIN before it is failed.
 pub(crate) const MAX_RETRIES: u32 = 64;
 
@@ -59,6 +63,9 @@ pub(crate) enum Op {
         buf: WriteBuf,
         fua: bool,
     },
+    /// Write the buffers back to back from `offset` (a vectored write: merged
+    /// adjacent writes), never FUA.
+    WriteVectored { offset: u64, bufs: Vec<WriteBuf> },
     /// fdatasync.
     Flush,
     /// fallocate(mode, offset, len).
@@ -79,10 +86,35 @@ impl Op {
             Op::Read { .. } => "read",
             Op::Write { fua: true, .. } => "FUA write",
             Op::Write { fua: false, .. } => "write",
+            Op::WriteVectored { .. } => "vectored write",
             Op::Flush => "flush",
             Op::Fallocate { .. } => "fallocate",
         }
     }
+}
+
+/// The bytes of `bufs` (back to back) from byte `done` on, as at most
+/// [`MAX_WRITE_PIECES`] slices: what is left of a vectored write after a short one.
+pub(crate) fn remaining_slices(bufs: &[WriteBuf], done: usize) -> Vec<&[u8]> {
+    let mut skip = done;
+    let mut slices = Vec::with_capacity(bufs.len().min(MAX_WRITE_PIECES));
+    for buf in bufs {
+        if skip >= buf.len() {
+            skip -= buf.len();
+            continue;
+        }
+        slices.push(&buf[skip..]);
+        skip = 0;
+        if slices.len() == MAX_WRITE_PIECES {
+            break;
+        }
+    }
+    slices
+}
+
+/// The total length of a vectored write's buffers.
+pub(crate) fn total_len(bufs: &[WriteBuf]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
 }
 
 /// An op on its way through an engine.

@@ -13,8 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use rustix::io::{Errno, ReadWriteFlags};
 
-use super::{Op, Request, Threads, MAX_RETRIES, MAX_TRANSFER_BYTES};
-use crate::buf::AlignedBuf;
+use super::{remaining_slices, total_len, Op, Request, Threads, MAX_RETRIES, MAX_TRANSFER_BYTES};
+use crate::buf::{AlignedBuf, WriteBuf};
 
 #[derive(Debug)]
 pub(crate) struct PoolEngine {
@@ -138,6 +138,9 @@ fn execute(fd: BorrowedFd<'_>, op: &mut Op) -> io::Result<()> {
             };
             write_full(fd, *offset, buf, flags)
         }
+        Op::WriteVectored { offset, bufs } => {
+            write_vectored_full(fd, *offset, bufs, ReadWriteFlags::empty())
+        }
         // Never retried, not even after EINTR: whether a failed fdatasync consumed the
         // file's writeback error is unknown, so any failure must poison the store.
         Op::Flush => rustix::fs::fdatasync(fd).map_err(io::Error::from),
@@ -185,6 +188,31 @@ pub(crate) fn write_full(
     while done < data.len() {
         let end = data.len().min(done + MAX_TRANSFER_BYTES);
         let slices = [IoSlice::new(&data[done..end])];
+        match rustix::io::pwritev2(fd, &slices, offset + done as u64, flags) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(count) => done += count,
+            Err(err) => retry_or_fail(err, &mut retries)?,
+        }
+    }
+    Ok(())
+}
+
+/// Writes all of `bufs`, back to back from `offset`, with `pwritev2` (one call for
+/// up to `IOV_MAX` buffers), looping over short writes.
+pub(crate) fn write_vectored_full(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    bufs: &[WriteBuf],
+    flags: ReadWriteFlags,
+) -> io::Result<()> {
+    let total = total_len(bufs);
+    let mut done = 0;
+    let mut retries = 0;
+    while done < total {
+        let slices: Vec<IoSlice<'_>> = remaining_slices(bufs, done)
+            .into_iter()
+            .map(IoSlice::new)
+            .collect();
         match rustix::io::pwritev2(fd, &slices, offset + done as u64, flags) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(count) => done += count,

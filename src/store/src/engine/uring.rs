@@ -32,7 +32,7 @@ use io_uring::{opcode, squeue, types, IoUring, Probe};
 use rustix::event::{eventfd, EventfdFlags};
 use tracing::error;
 
-use super::{Op, Request, Threads, MAX_RETRIES, MAX_TRANSFER_BYTES};
+use super::{remaining_slices, total_len, Op, Request, Threads, MAX_RETRIES, MAX_TRANSFER_BYTES};
 
 /// The most io-wq workers for bounded (buffered read) work with buffered I/O.
 const BUFFERED_IO_WORKERS: u32 = 32;
@@ -165,6 +165,7 @@ fn probe(ring: &mut IoUring) -> io::Result<()> {
         ("NOP", opcode::Nop::CODE),
         ("READ", opcode::Read::CODE),
         ("WRITE", opcode::Write::CODE),
+        ("WRITEV", opcode::Writev::CODE),
         ("FSYNC", opcode::Fsync::CODE),
         ("FALLOCATE", opcode::Fallocate::CODE),
     ];
@@ -204,7 +205,21 @@ struct Slot {
     done_bytes: usize,
     /// EINTR/EAGAIN resubmissions so far.
     retries: u32,
+    /// A vectored write's iovec array for its SQE in the kernel (rebuilt for each
+    /// part); empty for other ops.
+    iovecs: IoVecs,
 }
+
+/// The iovec array of a vectored write's SQE. It points into the slot's own
+/// buffers and stays untouched (heap storage that never moves) until the CQE is
+/// reaped.
+#[derive(Debug, Default)]
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the iovecs point into buffers owned by the same slot, which moves between
+// threads with them (only before its SQE is pushed: slots live on the ring thread);
+// they are plain addresses, never dereferenced here.
+unsafe impl Send for IoVecs {}
 
 /// What to do with a slot after one of its CQEs.
 enum Next {
@@ -321,6 +336,7 @@ impl RingThread {
             request,
             done_bytes: 0,
             retries: 0,
+            iovecs: IoVecs::default(),
         });
         self.push_slot(index);
     }
@@ -430,6 +446,18 @@ fn build_entry(fd: types::Fd, slot: &mut Slot, buffered: bool) -> squeue::Entry 
                 .rw_flags(rw_flags)
                 .build()
         }
+        Op::WriteVectored { offset, bufs } => {
+            slot.iovecs.0 = remaining_slices(bufs, done)
+                .into_iter()
+                .map(|part| libc::iovec {
+                    iov_base: part.as_ptr() as *mut libc::c_void,
+                    iov_len: part.len(),
+                })
+                .collect();
+            opcode::Writev::new(fd, slot.iovecs.0.as_ptr(), slot.iovecs.0.len() as u32)
+                .offset(*offset + done as u64)
+                .build()
+        }
         Op::Flush => opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build(),
@@ -474,6 +502,17 @@ fn advance(slot: &mut Slot, result: i32) -> Next {
             }
             slot.done_bytes += count;
             if slot.done_bytes < buf.len() {
+                Next::Resubmit
+            } else {
+                Next::Complete(Ok(()))
+            }
+        }
+        Op::WriteVectored { bufs, .. } => {
+            if count == 0 {
+                return Next::Complete(Err(io::ErrorKind::WriteZero.into()));
+            }
+            slot.done_bytes += count;
+            if slot.done_bytes < total_len(bufs) {
                 Next::Resubmit
             } else {
                 Next::Complete(Ok(()))
