@@ -101,6 +101,12 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
             OnPeerLoss::SuspendIo => "suspend-io",
         },
         "requests_in_flight": s.requests_in_flight,
+        "window": json!({
+            "inflight_bytes": s.inflight_bytes,
+            "max_inflight_bytes": s.max_inflight_bytes,
+            "writes_waiting": s.window_waiting,
+        }),
+        "link_losses": s.link_losses,
         "last_disconnect": s.last_disconnect,
         "failed": s.failed,
         "generation": format!("{:016X}", s.generations.current),

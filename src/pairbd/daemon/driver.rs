@@ -78,6 +78,10 @@ pub struct BatchLimits {
     pub messages: usize,
     /// A batch closes once it holds this many bytes (headers and payloads).
     pub bytes: usize,
+    /// How long the writer may wait for more messages before it writes a
+    /// batch that is not full (`batch-delay`; zero: only what is already
+    /// queued goes together).
+    pub delay: std::time::Duration,
 }
 
 /// The current link to the peer, as the driver sees it.

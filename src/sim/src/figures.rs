@@ -90,6 +90,11 @@ pub struct Figures {
     pub unsafe_promotions: u64,
     /// Runs that did not come back into service in time.
     pub liveness_timeouts: u64,
+    /// Seeds whose cores ran with a small in-flight window.
+    pub window_seeds: u64,
+    /// Client requests handed to a core while writes waited for room in
+    /// its in-flight window (the window bound).
+    pub window_waits: u64,
 }
 
 impl Figures {
@@ -145,7 +150,9 @@ impl Figures {
             blocks_found,
             blocks_repaired,
             blocks_carried_over,
-            verify_violations
+            verify_violations,
+            window_seeds,
+            window_waits
         );
     }
 }
@@ -198,6 +205,11 @@ impl fmt::Display for Figures {
             self.blocks_found,
             self.blocks_repaired,
             self.blocks_carried_over
+        )?;
+        writeln!(
+            f,
+            "in-flight window: seeds with a small window {}, requests submitted while writes waited for it {}",
+            self.window_seeds, self.window_waits
         )?;
         writeln!(
             f,

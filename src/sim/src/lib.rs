@@ -51,6 +51,10 @@ pub struct Options {
     /// draw it). Off, every seed replays the run it had before the scenario
     /// existed (the regression seeds do).
     pub verify_scenario: bool,
+    /// Whether the in-flight window scenario may run (in the profiles that
+    /// draw it: a small `max_inflight_bytes`, sometimes a slow link). Off,
+    /// every seed replays the run it had before the scenario existed.
+    pub window_scenario: bool,
 }
 
 impl Options {
@@ -65,6 +69,7 @@ impl Options {
             liveness_ms: 60_000,
             max_events: 3_000_000,
             verify_scenario: true,
+            window_scenario: true,
         }
     }
 }
@@ -112,6 +117,7 @@ pub fn run_seed(opts: Options) -> Outcome {
     let violation = sim.run();
     let mut figures = sim.figures;
     figures.seeds = 1;
+    figures.window_seeds = u64::from(sim.max_inflight_bytes != u64::MAX);
     if let Some(v) = &violation {
         figures.failed_seeds = 1;
         match v {
@@ -202,11 +208,12 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::WriteBeforeAlEntryDurable => "write-before-al-entry-durable",
         Mutation::VerifyIgnoresExtentLock => "verify-ignores-extent-lock",
         Mutation::VerifyMarksNothing => "verify-marks-nothing",
+        Mutation::WindowKeptAfterLinkLoss => "window-kept-after-link-loss",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 8] = [
+pub const MUTATIONS: [Mutation; 9] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
@@ -215,6 +222,7 @@ pub const MUTATIONS: [Mutation; 8] = [
     Mutation::WriteBeforeAlEntryDurable,
     Mutation::VerifyIgnoresExtentLock,
     Mutation::VerifyMarksNothing,
+    Mutation::WindowKeptAfterLinkLoss,
 ];
 
 /// The mutation with this command-line name.

@@ -4,7 +4,7 @@
 //! ```text
 //! pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all]
 //!            [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure]
-//!            [--no-verify-scenario]
+//!            [--no-verify-scenario] [--no-window-scenario]
 //! ```
 //!
 //! Exits 1 if any seed broke an invariant (0 with `--expect-failure` if
@@ -25,6 +25,7 @@ struct Args {
     expect_failure: bool,
     jobs: usize,
     no_verify_scenario: bool,
+    no_window_scenario: bool,
 }
 
 fn usage() -> String {
@@ -34,7 +35,7 @@ fn usage() -> String {
         .collect();
     format!(
         "usage: pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all] \
-         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario]\nmutations: {}",
+         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario] [--no-window-scenario]\nmutations: {}",
         names.join(", ")
     )
 }
@@ -56,6 +57,7 @@ fn parse() -> Result<Args, String> {
         stop_on_failure: false,
         expect_failure: false,
         no_verify_scenario: false,
+        no_window_scenario: false,
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let mut it = std::env::args().skip(1);
@@ -86,6 +88,7 @@ fn parse() -> Result<Args, String> {
             "--jobs" => a.jobs = parse_u64("--jobs", it.next())?.max(1) as usize,
             "--expect-failure" => a.expect_failure = true,
             "--no-verify-scenario" => a.no_verify_scenario = true,
+            "--no-window-scenario" => a.no_window_scenario = true,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
@@ -107,6 +110,7 @@ fn main() -> ExitCode {
         opts.trace = args.trace;
         opts.trace_all = args.trace_all;
         opts.verify_scenario = !args.no_verify_scenario;
+        opts.window_scenario = !args.no_window_scenario;
         if let Some(ms) = args.safety_ms {
             opts.safety_ms = ms;
         }

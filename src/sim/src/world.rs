@@ -35,6 +35,9 @@ pub const NAMES: [&str; 2] = ["alpha", "beta"];
 /// Mixed into the seed for the online-verify scenario's random stream.
 const VERIFY_STREAM: u64 = 0x7E21_F1ED_0B5E_55ED;
 
+/// Mixed into the seed for the in-flight window scenario's random stream.
+const WINDOW_STREAM: u64 = 0x3A1D_0F5E_7B1D_C0DE;
+
 /// QUIC's idle timeout, the daemon's default ping-timeout.
 pub const PING_TIMEOUT_US: u64 = 1_000_000;
 const BACKOFF_MIN_US: u64 = 100_000;
@@ -295,6 +298,10 @@ pub struct Sim {
     pub repair_verifies: u32,
     /// The 4 KiB blocks corrupted in this run, one entry per corruption.
     pub corrupted: Vec<u64>,
+    /// The cores' in-flight window (`u64::MAX`: none). Drawn from a random
+    /// stream of its own, so that seeds without the scenario replay the runs
+    /// they had before it existed.
+    pub max_inflight_bytes: u64,
 }
 
 impl Sim {
@@ -312,6 +319,24 @@ impl Sim {
             .collect();
         let mut verify_rng = Rng::new(opts.seed ^ VERIFY_STREAM);
         let verify_scenario = verify_rng.percent(40) && opts.verify_scenario;
+        let mut window_rng = Rng::new(opts.seed ^ WINDOW_STREAM);
+        let window_scenario = window_rng.percent(40) && opts.window_scenario;
+        // A window of one or two blocks binds at every second write; 4 KiB
+        // (8 blocks) only when several clients keep requests in flight. Half
+        // of these profiles also get a slow link (the acks that release the
+        // window take 2–20 ms), on top of the delay spikes.
+        let mut lat = lat;
+        let max_inflight_bytes = if window_scenario {
+            if window_rng.percent(50) {
+                for d in &mut lat {
+                    let lo = window_rng.between(2_000, 10_000);
+                    *d = (lo, lo + window_rng.between(0, 10_000));
+                }
+            }
+            [512, 1024, 1536, 4096][window_rng.below(4) as usize]
+        } else {
+            u64::MAX
+        };
         Sim {
             profile,
             rng,
@@ -341,6 +366,7 @@ impl Sim {
             verify_scenario,
             repair_verifies: 0,
             corrupted: Vec::new(),
+            max_inflight_bytes,
             opts,
         }
     }
@@ -750,6 +776,7 @@ impl Sim {
             sync_rate_min_bytes_per_sec: None,
             al_extent_bytes: self.profile.al_extent_bytes,
             al_extents: self.profile.al_extents,
+            max_inflight_bytes: self.max_inflight_bytes,
         }
     }
 
@@ -1118,6 +1145,12 @@ impl Sim {
             self.checker.submit_flush(id);
         }
         self.with_core(n, |c, now| c.handle_client(now, RequestId(id), op));
+        if self.max_inflight_bytes != u64::MAX {
+            let st = self.status(n);
+            if st.is_some_and(|s| s.window_waiting > 0) {
+                self.figures.window_waits += 1;
+            }
+        }
     }
 
     fn replicating(&self, n: usize) -> bool {

@@ -192,3 +192,15 @@ fn a_verify_that_marks_nothing_is_caught() {
         "caught, but not as a divergence at the end: {v}"
     );
 }
+
+#[test]
+fn an_in_flight_window_that_keeps_the_bytes_of_a_lost_link_is_caught() {
+    // Seed 14 catches it today: the bytes of writes whose acks a lost link
+    // took with them stay counted, and after a few link losses (with a
+    // small window) no write fits any more: the pair never settles.
+    let (_, v) = first_catch(Mutation::WindowKeptAfterLinkLoss);
+    assert!(
+        matches!(v, Violation::Liveness(_)),
+        "caught, but not as a liveness timeout: {v}"
+    );
+}
