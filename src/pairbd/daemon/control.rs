@@ -105,6 +105,7 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
             "inflight_bytes": s.inflight_bytes,
             "max_inflight_bytes": s.max_inflight_bytes,
             "writes_waiting": s.window_waiting,
+            "writes_waited_total": s.window_waited,
         }),
         "link_losses": s.link_losses,
         "last_disconnect": s.last_disconnect,
@@ -186,6 +187,12 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
         Some("status") => {
             let mut status = status_json(&driver.status(), engine, &driver.attached_clients());
             status["meta_writes"] = json!(driver.meta_writes());
+            let batch = driver.batch_limits();
+            status["batch"] = json!({
+                "messages": batch.messages,
+                "bytes": batch.bytes,
+                "delay_us": u64::try_from(batch.delay.as_micros()).unwrap_or(u64::MAX),
+            });
             return json!({"ok": true, "status": status});
         }
         Some("promote") => AdminCommand::Promote {

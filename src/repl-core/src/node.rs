@@ -330,6 +330,8 @@ pub struct Node<P> {
     /// Client writes waiting for room in the window, by operation id (an id
     /// whose operation has gone or started is stale and skipped).
     window_waiting: BTreeSet<u64>,
+    /// Client writes that waited for the window since the node started.
+    window_waited: u64,
     /// Links lost (after a handshake began) since the node started.
     link_losses: u64,
     /// `connect --discard-my-data`: a split brain makes this node the sync
@@ -414,6 +416,7 @@ impl<P: Payload> Node<P> {
             window_sent: BTreeMap::new(),
             window_bytes: 0,
             window_waiting: BTreeSet::new(),
+            window_waited: 0,
             link_losses: 0,
             discard_my_data: false,
             io_suspended: false,
@@ -674,6 +677,7 @@ impl<P: Payload> Node<P> {
                 .iter()
                 .filter(|&&w| self.window_waiter_live(w))
                 .count(),
+            window_waited: self.window_waited,
             link_losses: self.link_losses,
         }
     }
@@ -931,7 +935,9 @@ impl<P: Payload> Node<P> {
         let fits = self.window_bytes == 0
             || self.window_bytes.saturating_add(bytes) <= self.cfg.max_inflight_bytes;
         if earlier_waits || !fits {
-            self.window_waiting.insert(id);
+            if self.window_waiting.insert(id) {
+                self.window_waited += 1;
+            }
             return false;
         }
         self.window_waiting.remove(&id);

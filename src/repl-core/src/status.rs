@@ -140,6 +140,9 @@ pub struct Status {
     pub max_inflight_bytes: u64,
     /// Client writes waiting for room in the in-flight window.
     pub window_waiting: usize,
+    /// Times a client write began to wait for room in the window since the
+    /// node started.
+    pub window_waited: u64,
     /// Links to the peer lost (after a handshake began) since the node
     /// started.
     pub link_losses: u64,

@@ -70,7 +70,9 @@ fn window(p: &Pair) -> (u64, usize) {
 }
 
 fn answered(p: &Pair, ids: &[RequestId]) -> Vec<bool> {
-    ids.iter().map(|id| p.reply(A, *id) == Some(&Ok(()))).collect()
+    ids.iter()
+        .map(|id| p.reply(A, *id) == Some(&Ok(())))
+        .collect()
 }
 
 #[test]
@@ -80,7 +82,11 @@ fn the_window_binds_and_acks_release_waiting_writes_in_order() {
         .map(|k| p.write(A, k * 8192, k as u8 + 1, 4096))
         .collect();
     assert_eq!(writes_to_beta(&p), vec![0, 8192], "two fit the window");
-    assert_eq!(local_writes(&p), vec![0, 8192], "the waiting ones are unstarted");
+    assert_eq!(
+        local_writes(&p),
+        vec![0, 8192],
+        "the waiting ones are unstarted"
+    );
     assert_eq!(window(&p), (8192, 2));
     let mut order = beta_takes_all(&mut p);
     alpha_disks_done(&mut p);
@@ -94,9 +100,14 @@ fn the_window_binds_and_acks_release_waiting_writes_in_order() {
     assert_eq!(window(&p), (8192, 0));
     order.extend(beta_takes_all(&mut p));
     p.run_until_idle();
-    assert_eq!(order, vec![0, 8192, 16384, 24576], "arrival order on the wire");
+    assert_eq!(
+        order,
+        vec![0, 8192, 16384, 24576],
+        "arrival order on the wire"
+    );
     assert_eq!(answered(&p, &ids), vec![true; 4]);
     assert_eq!(window(&p), (0, 0), "every ack returned its bytes");
+    assert_eq!(p.nodes[A].node.status(p.now).window_waited, 2);
     p.assert_same("after the window drained");
     let s = p.nodes[A].node.status(p.now);
     assert_eq!(s.link_losses, 0);
@@ -135,7 +146,11 @@ fn a_write_larger_than_the_window_goes_alone() {
     assert_eq!(writes_to_beta(&p), vec![0], "nothing in flight: it goes");
     assert_eq!(window(&p), (32768, 0));
     let next = p.write(A, 40960, 8, 512);
-    assert_eq!(writes_to_beta(&p), vec![0], "the next one waits for its ack");
+    assert_eq!(
+        writes_to_beta(&p),
+        vec![0],
+        "the next one waits for its ack"
+    );
     assert_eq!(window(&p), (32768, 1));
     p.run_until_idle();
     assert_eq!(answered(&p, &[big, next]), vec![true, true]);
