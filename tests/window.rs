@@ -126,3 +126,121 @@ fn a_batch_delay_replicates_every_write_and_none_is_the_default() {
     assert!(b.stop().success());
     files.assert_data_equal();
 }
+
+/// The peak resident memory (VmHWM) of process `pid`, in MiB.
+fn vm_hwm_mib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb / 1024)
+}
+
+/// One measured run: a fresh pair with `resource_extra`, fio writing 1 MiB
+/// blocks at queue depth 32 from four NBD connections for `secs` seconds;
+/// with `stop_secondary`, the Secondary's daemon is SIGSTOPped from the 2nd
+/// to the 5th second. Prints throughput, link losses, what was marked for a
+/// resync and both daemons' VmHWM.
+fn measure(label: &str, resource_extra: &str, secs: u64, stop_secondary: bool, patient: bool) {
+    let dir = TestDir::new("window-figure");
+    let files = pair::setup(&dir, SIZE, resource_extra);
+    if patient {
+        // Timeouts longer than the freeze: QUIC's idle timeout (and the
+        // core's ack timeout) would otherwise drop the link after 1 s.
+        let text = std::fs::read_to_string(&files.config).unwrap();
+        let text = text
+            .replace("ping-timeout = \"1s\"", "ping-timeout = \"10s\"")
+            .replace("ack-timeout = \"5s\"", "ack-timeout = \"10s\"");
+        std::fs::write(&files.config, text).unwrap();
+    }
+    let a = files.start("alpha");
+    let b = files.start("beta");
+    files.promote("alpha", true);
+    files.wait_in_sync();
+    let mut fio = Command::new("fio")
+        .args([
+            "--ioengine=nbd",
+            "--direct=1",
+            "--group_reporting",
+            "--iodepth=32",
+            "--rw=write",
+            "--bs=1m",
+            "--numjobs=4",
+            "--size=16m",
+            "--offset_increment=16m",
+            "--time_based",
+            "--output-format=terse",
+            "--name=seq",
+        ])
+        .arg(format!("--runtime={secs}"))
+        .arg(format!("--uri={}", files.uri("alpha")))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("fio");
+    if stop_secondary {
+        // An experiment, not a synchronisation: the peer is frozen for a
+        // while during the run.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+        common::signal(b.pid(), "STOP");
+        std::thread::sleep(std::time::Duration::from_secs(3));
+        common::signal(b.pid(), "CONT");
+    }
+    let out = fio.wait_with_output().expect("fio");
+    let terse = String::from_utf8_lossy(&out.stdout);
+    // Terse v3: field 48 is the write bandwidth in KiB/s.
+    let write_kib_s: f64 = terse
+        .split(';')
+        .nth(47)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0.0);
+    let st = files.status("alpha");
+    eprintln!(
+        "figure: {label}: fio {} ({:.0} MiB/s), link losses {}, connection {}, marked for resync {} \
+         bytes, writes that waited for the window {}, VmHWM primary {} MiB, secondary {} MiB",
+        if out.status.success() { "ok" } else { "FAILED" },
+        write_kib_s / 1024.0,
+        st["link_losses"],
+        st["connection"],
+        st["bitmap"]["marked_bytes"],
+        st["window"]["writes_waited_total"],
+        vm_hwm_mib(a.pid()),
+        vm_hwm_mib(b.pid()),
+    );
+    assert!(a.stop().success());
+    assert!(b.stop().success());
+}
+
+/// The figures behind `max-inflight-bytes` (docs/OPERATIONS.md): loopback
+/// throughput with several windows, and a Secondary frozen for 3 s (with
+/// ping-timeout and ack-timeout raised to 10 s, so that QUIC's idle timeout
+/// does not decide it) with no window to speak of (1 GiB: the link's queue
+/// bound only, as before) and with the default. Run with
+/// `cargo nextest run --test window --run-ignored only --no-capture`.
+#[test]
+#[ignore = "a figure: run with --run-ignored only --no-capture"]
+fn figure_window_sizes_and_a_frozen_secondary() {
+    require_tool("fio");
+    // Each size twice, in a rising then a falling order, so that a drift
+    // of the shared machine's load shows.
+    let sizes = ["1MiB", "4MiB", "16MiB", "64MiB", "1GiB"];
+    for window in sizes.iter().chain(sizes.iter().rev()) {
+        let extra = format!("max-inflight-bytes = \"{window}\"\n");
+        measure(
+            &format!("window {window}, loopback"),
+            &extra,
+            5,
+            false,
+            false,
+        );
+    }
+    for window in ["1GiB", "16MiB", "1MiB"] {
+        let extra = format!("max-inflight-bytes = \"{window}\"\n");
+        let label = format!("window {window}, timeouts 10 s, secondary frozen 3 s");
+        measure(&label, &extra, 8, true, true);
+    }
+    for window in ["1GiB", "16MiB"] {
+        let extra = format!("max-inflight-bytes = \"{window}\"\n");
+        let label = format!("window {window}, default timeouts, secondary frozen 3 s");
+        measure(&label, &extra, 8, true, false);
+    }
+}
