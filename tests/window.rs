@@ -157,7 +157,7 @@ fn measure(label: &str, resource_extra: &str, secs: u64, stop_secondary: bool, p
     let b = files.start("beta");
     files.promote("alpha", true);
     files.wait_in_sync();
-    let mut fio = Command::new("fio")
+    let fio = Command::new("fio")
         .args([
             "--ioengine=nbd",
             "--direct=1",
