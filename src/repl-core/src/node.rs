@@ -83,6 +83,9 @@ pub enum Mutation {
     /// The in-flight window keeps the bytes of writes whose acks a lost link
     /// took with it: after enough link losses nothing fits any more.
     WindowKeptAfterLinkLoss,
+    /// Writes that waited for the window when the link went are answered
+    /// as if the peer had them, neither replicated nor marked out of sync.
+    WindowReleasedUnmarked,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
@@ -353,6 +356,10 @@ pub struct Node<P> {
     out: VecDeque<Output<P>>,
     #[cfg(feature = "mutations")]
     mutation: Option<Mutation>,
+    /// `WindowReleasedUnmarked`: the writes waiting for the window at the
+    /// last link loss.
+    #[cfg(feature = "mutations")]
+    window_unmarked: BTreeSet<u64>,
 }
 
 impl<P: Payload> Node<P> {
@@ -431,6 +438,8 @@ impl<P: Payload> Node<P> {
             out: VecDeque::new(),
             #[cfg(feature = "mutations")]
             mutation: None,
+            #[cfg(feature = "mutations")]
+            window_unmarked: BTreeSet::new(),
         }
     }
 
@@ -772,6 +781,10 @@ impl<P: Payload> Node<P> {
         let mut disk: Option<DiskOp<P>> = None;
         let mut seq_used = None;
         let next_seq = self.next_seq;
+        #[cfg(feature = "mutations")]
+        let unmarked = self.window_unmarked.remove(&id);
+        #[cfg(not(feature = "mutations"))]
+        let unmarked = false;
         match self.ops.get_mut(id) {
             Some(Op::ClientWrite { op, peer, .. }) => {
                 let (d, m) = match op.clone() {
@@ -832,6 +845,8 @@ impl<P: Payload> Node<P> {
                     *peer = PeerAck::Waiting;
                     send = Some(m);
                     seq_used = Some(next_seq);
+                } else if unmarked {
+                    *peer = PeerAck::Done;
                 } else {
                     *peer = PeerAck::NotNeeded;
                     note_missing = true;
@@ -1630,6 +1645,16 @@ impl<P: Payload> Node<P> {
         // marked in the bitmap; or, after a reconnect, through the window.
         self.link_losses += 1;
         self.window_sent.clear();
+        #[cfg(feature = "mutations")]
+        if self.mutated(Mutation::WindowReleasedUnmarked) {
+            let live: Vec<u64> = self
+                .window_waiting
+                .iter()
+                .copied()
+                .filter(|&w| self.window_waiter_live(w))
+                .collect();
+            self.window_unmarked.extend(live);
+        }
         self.window_waiting.clear();
         #[cfg(feature = "mutations")]
         let keep_window = self.mutated(Mutation::WindowKeptAfterLinkLoss);

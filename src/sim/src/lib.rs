@@ -209,11 +209,12 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::VerifyIgnoresExtentLock => "verify-ignores-extent-lock",
         Mutation::VerifyMarksNothing => "verify-marks-nothing",
         Mutation::WindowKeptAfterLinkLoss => "window-kept-after-link-loss",
+        Mutation::WindowReleasedUnmarked => "window-released-unmarked",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 9] = [
+pub const MUTATIONS: [Mutation; 10] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
@@ -223,6 +224,7 @@ pub const MUTATIONS: [Mutation; 9] = [
     Mutation::VerifyIgnoresExtentLock,
     Mutation::VerifyMarksNothing,
     Mutation::WindowKeptAfterLinkLoss,
+    Mutation::WindowReleasedUnmarked,
 ];
 
 /// The mutation with this command-line name.

@@ -206,3 +206,18 @@ fn an_in_flight_window_that_keeps_the_bytes_of_a_lost_link_is_caught() {
         "caught, but not as a liveness timeout: {v}"
     );
 }
+
+#[test]
+fn writes_released_from_the_window_at_link_loss_unmarked_are_caught() {
+    // Seed 133 catches it today: a write that waited for the window when
+    // the link went is answered without the peer and without a dirty bit;
+    // the resync misses it and the peer lacks an acknowledged write.
+    let (_, v) = first_catch(Mutation::WindowReleasedUnmarked);
+    assert!(
+        matches!(
+            v,
+            Violation::Divergence { .. } | Violation::LostWrite { .. }
+        ),
+        "caught, but not as divergence or loss: {v}"
+    );
+}
