@@ -333,7 +333,8 @@ pub struct Node<P> {
     /// Client writes waiting for room in the window, by operation id (an id
     /// whose operation has gone or started is stale and skipped).
     window_waiting: BTreeSet<u64>,
-    /// Client writes that waited for the window since the node started.
+    /// Times a client write began to wait for the window since the node
+    /// started.
     window_waited: u64,
     /// Links lost (after a handshake began) since the node started.
     link_losses: u64,
