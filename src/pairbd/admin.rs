@@ -510,6 +510,17 @@ fn human_status(s: &Value) -> String {
             ));
         }
     }
+    if let Some(w) = s["window"].as_object() {
+        let inflight = w["inflight_bytes"].as_u64().unwrap_or(0);
+        let waiting = w["writes_waiting"].as_u64().unwrap_or(0);
+        if inflight > 0 || waiting > 0 {
+            out.push_str(&format!(
+                "  in flight to the peer: {inflight} of {} bytes, {waiting} write(s) waiting \
+                 for room\n",
+                w["max_inflight_bytes"].as_u64().unwrap_or(0)
+            ));
+        }
+    }
     if s["peer_sync_needed"].as_bool() == Some(true) {
         out.push_str(
             "  note: writes since the peer left exist on this node only; the peer needs a sync\n",

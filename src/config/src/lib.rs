@@ -21,6 +21,8 @@
 
 mod parse;
 
+pub use parse::MAX_INFLIGHT_BYTES_DEFAULT;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -154,6 +156,14 @@ pub struct ResourceConfig {
     /// default [`DEFAULT_MERGE_BYTES`]; 0: no merging): adjacent plain
     /// writes the core emits together become one vectored store write.
     pub merge_bytes: u64,
+    /// How long the link's writer may wait for more queued messages before
+    /// it writes a batch that is not full (`batch-delay`, 0 to 10 ms;
+    /// default 0: only what is already queued is batched).
+    pub batch_delay: Duration,
+    /// The in-flight window: the most client write payload bytes sent to
+    /// the peer and not yet acknowledged (`max-inflight-bytes`, 4 KiB to
+    /// 1 GiB, default 16 MiB). Beyond it writes wait (backpressure).
+    pub max_inflight_bytes: u64,
     /// Bytes per bit of the dirty bitmap; `None`: the daemon picks the
     /// smallest from 4 KiB up whose bitmap fits the metadata area.
     pub bitmap_granularity_bytes: Option<u64>,

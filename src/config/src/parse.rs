@@ -14,6 +14,12 @@ use crate::{
     OnPeerLoss, ResourceConfig, DEFAULT_MERGE_BYTES, MERGE_BYTES_MAX,
 };
 
+/// The longest `batch-delay`: a batch waits at most this long for company.
+const BATCH_DELAY_MAX: Duration = Duration::from_millis(10);
+
+/// `max-inflight-bytes` when unset (docs/OPERATIONS.md argues the figure).
+pub const MAX_INFLIGHT_BYTES_DEFAULT: u64 = 16 << 20;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -45,6 +51,8 @@ struct RawResource {
     batch_messages: Option<Spanned<i64>>,
     batch_bytes: Option<Spanned<SizeValue>>,
     merge_bytes: Option<Spanned<SizeValue>>,
+    batch_delay: Option<Spanned<String>>,
+    max_inflight_bytes: Option<Spanned<SizeValue>>,
     sync_rate_min: Option<Spanned<SizeValue>>,
     al_extent_size: Option<Spanned<SizeValue>>,
     al_extents: Option<Spanned<i64>>,
@@ -130,10 +138,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("{text:?} is not a duration (e.g. 500ms, 1s, 2m)"))?;
     match unit.trim() {
+        "us" | "µs" => Ok(Duration::from_micros(n)),
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" | "min" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(format!("{text:?}: give a unit: ms, s or m")),
+        _ => Err(format!("{text:?}: give a unit: us, ms, s or m")),
     }
 }
 
@@ -430,6 +439,40 @@ fn resource(
             b
         }
     };
+    // How long the link's writer may wait for more messages before it
+    // writes a batch that is not full; 0 (the default): only what is
+    // already queued is batched.
+    let batch_delay = match &raw.batch_delay {
+        None => Duration::ZERO,
+        Some(v) => {
+            let k = format!("{key}.batch-delay");
+            let text = v.get_ref().trim();
+            let d = if text == "0" {
+                Duration::ZERO
+            } else {
+                parse_duration(text).map_err(|m| ctx.err(v.span().start, &k, m))?
+            };
+            if d > BATCH_DELAY_MAX {
+                return Err(ctx.err(
+                    v.span().start,
+                    &k,
+                    "must be from 0 to 10ms (e.g. \"0\", \"200us\", \"1ms\")",
+                ));
+            }
+            d
+        }
+    };
+    let max_inflight_bytes = match &raw.max_inflight_bytes {
+        None => MAX_INFLIGHT_BYTES_DEFAULT,
+        Some(v) => {
+            let k = format!("{key}.max-inflight-bytes");
+            let b = size_value(ctx, v, &k)?;
+            if !(4096..=1 << 30).contains(&b) {
+                return Err(ctx.err(v.span().start, &k, "must be from 4KiB to 1GiB"));
+            }
+            b
+        }
+    };
     let on_peer_loss = choice(
         ctx,
         &raw.on_peer_loss,
@@ -528,6 +571,8 @@ fn resource(
         batch_messages,
         batch_bytes,
         merge_bytes,
+        batch_delay,
+        max_inflight_bytes,
         sync_rate_min_bytes_per_sec,
         al_extent_bytes,
         al_extents,

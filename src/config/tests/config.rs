@@ -161,6 +161,61 @@ fn merge_bytes_defaults_bounds_and_zero() {
 }
 
 #[test]
+fn batch_delay_and_the_in_flight_window() {
+    let r = parse(GOOD).unwrap().resource(None).unwrap().clone();
+    assert_eq!(r.batch_delay, Duration::ZERO, "no batch delay by default");
+    assert_eq!(r.max_inflight_bytes, 16 << 20);
+    assert_eq!(
+        r.max_inflight_bytes,
+        pairbd_config::MAX_INFLIGHT_BYTES_DEFAULT
+    );
+    let with = |line: &str| {
+        parse(&GOOD.replace("sync-window = 4", line)).map(|c| c.resource(None).unwrap().clone())
+    };
+    assert_eq!(
+        with("batch-delay = \"0\"").unwrap().batch_delay,
+        Duration::ZERO
+    );
+    assert_eq!(
+        with("batch-delay = \"200us\"").unwrap().batch_delay,
+        Duration::from_micros(200)
+    );
+    assert_eq!(
+        with("batch-delay = \"10ms\"").unwrap().batch_delay,
+        Duration::from_millis(10)
+    );
+    assert_eq!(
+        with("max-inflight-bytes = \"1MiB\"")
+            .unwrap()
+            .max_inflight_bytes,
+        1 << 20
+    );
+    assert_eq!(
+        with("max-inflight-bytes = 65536")
+            .unwrap()
+            .max_inflight_bytes,
+        65536
+    );
+    for (line, words) in [
+        ("batch-delay = \"11ms\"", "0 to 10ms"),
+        ("batch-delay = \"1s\"", "0 to 10ms"),
+        ("batch-delay = \"5\"", "give a unit"),
+        ("max-inflight-bytes = \"1KiB\"", "4KiB to 1GiB"),
+        ("max-inflight-bytes = \"2GiB\"", "4KiB to 1GiB"),
+        ("max-inflight-bytes = \"lots\"", "not a size"),
+    ] {
+        let e = with(line).expect_err(line).to_string();
+        let key = line.split(' ').next().unwrap();
+        assert!(
+            e.contains("line 6")
+                && e.contains(&format!("resource.mail.{key}"))
+                && e.contains(words),
+            "{line}: {e}"
+        );
+    }
+}
+
+#[test]
 fn missing_and_structural_mistakes() {
     let e = error(&GOOD.replace("size = \"1GiB\"\n", ""));
     assert!(

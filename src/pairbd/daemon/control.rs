@@ -101,6 +101,13 @@ pub fn status_json(s: &Status, engine: &str, clients: &[ClientInfo]) -> Value {
             OnPeerLoss::SuspendIo => "suspend-io",
         },
         "requests_in_flight": s.requests_in_flight,
+        "window": json!({
+            "inflight_bytes": s.inflight_bytes,
+            "max_inflight_bytes": s.max_inflight_bytes,
+            "writes_waiting": s.window_waiting,
+            "writes_waited_total": s.window_waited,
+        }),
+        "link_losses": s.link_losses,
         "last_disconnect": s.last_disconnect,
         "failed": s.failed,
         "generation": format!("{:016X}", s.generations.current),
@@ -189,6 +196,12 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
             });
             status["link_frames"] = driver.frames.json();
             status["writes"] = driver.writes.to_json();
+            let batch = driver.batch_limits();
+            status["batch"] = json!({
+                "messages": batch.messages,
+                "bytes": batch.bytes,
+                "delay_us": u64::try_from(batch.delay.as_micros()).unwrap_or(u64::MAX),
+            });
             return json!({"ok": true, "status": status});
         }
         Some("promote") => AdminCommand::Promote {

@@ -141,6 +141,10 @@ pub struct BatchLimits {
     pub messages: usize,
     /// A batch closes once it holds this many bytes (headers and payloads).
     pub bytes: usize,
+    /// How long the writer may wait for more messages before it writes a
+    /// batch that is not full (`batch-delay`; zero: only what is already
+    /// queued goes together).
+    pub delay: std::time::Duration,
 }
 
 /// Frames on the replication link since the daemon started, for status

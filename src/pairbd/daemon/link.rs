@@ -13,7 +13,9 @@ use pairbd_repl_core::Message;
 use pairbd_store::AlignedBuf;
 use tracing::{info, warn};
 
-use super::driver::{Driver, Msg, SharedBuf};
+use tokio::sync::mpsc;
+
+use super::driver::{BatchLimits, Driver, Msg, SharedBuf};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -117,26 +119,7 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
     let writer = tokio::spawn(async move {
         let mut batch: Vec<Msg> = Vec::with_capacity(limits.messages);
         while let Some(msg) = outgoing.recv().await {
-            // Everything already queued goes out in one write (one wake-up
-            // of quinn's connection driver instead of one per frame).
-            let mut bytes = frame_bytes(&msg);
-            batch.push(msg);
-            while batch.len() < limits.messages && bytes < limits.bytes {
-                match outgoing.try_recv() {
-                    Ok(msg) => {
-                        // Acks the core emitted in separate steps (disk
-                        // completions that ran as tasks), queued side by
-                        // side: one frame. Only what is already queued is
-                        // merged, and no other message changes place.
-                        if batch.last_mut().is_some_and(|last| last.absorb_acks(&msg)) {
-                            continue;
-                        }
-                        bytes += frame_bytes(&msg);
-                        batch.push(msg);
-                    }
-                    Err(_) => break,
-                }
-            }
+            collect_batch(msg, &mut outgoing, &limits, &mut batch).await;
             if let Err(e) = sender.send_batch(&batch).await {
                 writer_driver.link_lost(id, &format!("sending failed: {e}"));
                 return;
@@ -182,6 +165,46 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
         }
         writer.abort();
         conn.close("link finished");
+    }
+}
+
+/// Fills `batch` with `first` and what follows it: everything already
+/// queued goes out in one write (one wake-up of quinn's connection driver
+/// instead of one per frame), up to the batch limits. With a batch delay,
+/// the writer also waits up to that long (from the first message) for more
+/// messages while the batch is not full; tokio's timer rounds the wait up
+/// to its 1 ms tick.
+async fn collect_batch(
+    first: Msg,
+    outgoing: &mut mpsc::Receiver<Msg>,
+    limits: &BatchLimits,
+    batch: &mut Vec<Msg>,
+) {
+    let deadline = (!limits.delay.is_zero()).then(|| tokio::time::Instant::now() + limits.delay);
+    let mut bytes = frame_bytes(&first);
+    batch.push(first);
+    while batch.len() < limits.messages && bytes < limits.bytes {
+        let next = match outgoing.try_recv() {
+            Ok(msg) => Some(msg),
+            Err(mpsc::error::TryRecvError::Empty) => match deadline {
+                Some(at) => tokio::time::timeout_at(at, outgoing.recv())
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            },
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+        };
+        let Some(msg) = next else { break };
+        // Acks the core emitted in separate steps (disk completions that
+        // ran as tasks), queued side by side: one frame. Only what is
+        // already queued (or arrives within the batch delay) is merged, and
+        // no other message changes place.
+        if batch.last_mut().is_some_and(|last| last.absorb_acks(&msg)) {
+            continue;
+        }
+        bytes += frame_bytes(&msg);
+        batch.push(msg);
     }
 }
 

@@ -284,6 +284,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         sync_rate_min_bytes_per_sec: res.sync_rate_min_bytes_per_sec,
         al_extent_bytes: res.al_extent_bytes,
         al_extents: res.al_extents,
+        max_inflight_bytes: res.max_inflight_bytes,
         after_split_brain: match res.after_split_brain {
             pairbd_config::AfterSplitBrain::Disconnect => AfterSplitBrain::Disconnect,
             pairbd_config::AfterSplitBrain::DiscardZeroChanges => {
@@ -327,6 +328,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
     let batch = driver::BatchLimits {
         messages: res.batch_messages,
         bytes: usize::try_from(res.batch_bytes).unwrap_or(usize::MAX),
+        delay: res.batch_delay,
     };
     let driver = Driver::new(node, store.clone(), meta, batch, res.merge_bytes);
     tokio::spawn(Arc::clone(&driver).run_timers());

@@ -170,6 +170,13 @@ pub struct Config {
     /// Extents the activity log holds at most (8 to 960): after a crash as
     /// Primary at most this many extents are resynced.
     pub al_extents: usize,
+    /// The in-flight window: the most client write payload bytes sent to the
+    /// peer and not yet acknowledged. A write that would exceed it waits,
+    /// unstarted, and later writes wait behind it; acks release them in
+    /// arrival order. A single larger write still goes when nothing else is
+    /// in flight. `u64::MAX`: no window. (Sync chunks keep their own window,
+    /// `sync_window` chunks.)
+    pub max_inflight_bytes: u64,
 }
 
 /// What a node does when it finds itself in split brain with its peer.

@@ -16,6 +16,14 @@
 //! - A region a write may be missing on the peer for is marked in the dirty
 //!   bitmap (writes without the peer; the transfer log at link loss); a bit is
 //!   cleared only after the sync target flushed that region's data.
+//! - The in-flight window: client write payload bytes sent to the peer and
+//!   not yet acknowledged stay within `max_inflight_bytes` (one larger write
+//!   may go alone). A write that does not fit waits unstarted, locally too,
+//!   in the operation table (so overlapping writes keep their order), and
+//!   every later write waits behind it (so writes reach the peer in arrival
+//!   order and a large one is not starved by small ones); acks release them.
+//!   Flushes, trims and write-zeroes carry no payload and do not wait for it:
+//!   a write still waiting is not completed, so no flush has to cover it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
@@ -81,6 +89,12 @@ pub enum Mutation {
     /// its bytes land at the wrong offset, and the block it was meant for
     /// keeps its old contents.
     MergeAcrossGap,
+    /// The in-flight window keeps the bytes of writes whose acks a lost link
+    /// took with it: after enough link losses nothing fits any more.
+    WindowKeptAfterLinkLoss,
+    /// Writes that waited for the window when the link went are answered
+    /// as if the peer had them, neither replicated nor marked out of sync.
+    WindowReleasedUnmarked,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
@@ -321,6 +335,18 @@ pub struct Node<P> {
     marked_held: bool,
     /// The sync rate, yielding to client I/O.
     resync_rate: ResyncRate,
+    /// The in-flight window: payload bytes of each client write sent to the
+    /// peer and not yet acknowledged, by sequence number, and their sum.
+    window_sent: BTreeMap<u64, u64>,
+    window_bytes: u64,
+    /// Client writes waiting for room in the window, by operation id (an id
+    /// whose operation has gone or started is stale and skipped).
+    window_waiting: BTreeSet<u64>,
+    /// Times a client write began to wait for the window since the node
+    /// started.
+    window_waited: u64,
+    /// Links lost (after a handshake began) since the node started.
+    link_losses: u64,
     /// `connect --discard-my-data`: a split brain makes this node the sync
     /// target (until a sync into it finishes).
     discard_my_data: bool,
@@ -340,6 +366,10 @@ pub struct Node<P> {
     out: VecDeque<Output<P>>,
     #[cfg(feature = "mutations")]
     mutation: Option<Mutation>,
+    /// `WindowReleasedUnmarked`: the writes waiting for the window at the
+    /// last link loss.
+    #[cfg(feature = "mutations")]
+    window_unmarked: BTreeSet<u64>,
 }
 
 impl<P: Payload> Node<P> {
@@ -400,6 +430,11 @@ impl<P: Payload> Node<P> {
             sync_source_flush: None,
             marked_held: false,
             resync_rate,
+            window_sent: BTreeMap::new(),
+            window_bytes: 0,
+            window_waiting: BTreeSet::new(),
+            window_waited: 0,
+            link_losses: 0,
             discard_my_data: false,
             io_suspended: false,
             failed: None,
@@ -413,6 +448,8 @@ impl<P: Payload> Node<P> {
             out: VecDeque::new(),
             #[cfg(feature = "mutations")]
             mutation: None,
+            #[cfg(feature = "mutations")]
+            window_unmarked: BTreeSet::new(),
         }
     }
 
@@ -652,6 +689,15 @@ impl<P: Payload> Node<P> {
             marked_bytes: self.marked_bytes,
             resynced_bytes: self.resynced_bytes,
             bitmap_granularity_bytes: self.bitmap.granularity(),
+            inflight_bytes: self.window_bytes,
+            max_inflight_bytes: self.cfg.max_inflight_bytes,
+            window_waiting: self
+                .window_waiting
+                .iter()
+                .filter(|&&w| self.window_waiter_live(w))
+                .count(),
+            window_waited: self.window_waited,
+            link_losses: self.link_losses,
         }
     }
 
@@ -728,7 +774,7 @@ impl<P: Payload> Node<P> {
     }
 
     fn start_op(&mut self, id: u64) {
-        if !self.admit_write(id) {
+        if !self.window_admits(id) || !self.admit_write(id) {
             return;
         }
         self.ops.activate(id);
@@ -745,6 +791,10 @@ impl<P: Payload> Node<P> {
         let mut disk: Option<DiskOp<P>> = None;
         let mut seq_used = None;
         let next_seq = self.next_seq;
+        #[cfg(feature = "mutations")]
+        let unmarked = self.window_unmarked.remove(&id);
+        #[cfg(not(feature = "mutations"))]
+        let unmarked = false;
         match self.ops.get_mut(id) {
             Some(Op::ClientWrite { op, peer, .. }) => {
                 let (d, m) = match op.clone() {
@@ -805,6 +855,8 @@ impl<P: Payload> Node<P> {
                     *peer = PeerAck::Waiting;
                     send = Some(m);
                     seq_used = Some(next_seq);
+                } else if unmarked {
+                    *peer = PeerAck::Done;
                 } else {
                     *peer = PeerAck::NotNeeded;
                     note_missing = true;
@@ -842,6 +894,11 @@ impl<P: Payload> Node<P> {
         }
         if let Some(seq) = seq_used {
             self.next_seq += 1;
+            if let Some(Message::Write { payload, .. }) = &send {
+                let bytes = payload.len() as u64;
+                self.window_sent.insert(seq, bytes);
+                self.window_bytes += bytes;
+            }
             if !matches!(send, Some(Message::Flush { .. })) {
                 self.last_write_seq_sent = seq;
                 if let Some(r) = written {
@@ -865,6 +922,51 @@ impl<P: Payload> Node<P> {
             }
             self.note_unreplicated_write();
         }
+    }
+
+    /// Whether waiting operation `w` is still a write waiting for the window.
+    fn window_waiter_live(&self, w: u64) -> bool {
+        self.ops.get(w).is_some() && !self.ops.is_active(w)
+    }
+
+    /// The in-flight window's gate of a client write with a payload (a no-op
+    /// for other operations, and while the peer does not replicate: then
+    /// nothing is sent). Operation `id` may start if no earlier write waits
+    /// for the window and its bytes fit, or nothing is in flight (a write
+    /// larger than the window goes alone). Otherwise it waits, and
+    /// `start_ready` tries it again after the next ack.
+    fn window_admits(&mut self, id: u64) -> bool {
+        let bytes = match self.ops.get(id) {
+            Some(Op::ClientWrite {
+                op: ClientOp::Write { payload, .. },
+                ..
+            }) => payload.len() as u64,
+            _ => return true,
+        };
+        if bytes == 0 || !self.peer_replicates() {
+            self.window_waiting.remove(&id);
+            return true;
+        }
+        // Only the oldest live waiter matters: drop stale ones before it.
+        let earlier_waits = loop {
+            match self.window_waiting.first().copied() {
+                Some(w) if w < id && !self.window_waiter_live(w) => {
+                    self.window_waiting.remove(&w);
+                }
+                Some(w) => break w < id,
+                None => break false,
+            }
+        };
+        let fits = self.window_bytes == 0
+            || self.window_bytes.saturating_add(bytes) <= self.cfg.max_inflight_bytes;
+        if earlier_waits || !fits {
+            if self.window_waiting.insert(id) {
+                self.window_waited += 1;
+            }
+            return false;
+        }
+        self.window_waiting.remove(&id);
+        true
     }
 
     /// The activity-log gate of a client write (a no-op for other
@@ -1573,6 +1675,29 @@ impl<P: Payload> Node<P> {
         self.peer_pending.clear();
         self.sec_incomplete.clear();
         self.sec_flushes.clear();
+        // The window: no ack of this link will come. Waiting writes start
+        // below (try_finish_all), as for a peer that is away: unreplicated,
+        // marked in the bitmap; or, after a reconnect, through the window.
+        self.link_losses += 1;
+        self.window_sent.clear();
+        #[cfg(feature = "mutations")]
+        if self.mutated(Mutation::WindowReleasedUnmarked) {
+            let live: Vec<u64> = self
+                .window_waiting
+                .iter()
+                .copied()
+                .filter(|&w| self.window_waiter_live(w))
+                .collect();
+            self.window_unmarked.extend(live);
+        }
+        self.window_waiting.clear();
+        #[cfg(feature = "mutations")]
+        let keep_window = self.mutated(Mutation::WindowKeptAfterLinkLoss);
+        #[cfg(not(feature = "mutations"))]
+        let keep_window = false;
+        if !keep_window {
+            self.window_bytes = 0;
+        }
         // SyncDone went out, its acknowledgement did not come: the target
         // took this node's current generation, or it is still Inconsistent
         // (behind whatever the generations say). Either way the two are not
@@ -2274,7 +2399,14 @@ impl<P: Payload> Node<P> {
 
     fn on_ack(&mut self, seq: u64, flush: bool) -> Result<(), String> {
         let id = match self.peer_pending.remove(&seq) {
-            Some((Pending::Op(id), _)) => id,
+            Some((Pending::Op(id), _)) => {
+                if !flush {
+                    if let Some(bytes) = self.window_sent.remove(&seq) {
+                        self.window_bytes -= bytes;
+                    }
+                }
+                id
+            }
             Some((Pending::SyncFlush, _)) if flush => {
                 self.peer_flushed_below = self.peer_flushed_below.max(seq);
                 self.trim_transfer_log(seq);
@@ -2336,7 +2468,10 @@ impl<P: Payload> Node<P> {
             }
             // The write was already answered early (a mutation).
             #[cfg(feature = "mutations")]
-            None if !flush && self.mutation == Some(Mutation::ReplyBeforePeerAck) => Ok(()),
+            None if !flush && self.mutation == Some(Mutation::ReplyBeforePeerAck) => {
+                self.start_ready();
+                Ok(())
+            }
             _ => Err(format!("acknowledgement {seq} of the wrong kind")),
         }
     }

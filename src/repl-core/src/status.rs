@@ -133,6 +133,19 @@ pub struct Status {
     /// The last finished verify: bytes compared, 4 KiB blocks that differed,
     /// and the first differing ranges (offset, length).
     pub last_verify: Option<VerifyResult>,
+    /// Client write payload bytes sent to the peer and not yet acknowledged
+    /// (the in-flight window's fill).
+    pub inflight_bytes: u64,
+    /// The window's size (`max-inflight-bytes`; `u64::MAX`: none).
+    pub max_inflight_bytes: u64,
+    /// Client writes waiting for room in the in-flight window.
+    pub window_waiting: usize,
+    /// Times a client write began to wait for room in the window since the
+    /// node started.
+    pub window_waited: u64,
+    /// Links to the peer lost (after a handshake began) since the node
+    /// started.
+    pub link_losses: u64,
 }
 
 /// What an online verify found.

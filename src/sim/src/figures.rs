@@ -111,6 +111,11 @@ pub struct Figures {
     /// power or fail-stopped (each landed whole or not at all; a power cut
     /// then keeps or loses each of its blocks on its own).
     pub merged_writes_at_stops: u64,
+    /// Seeds whose cores ran with a small in-flight window.
+    pub window_seeds: u64,
+    /// Client requests handed to a core while writes waited for room in
+    /// its in-flight window (the window bound).
+    pub window_waits: u64,
 }
 
 impl Figures {
@@ -175,7 +180,9 @@ impl Figures {
             message_batches,
             merged_writes,
             merged_pieces,
-            merged_writes_at_stops
+            merged_writes_at_stops,
+            window_seeds,
+            window_waits
         );
     }
 }
@@ -246,6 +253,11 @@ impl fmt::Display for Figures {
             self.merged_writes,
             self.merged_pieces,
             self.merged_writes_at_stops
+        )?;
+        writeln!(
+            f,
+            "in-flight window: seeds with a small window {}, requests submitted while writes waited for it {}",
+            self.window_seeds, self.window_waits
         )?;
         writeln!(
             f,

@@ -62,6 +62,10 @@ pub struct Options {
     /// delivery, bursts of adjacent client writes. Off, every seed replays
     /// the run it had before the scenario existed (the regression seeds do).
     pub merge_scenario: bool,
+    /// Whether the in-flight window scenario may run (in the profiles that
+    /// draw it: a small `max_inflight_bytes`, sometimes a slow link). Off,
+    /// every seed replays the run it had before the scenario existed.
+    pub window_scenario: bool,
 }
 
 impl Options {
@@ -78,6 +82,7 @@ impl Options {
             verify_scenario: true,
             batch_scenario: true,
             merge_scenario: true,
+            window_scenario: true,
         }
     }
 }
@@ -125,6 +130,7 @@ pub fn run_seed(opts: Options) -> Outcome {
     let violation = sim.run();
     let mut figures = sim.figures;
     figures.seeds = 1;
+    figures.window_seeds = u64::from(sim.max_inflight_bytes != u64::MAX);
     if let Some(v) = &violation {
         figures.failed_seeds = 1;
         match v {
@@ -217,11 +223,13 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::VerifyMarksNothing => "verify-marks-nothing",
         Mutation::AcksCumulative => "acks-cumulative",
         Mutation::MergeAcrossGap => "merge-across-gap",
+        Mutation::WindowKeptAfterLinkLoss => "window-kept-after-link-loss",
+        Mutation::WindowReleasedUnmarked => "window-released-unmarked",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 10] = [
+pub const MUTATIONS: [Mutation; 12] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
@@ -232,6 +240,8 @@ pub const MUTATIONS: [Mutation; 10] = [
     Mutation::VerifyMarksNothing,
     Mutation::AcksCumulative,
     Mutation::MergeAcrossGap,
+    Mutation::WindowKeptAfterLinkLoss,
+    Mutation::WindowReleasedUnmarked,
 ];
 
 /// The mutation with this command-line name.

@@ -4,7 +4,7 @@
 //! ```text
 //! pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all]
 //!            [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure]
-//!            [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario]
+//!            [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario] [--no-window-scenario]
 //! ```
 //!
 //! Exits 1 if any seed broke an invariant (0 with `--expect-failure` if
@@ -27,6 +27,7 @@ struct Args {
     no_verify_scenario: bool,
     no_batch_scenario: bool,
     no_merge_scenario: bool,
+    no_window_scenario: bool,
 }
 
 fn usage() -> String {
@@ -36,7 +37,7 @@ fn usage() -> String {
         .collect();
     format!(
         "usage: pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all] \
-         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario]\nmutations: {}",
+         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario] [--no-window-scenario]\nmutations: {}",
         names.join(", ")
     )
 }
@@ -60,6 +61,7 @@ fn parse() -> Result<Args, String> {
         no_verify_scenario: false,
         no_batch_scenario: false,
         no_merge_scenario: false,
+        no_window_scenario: false,
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let mut it = std::env::args().skip(1);
@@ -92,6 +94,7 @@ fn parse() -> Result<Args, String> {
             "--no-verify-scenario" => a.no_verify_scenario = true,
             "--no-batch-scenario" => a.no_batch_scenario = true,
             "--no-merge-scenario" => a.no_merge_scenario = true,
+            "--no-window-scenario" => a.no_window_scenario = true,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
@@ -115,6 +118,7 @@ fn main() -> ExitCode {
         opts.verify_scenario = !args.no_verify_scenario;
         opts.batch_scenario = !args.no_batch_scenario;
         opts.merge_scenario = !args.no_merge_scenario;
+        opts.window_scenario = !args.no_window_scenario;
         if let Some(ms) = args.safety_ms {
             opts.safety_ms = ms;
         }

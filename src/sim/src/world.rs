@@ -61,6 +61,9 @@ const MERGE_STREAM: u64 = 0x3E26_E0AD_1ACE_0B17;
 /// small).
 const DELIVER_BATCH_MAX: usize = 64;
 
+/// Mixed into the seed for the in-flight window scenario's random stream.
+const WINDOW_STREAM: u64 = 0x3A1D_0F5E_7B1D_C0DE;
+
 /// QUIC's idle timeout, the daemon's default ping-timeout.
 pub const PING_TIMEOUT_US: u64 = 1_000_000;
 const BACKOFF_MIN_US: u64 = 100_000;
@@ -340,6 +343,10 @@ pub struct Sim {
     /// message that has arrived in one batch, and clients send bursts of
     /// adjacent writes handled together.
     pub merge: Option<MergeLimits>,
+    /// The cores' in-flight window (`u64::MAX`: none). Drawn from a random
+    /// stream of its own, so that seeds without the scenario replay the runs
+    /// they had before it existed.
+    pub max_inflight_bytes: u64,
 }
 
 impl Sim {
@@ -384,6 +391,24 @@ impl Sim {
                 .with_pieces_max(pieces_max)
                 .with_mutation(opts.mutation)
         });
+        let mut window_rng = Rng::new(opts.seed ^ WINDOW_STREAM);
+        let window_scenario = window_rng.percent(40) && opts.window_scenario;
+        // A window of one or two blocks binds at every second write; 4 KiB
+        // (8 blocks) only when several clients keep requests in flight. Half
+        // of these profiles also get a slow link (the acks that release the
+        // window take 2–20 ms), on top of the delay spikes.
+        let mut lat = lat;
+        let max_inflight_bytes = if window_scenario {
+            if window_rng.percent(50) {
+                for d in &mut lat {
+                    let lo = window_rng.between(2_000, 10_000);
+                    *d = (lo, lo + window_rng.between(0, 10_000));
+                }
+            }
+            [512, 1024, 1536, 4096][window_rng.below(4) as usize]
+        } else {
+            u64::MAX
+        };
         Sim {
             profile,
             rng,
@@ -417,6 +442,7 @@ impl Sim {
             corrupted: Vec::new(),
             merge_rng,
             merge,
+            max_inflight_bytes,
             opts,
         }
     }
@@ -955,6 +981,7 @@ impl Sim {
             sync_rate_min_bytes_per_sec: None,
             al_extent_bytes: self.profile.al_extent_bytes,
             al_extents: self.profile.al_extents,
+            max_inflight_bytes: self.max_inflight_bytes,
         }
     }
 
@@ -1359,6 +1386,12 @@ impl Sim {
             self.checker.submit_flush(id);
         }
         self.with_core(n, |c, now| c.handle_client(now, RequestId(id), op));
+        if self.max_inflight_bytes != u64::MAX {
+            let st = self.status(n);
+            if st.is_some_and(|s| s.window_waiting > 0) {
+                self.figures.window_waits += 1;
+            }
+        }
     }
 
     /// Hands several client requests to node `n`'s core in one go (the

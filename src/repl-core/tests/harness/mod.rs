@@ -114,6 +114,7 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         sync_rate_min_bytes_per_sec: None,
         al_extent_bytes: AL_EXTENT,
         al_extents: AL_EXTENTS,
+        max_inflight_bytes: u64::MAX,
     }
 }
 
