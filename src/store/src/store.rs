@@ -286,17 +286,22 @@ impl Store {
     }
 
     async fn write_buf(&self, offset: u64, buf: WriteBuf, fua: bool) -> Result<(), StoreError> {
-        self.check_writable()?;
-        self.check_transfer(offset, buf.len())?;
         if fua && !self.inner.direct_io {
             // Buffered FUA rides on group commit: the plain write completes, then a
             // flush requested after that covers it. FUA writes and FLUSHes that
             // arrive together share one fdatasync, where RWF_DSYNC would run one
             // per write. (With O_DIRECT, RWF_DSYNC stays: the device does the FUA
             // write in one command, no cache flush of everything else.)
-            Box::pin(self.write_buf(offset, buf, false)).await?;
+            self.write_once(offset, buf, false).await?;
             return self.flush().await;
         }
+        self.write_once(offset, buf, fua).await
+    }
+
+    /// One store write: plain, or (O_DIRECT only) with RWF_DSYNC.
+    async fn write_once(&self, offset: u64, buf: WriteBuf, fua: bool) -> Result<(), StoreError> {
+        self.check_writable()?;
+        self.check_transfer(offset, buf.len())?;
         let sync = if fua {
             Some(self.sync_lease().await?)
         } else {

@@ -523,13 +523,10 @@ async fn failed_flush_poisons_until_reopen(engine: EngineChoice) {
     reopened.close().await;
 }
 
-async fn failed_fua_write_poisons_until_reopen(engine: EngineChoice) {
-    let dir = temp_dir();
-    // Buffered: a FUA write is a plain write and a group-commit flush; the
-    // flush's failure fails the write and poisons the store.
-    let cfg = config(&dir, "store", 4 * MIB, engine);
-    let store = open(&cfg);
-    store.inject_errors(FaultPoint::Flush, 1, libc::EIO);
+/// Injects one EIO at `point`, then checks that a FUA write fails with it and
+/// leaves the store poisoned: later flushes and FUA writes refuse.
+async fn fua_failure_poisons(store: Store, point: FaultPoint) {
+    store.inject_errors(point, 1, libc::EIO);
     assert!(matches!(
         store.write(0, pattern(1, 4096), true).await,
         Err(StoreError::Io(_))
@@ -541,6 +538,14 @@ async fn failed_fua_write_poisons_until_reopen(engine: EngineChoice) {
         Err(StoreError::Poisoned)
     ));
     store.close().await;
+}
+
+async fn failed_fua_write_poisons_until_reopen(engine: EngineChoice) {
+    let dir = temp_dir();
+    // Buffered: a FUA write is a plain write and a group-commit flush; the
+    // flush's failure fails the write and poisons the store.
+    let cfg = config(&dir, "store", 4 * MIB, engine);
+    fua_failure_poisons(open(&cfg), FaultPoint::Flush).await;
     // O_DIRECT: a FUA write is one RWF_DSYNC write; its failure poisons.
     let mut direct = config(&dir, "direct", 4 * MIB, engine);
     direct.direct_io = true;
@@ -553,18 +558,7 @@ async fn failed_fua_write_poisons_until_reopen(engine: EngineChoice) {
         }
         other => {
             let store = other.expect("open with O_DIRECT");
-            store.inject_errors(FaultPoint::FuaWrite, 1, libc::EIO);
-            assert!(matches!(
-                store.write(0, pattern(1, 4096), true).await,
-                Err(StoreError::Io(_))
-            ));
-            assert!(store.is_poisoned());
-            assert!(matches!(store.flush().await, Err(StoreError::Poisoned)));
-            assert!(matches!(
-                store.write(0, pattern(1, 4096), true).await,
-                Err(StoreError::Poisoned)
-            ));
-            store.close().await;
+            fua_failure_poisons(store, FaultPoint::FuaWrite).await;
         }
     }
     // A failed plain write does not poison.
