@@ -154,26 +154,38 @@ impl<P> PlannedOp<P> {
 struct Group<P> {
     offset: u64,
     end: u64,
-    pieces: Vec<(DiskOpId, P)>,
+    first: (DiskOpId, P),
+    /// The pieces after the first: empty, and so not allocated, for a lone
+    /// write (what every random write stays).
+    more: Vec<(DiskOpId, P)>,
 }
 
 impl<P: Payload> Group<P> {
+    fn pieces(&self) -> usize {
+        1 + self.more.len()
+    }
+
     fn close(self, plan: &mut Vec<PlannedOp<P>>) {
         let Group {
-            offset, mut pieces, ..
+            offset,
+            first,
+            more,
+            ..
         } = self;
-        if pieces.len() == 1 {
-            if let Some((id, payload)) = pieces.pop() {
-                plan.push(PlannedOp::Single {
-                    id,
-                    op: DiskOp::Write {
-                        offset,
-                        payload,
-                        fua: false,
-                    },
-                });
-            }
+        if more.is_empty() {
+            let (id, payload) = first;
+            plan.push(PlannedOp::Single {
+                id,
+                op: DiskOp::Write {
+                    offset,
+                    payload,
+                    fua: false,
+                },
+            });
         } else {
+            let mut pieces = Vec::with_capacity(1 + more.len());
+            pieces.push(first);
+            pieces.extend(more);
             plan.push(PlannedOp::Merged(MergedWrite { offset, pieces }));
         }
     }
@@ -217,12 +229,12 @@ pub fn plan_disk_ops<P: Payload>(
         if let Some(g) = &mut group {
             let adjacent = offset == g.end || (limits.merges_across_gaps() && offset > g.end);
             let fits =
-                (g.end - g.offset) + len <= limits.bytes_max && g.pieces.len() < limits.pieces_max;
+                (g.end - g.offset) + len <= limits.bytes_max && g.pieces() < limits.pieces_max;
             if adjacent && fits {
                 // The mutation lays a piece after a gap back to back with
                 // the one before it, at the wrong offset.
                 g.end += len;
-                g.pieces.push((id, payload));
+                g.more.push((id, payload));
                 continue;
             }
         }
@@ -232,7 +244,8 @@ pub fn plan_disk_ops<P: Payload>(
         group = Some(Group {
             offset,
             end: offset + len,
-            pieces: vec![(id, payload)],
+            first: (id, payload),
+            more: Vec::new(),
         });
     }
     if let Some(g) = group.take() {

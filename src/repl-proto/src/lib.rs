@@ -279,15 +279,19 @@ impl<P> Message<P> {
         let (Some(mine), Some(theirs)) = (self.acked_seqs(), other.acked_seqs()) else {
             return false;
         };
-        if mine.len() + theirs.len() > ACKS_MAX {
+        // Both sides are valid batches (sorted, no duplicate): all of
+        // `theirs` joins, or nothing changes.
+        if mine.len() + theirs.len() > ACKS_MAX
+            || theirs.iter().any(|s| mine.binary_search(s).is_ok())
+        {
             return false;
         }
-        let mut seqs: Vec<u64> = mine.iter().chain(theirs).copied().collect();
-        seqs.sort_unstable();
-        if seqs.windows(2).any(|w| w[0] == w[1]) {
-            return false;
+        // In place: the link writer folds acks one frame at a time, so the
+        // batch is not rebuilt for each.
+        for &seq in theirs {
+            let folded = self.absorb_ack(seq);
+            debug_assert!(folded, "checked above: {seq} fits and is new");
         }
-        *self = Message::Acks(AckBatch { seqs });
         true
     }
 
