@@ -93,9 +93,9 @@ pub struct WriteCounters {
     /// Store writes issued for them (a merged write counts once).
     pub store_writes: AtomicU64,
     /// Merged store writes (each carrying two or more write operations).
+    /// The write operations they carried are derived: every other store
+    /// write carried one.
     pub merged_writes: AtomicU64,
-    /// Write operations carried by merged store writes.
-    pub merged_ops: AtomicU64,
 }
 
 impl WriteCounters {
@@ -114,18 +114,21 @@ impl WriteCounters {
                 self.write_ops.fetch_add(pieces, Ordering::Relaxed);
                 self.store_writes.fetch_add(1, Ordering::Relaxed);
                 self.merged_writes.fetch_add(1, Ordering::Relaxed);
-                self.merged_ops.fetch_add(pieces, Ordering::Relaxed);
             }
         }
     }
 
     /// The counters as JSON numbers.
     pub fn to_json(&self) -> serde_json::Value {
+        let write_ops = self.write_ops.load(Ordering::Relaxed);
+        let store_writes = self.store_writes.load(Ordering::Relaxed);
+        let merged_writes = self.merged_writes.load(Ordering::Relaxed);
+        let single_writes = store_writes.saturating_sub(merged_writes);
         serde_json::json!({
-            "write_ops": self.write_ops.load(Ordering::Relaxed),
-            "store_writes": self.store_writes.load(Ordering::Relaxed),
-            "merged_writes": self.merged_writes.load(Ordering::Relaxed),
-            "merged_ops": self.merged_ops.load(Ordering::Relaxed),
+            "write_ops": write_ops,
+            "store_writes": store_writes,
+            "merged_writes": merged_writes,
+            "merged_ops": write_ops.saturating_sub(single_writes),
         })
     }
 }
