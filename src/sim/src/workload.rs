@@ -249,17 +249,7 @@ impl Sim {
         match op {
             Op::Write | Op::FuaWrite => {
                 let first = self.pick_blocks(count);
-                let fua = op == Op::FuaWrite;
-                let id = self.checker.submit_write(first, count, false, fua);
-                let mut payload = Vec::with_capacity(count * BLOCK_BYTES);
-                for b in first..first + count {
-                    payload.extend_from_slice(&encode(id, b as u64, c as u32, seq));
-                }
-                let op = ClientOp::Write {
-                    offset: (first * BLOCK_BYTES) as u64,
-                    payload,
-                    fua,
-                };
+                let (id, op) = self.write_request(c, seq, first, count, op == Op::FuaWrite);
                 self.submit(c, n, ReqKind::Write(id), op);
             }
             Op::Trim | Op::WriteZeroes => {
@@ -321,21 +311,34 @@ impl Sim {
             }
             self.clients[c].seq += 1;
             let seq = self.clients[c].seq;
-            let start = first + at;
-            let id = self.checker.submit_write(start, blocks, false, fua);
-            let mut payload = Vec::with_capacity(blocks * BLOCK_BYTES);
-            for b in start..start + blocks {
-                payload.extend_from_slice(&encode(id, b as u64, c as u32, seq));
-            }
-            let op = ClientOp::Write {
-                offset: (start * BLOCK_BYTES) as u64,
-                payload,
-                fua,
-            };
+            let (id, op) = self.write_request(c, seq, first + at, blocks, fua);
             reqs.push((ReqKind::Write(id), op));
         }
         self.figures.client_bursts += 1;
         self.submit_many(c, n, reqs);
+    }
+
+    /// A client write of `count` blocks from `first`: registered with the
+    /// checker, its payload the blocks' encoded contents.
+    fn write_request(
+        &mut self,
+        c: usize,
+        seq: u64,
+        first: usize,
+        count: usize,
+        fua: bool,
+    ) -> (u64, ClientOp<Vec<u8>>) {
+        let id = self.checker.submit_write(first, count, false, fua);
+        let mut payload = Vec::with_capacity(count * BLOCK_BYTES);
+        for b in first..first + count {
+            payload.extend_from_slice(&encode(id, b as u64, c as u32, seq));
+        }
+        let op = ClientOp::Write {
+            offset: (first * BLOCK_BYTES) as u64,
+            payload,
+            fua,
+        };
+        (id, op)
     }
 
     /// A read completes: it returns what the node's cache holds now.

@@ -1370,22 +1370,7 @@ impl Sim {
 
     /// Hands a client request to node `n`'s core.
     pub fn submit(&mut self, client: usize, n: usize, kind: ReqKind, op: ClientOp<Vec<u8>>) {
-        let id = self.next_request;
-        self.next_request += 1;
-        self.requests.insert(
-            id,
-            Request {
-                client,
-                node: n,
-                kind,
-            },
-        );
-        self.clients[client].outstanding += 1;
-        self.figures.client_ops += 1;
-        if let ReqKind::Flush = kind {
-            self.checker.submit_flush(id);
-        }
-        self.with_core(n, |c, now| c.handle_client(now, RequestId(id), op));
+        self.submit_many(client, n, vec![(kind, op)]);
         if self.max_inflight_bytes != u64::MAX {
             let st = self.status(n);
             if st.is_some_and(|s| s.window_waiting > 0) {
