@@ -154,18 +154,52 @@ fn size_value(ctx: &Ctx, v: &Spanned<SizeValue>, key: &str) -> Result<u64, Confi
     r.map_err(|m| ctx.err(v.span().start, key, m))
 }
 
+/// A duration key: `default` when absent; a bare "0" is zero; `ok` says
+/// whether a value is allowed, `rule` what the error says if not.
 fn duration_value(
     ctx: &Ctx,
     v: &Option<Spanned<String>>,
     key: &str,
     default: Duration,
+    ok: impl Fn(Duration) -> bool,
+    rule: &str,
 ) -> Result<Duration, ConfigError> {
     let Some(v) = v else { return Ok(default) };
-    let d = parse_duration(v.get_ref()).map_err(|m| ctx.err(v.span().start, key, m))?;
-    if d.is_zero() || d > Duration::from_secs(60) {
-        return Err(ctx.err(v.span().start, key, "must be more than 0 and at most 60s"));
+    let text = v.get_ref().trim();
+    let d = if text == "0" {
+        Duration::ZERO
+    } else {
+        parse_duration(text).map_err(|m| ctx.err(v.span().start, key, m))?
+    };
+    if !ok(d) {
+        return Err(ctx.err(v.span().start, key, rule));
     }
     Ok(d)
+}
+
+/// A timeout: more than 0, at most 60 s.
+fn timeout_ok(d: Duration) -> bool {
+    !d.is_zero() && d <= Duration::from_secs(60)
+}
+
+const TIMEOUT_RULE: &str = "must be more than 0 and at most 60s";
+
+/// A size key: `default` when absent; `ok` says whether a value is allowed,
+/// `rule` what the error says if not.
+fn size_or(
+    ctx: &Ctx,
+    v: &Option<Spanned<SizeValue>>,
+    key: &str,
+    default: u64,
+    ok: impl Fn(u64) -> bool,
+    rule: &str,
+) -> Result<u64, ConfigError> {
+    let Some(v) = v else { return Ok(default) };
+    let b = size_value(ctx, v, key)?;
+    if !ok(b) {
+        return Err(ctx.err(v.span().start, key, rule));
+    }
+    Ok(b)
 }
 
 fn choice<T: Copy>(
@@ -413,66 +447,41 @@ fn resource(
             n as usize
         }
     };
-    let batch_bytes = match &raw.batch_bytes {
-        None => 4 << 20,
-        Some(v) => {
-            let k = format!("{key}.batch-bytes");
-            let b = size_value(ctx, v, &k)?;
-            if !(4096..=64 << 20).contains(&b) {
-                return Err(ctx.err(v.span().start, &k, "must be from 4KiB to 64MiB"));
-            }
-            b
-        }
-    };
-    let merge_bytes = match &raw.merge_bytes {
-        None => DEFAULT_MERGE_BYTES,
-        Some(v) => {
-            let k = format!("{key}.merge-bytes");
-            let b = size_value(ctx, v, &k)?;
-            if b != 0 && !(4096..=MERGE_BYTES_MAX).contains(&b) {
-                return Err(ctx.err(
-                    v.span().start,
-                    &k,
-                    "must be 0 (no merging) or from 4KiB to 16MiB",
-                ));
-            }
-            b
-        }
-    };
+    let batch_bytes = size_or(
+        ctx,
+        &raw.batch_bytes,
+        &format!("{key}.batch-bytes"),
+        4 << 20,
+        |b| (4096..=64 << 20).contains(&b),
+        "must be from 4KiB to 64MiB",
+    )?;
+    let merge_bytes = size_or(
+        ctx,
+        &raw.merge_bytes,
+        &format!("{key}.merge-bytes"),
+        DEFAULT_MERGE_BYTES,
+        |b| b == 0 || (4096..=MERGE_BYTES_MAX).contains(&b),
+        "must be 0 (no merging) or from 4KiB to 16MiB",
+    )?;
     // How long the link's writer may wait for more messages before it
     // writes a batch that is not full; 0 (the default): only what is
     // already queued is batched.
-    let batch_delay = match &raw.batch_delay {
-        None => Duration::ZERO,
-        Some(v) => {
-            let k = format!("{key}.batch-delay");
-            let text = v.get_ref().trim();
-            let d = if text == "0" {
-                Duration::ZERO
-            } else {
-                parse_duration(text).map_err(|m| ctx.err(v.span().start, &k, m))?
-            };
-            if d > BATCH_DELAY_MAX {
-                return Err(ctx.err(
-                    v.span().start,
-                    &k,
-                    "must be from 0 to 10ms (e.g. \"0\", \"200us\", \"1ms\")",
-                ));
-            }
-            d
-        }
-    };
-    let max_inflight_bytes = match &raw.max_inflight_bytes {
-        None => MAX_INFLIGHT_BYTES_DEFAULT,
-        Some(v) => {
-            let k = format!("{key}.max-inflight-bytes");
-            let b = size_value(ctx, v, &k)?;
-            if !(4096..=1 << 30).contains(&b) {
-                return Err(ctx.err(v.span().start, &k, "must be from 4KiB to 1GiB"));
-            }
-            b
-        }
-    };
+    let batch_delay = duration_value(
+        ctx,
+        &raw.batch_delay,
+        &format!("{key}.batch-delay"),
+        Duration::ZERO,
+        |d| d <= BATCH_DELAY_MAX,
+        "must be from 0 to 10ms (e.g. \"0\", \"200us\", \"1ms\")",
+    )?;
+    let max_inflight_bytes = size_or(
+        ctx,
+        &raw.max_inflight_bytes,
+        &format!("{key}.max-inflight-bytes"),
+        MAX_INFLIGHT_BYTES_DEFAULT,
+        |b| (4096..=1 << 30).contains(&b),
+        "must be from 4KiB to 1GiB",
+    )?;
     let on_peer_loss = choice(
         ctx,
         &raw.on_peer_loss,
@@ -519,12 +528,16 @@ fn resource(
         &raw.ping_timeout,
         &format!("{key}.ping-timeout"),
         Duration::from_secs(1),
+        timeout_ok,
+        TIMEOUT_RULE,
     )?;
     let ack_timeout = duration_value(
         ctx,
         &raw.ack_timeout,
         &format!("{key}.ack-timeout"),
         Duration::from_secs(5),
+        timeout_ok,
+        TIMEOUT_RULE,
     )?;
     if raw.node.len() != 2 {
         return Err(ctx.err(
