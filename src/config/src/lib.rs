@@ -132,6 +132,11 @@ pub const DEFAULT_MERGE_BYTES: u64 = 1 << 20;
 /// The largest `merge-bytes` accepted (half the store's largest request).
 pub const MERGE_BYTES_MAX: u64 = 16 << 20;
 
+/// The default `bulk-lane-bytes`: client writes of at least this many bytes
+/// travel on the link's bulk lane, so that the small writes, acks and
+/// flushes behind them are not held up (docs/PROTOCOL.md, "Two lanes").
+pub const DEFAULT_BULK_LANE_BYTES: u64 = 64 << 10;
+
 /// One replicated resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResourceConfig {
@@ -164,6 +169,12 @@ pub struct ResourceConfig {
     /// the peer and not yet acknowledged (`max-inflight-bytes`, 4 KiB to
     /// 1 GiB, default 16 MiB). Beyond it writes wait (backpressure).
     pub max_inflight_bytes: u64,
+    /// Client writes of at least this many bytes travel on the link's bulk
+    /// lane, a second QUIC stream of lower priority that the main lane
+    /// overtakes (`bulk-lane-bytes`, 0 or 4 KiB to 32 MiB, default
+    /// [`DEFAULT_BULK_LANE_BYTES`]; 0: one stream for everything). Only the
+    /// sender's setting matters: the nodes need not agree.
+    pub bulk_lane_bytes: u64,
     /// Bytes per bit of the dirty bitmap; `None`: the daemon picks the
     /// smallest from 4 KiB up whose bitmap fits the metadata area.
     pub bitmap_granularity_bytes: Option<u64>,

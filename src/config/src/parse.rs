@@ -11,7 +11,7 @@ use toml::Spanned;
 
 use crate::{
     AfterCrash, AfterSplitBrain, Config, ConfigError, Engine, ListenAddr, MetaLocation, NodeConfig,
-    OnPeerLoss, ResourceConfig, DEFAULT_MERGE_BYTES, MERGE_BYTES_MAX,
+    OnPeerLoss, ResourceConfig, DEFAULT_BULK_LANE_BYTES, DEFAULT_MERGE_BYTES, MERGE_BYTES_MAX,
 };
 
 /// The longest `batch-delay`: a batch waits at most this long for company.
@@ -53,6 +53,7 @@ struct RawResource {
     merge_bytes: Option<Spanned<SizeValue>>,
     batch_delay: Option<Spanned<String>>,
     max_inflight_bytes: Option<Spanned<SizeValue>>,
+    bulk_lane_bytes: Option<Spanned<SizeValue>>,
     sync_rate_min: Option<Spanned<SizeValue>>,
     al_extent_size: Option<Spanned<SizeValue>>,
     al_extents: Option<Spanned<i64>>,
@@ -482,6 +483,14 @@ fn resource(
         |b| (4096..=1 << 30).contains(&b),
         "must be from 4KiB to 1GiB",
     )?;
+    let bulk_lane_bytes = size_or(
+        ctx,
+        &raw.bulk_lane_bytes,
+        &format!("{key}.bulk-lane-bytes"),
+        DEFAULT_BULK_LANE_BYTES,
+        |b| b == 0 || (4096..=32 << 20).contains(&b),
+        "must be 0 (one lane) or from 4KiB to 32MiB",
+    )?;
     let on_peer_loss = choice(
         ctx,
         &raw.on_peer_loss,
@@ -586,6 +595,7 @@ fn resource(
         merge_bytes,
         batch_delay,
         max_inflight_bytes,
+        bulk_lane_bytes,
         sync_rate_min_bytes_per_sec,
         al_extent_bytes,
         al_extents,

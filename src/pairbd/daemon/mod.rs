@@ -285,6 +285,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         al_extent_bytes: res.al_extent_bytes,
         al_extents: res.al_extents,
         max_inflight_bytes: res.max_inflight_bytes,
+        bulk_lane_bytes: res.bulk_lane_bytes,
         after_split_brain: match res.after_split_brain {
             pairbd_config::AfterSplitBrain::Disconnect => AfterSplitBrain::Disconnect,
             pairbd_config::AfterSplitBrain::DiscardZeroChanges => {

@@ -28,7 +28,7 @@ pub use merge::{plan_disk_ops, MergeLimits, MergedWrite, PlannedOp, MERGE_PIECES
 pub use node::Mutation;
 pub use node::Node;
 pub use pairbd_repl_proto::{
-    AckBatch, DirtyRanges, DiskState, Generations, Hello, Message, NodeState, Role,
+    AckBatch, DirtyRanges, DiskState, Generations, Hello, Lane, Message, NodeState, Role,
 };
 pub use status::{
     disk_name, role_name, ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult,
@@ -177,6 +177,12 @@ pub struct Config {
     /// in flight. `u64::MAX`: no window. (Sync chunks keep their own window,
     /// `sync_window` chunks.)
     pub max_inflight_bytes: u64,
+    /// Client writes of at least this many bytes travel on the link's bulk
+    /// lane, which the main lane may overtake (`0`: one lane). The core does
+    /// not choose the lane (the driver routes by `Message::lane`); it needs
+    /// the threshold to know which writes a Flush may overtake, and so which
+    /// writes a FlushAck does not cover (see `flush_covers`).
+    pub bulk_lane_bytes: u64,
 }
 
 /// What a node does when it finds itself in split brain with its peer.

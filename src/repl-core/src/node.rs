@@ -38,8 +38,8 @@ use crate::resync_rate::ResyncRate;
 use crate::status::{ConnectionState, PeerStatus, Status, SyncStatus, VerifyResult};
 use crate::{
     AdminCommand, AdminError, AdminId, AfterCrash, AfterSplitBrain, ClientOp, Config, DirtyRanges,
-    DiskOp, DiskOpId, DiskResult, DiskState, Message, MetaWriteId, NodeState, OnPeerLoss, Output,
-    Payload, PersistentState, ReplyError, RequestId, Role,
+    DiskOp, DiskOpId, DiskResult, DiskState, Lane, Message, MetaWriteId, NodeState, OnPeerLoss,
+    Output, Payload, PersistentState, ReplyError, RequestId, Role,
 };
 use pairbd_repl_proto::{VerifyReply, DIRTY_RANGES_MAX, VERIFY_BLOCK_BYTES, VERIFY_MAX_BYTES};
 
@@ -95,6 +95,10 @@ pub enum Mutation {
     /// Writes that waited for the window when the link went are answered
     /// as if the peer had them, neither replicated nor marked out of sync.
     WindowReleasedUnmarked,
+    /// A FlushAck is taken to cover every write numbered below the Flush,
+    /// including writes on the bulk lane that the Flush overtook: they leave
+    /// the transfer log before the peer holds them durably.
+    FlushCoversOvertaken,
 }
 
 /// The request id of the flush a primary runs on both nodes before it
@@ -303,6 +307,8 @@ pub struct Node<P> {
 
     ops: OpTable<Op<P>>,
     sec_last_seq: u64,
+    /// The last sequence number received on the bulk lane (writes only).
+    sec_last_bulk_seq: u64,
     sec_incomplete: BTreeSet<u64>,
     sec_flushes: VecDeque<(u64, bool)>,
 
@@ -338,6 +344,10 @@ pub struct Node<P> {
     /// The in-flight window: payload bytes of each client write sent to the
     /// peer and not yet acknowledged, by sequence number, and their sum.
     window_sent: BTreeMap<u64, u64>,
+    /// Flushes sent while a bulk-lane write numbered below them was still
+    /// unacknowledged: flush seq → the lowest such write. Their FlushAck
+    /// covers only the writes below that (the Flush overtook the rest).
+    flush_covers: BTreeMap<u64, u64>,
     window_bytes: u64,
     /// Client writes waiting for room in the window, by operation id (an id
     /// whose operation has gone or started is stale and skipped).
@@ -412,6 +422,7 @@ impl<P: Payload> Node<P> {
             peer_pending: BTreeMap::new(),
             ops: OpTable::new(),
             sec_last_seq: 0,
+            sec_last_bulk_seq: 0,
             sec_incomplete: BTreeSet::new(),
             sec_flushes: VecDeque::new(),
             sync: None,
@@ -431,6 +442,7 @@ impl<P: Payload> Node<P> {
             marked_held: false,
             resync_rate,
             window_sent: BTreeMap::new(),
+            flush_covers: BTreeMap::new(),
             window_bytes: 0,
             window_waiting: BTreeSet::new(),
             window_waited: 0,
@@ -899,7 +911,9 @@ impl<P: Payload> Node<P> {
                 self.window_sent.insert(seq, bytes);
                 self.window_bytes += bytes;
             }
-            if !matches!(send, Some(Message::Flush { .. })) {
+            if matches!(send, Some(Message::Flush { .. })) {
+                self.note_flush_covers(seq);
+            } else {
                 self.last_write_seq_sent = seq;
                 if let Some(r) = written {
                     self.log_transfer(seq, r);
@@ -1065,6 +1079,41 @@ impl<P: Payload> Node<P> {
             .get_or_insert_with(|| (Box::new(DirtyBitmap::new(size, granularity)), 0));
         spill.0.mark(r.start, r.end - r.start);
         spill.1 = seq;
+    }
+
+    /// Flush `seq` leaves for the peer now. A write on the bulk lane that is
+    /// numbered below it and not acknowledged yet may arrive at the peer
+    /// after it (the main lane overtakes the bulk lane), so the peer's flush
+    /// need not cover it: the FlushAck will cover only the writes below the
+    /// lowest such write. (A write not acknowledged is not completed, so no
+    /// client FLUSH owes it durability; only the transfer log cares.)
+    fn note_flush_covers(&mut self, seq: u64) {
+        let bulk = self.cfg.bulk_lane_bytes;
+        if bulk == 0 {
+            return;
+        }
+        #[cfg(feature = "mutations")]
+        if self.mutated(Mutation::FlushCoversOvertaken) {
+            return;
+        }
+        let overtaken = self
+            .window_sent
+            .range(..seq)
+            .find(|(_, bytes)| **bytes >= bulk)
+            .map(|(s, _)| *s);
+        if let Some(lowest) = overtaken {
+            self.flush_covers.insert(seq, lowest);
+        }
+    }
+
+    /// FlushAck `seq` arrived: the sync chunks below it are durable on the
+    /// peer (they travel on the main lane, in order), and so is every write
+    /// below `seq` that the Flush did not overtake.
+    fn peer_flushed(&mut self, seq: u64) {
+        let covered = self.flush_covers.remove(&seq).unwrap_or(seq);
+        self.peer_flushed_below = self.peer_flushed_below.max(covered);
+        self.trim_transfer_log(covered);
+        self.sync_flushed(seq);
     }
 
     /// A peer flush completed: writes numbered below `seq` are durable there.
@@ -1569,6 +1618,7 @@ impl<P: Payload> Node<P> {
         self.last_write_seq_sent = 0;
         self.peer_flushed_below = 0;
         self.sec_last_seq = 0;
+        self.sec_last_bulk_seq = 0;
         self.out.push_back(Output::Send(Message::Hello(Hello {
             node_name: self.cfg.node_name.clone(),
             resource: self.cfg.resource.clone(),
@@ -1680,6 +1730,7 @@ impl<P: Payload> Node<P> {
         // marked in the bitmap; or, after a reconnect, through the window.
         self.link_losses += 1;
         self.window_sent.clear();
+        self.flush_covers.clear();
         #[cfg(feature = "mutations")]
         if self.mutated(Mutation::WindowReleasedUnmarked) {
             let live: Vec<u64> = self
@@ -1737,8 +1788,15 @@ impl<P: Payload> Node<P> {
         }
     }
 
-    /// A message from the peer, decoded by the driver.
+    /// A message from the peer that arrived on the link's main lane.
     pub fn handle_message(&mut self, now: Instant, msg: Message<P>) {
+        self.handle_message_on(now, Lane::Main, msg);
+    }
+
+    /// A message from the peer, decoded by the driver, with the lane it
+    /// arrived on. Each lane is ordered on its own: the main lane carries
+    /// every kind, the bulk lane only client writes (see `Lane`).
+    pub fn handle_message_on(&mut self, now: Instant, lane: Lane, msg: Message<P>) {
         self.now = now;
         if self.failed.is_some()
             || matches!(
@@ -1749,12 +1807,18 @@ impl<P: Payload> Node<P> {
             return;
         }
         let name = msg.name();
-        if let Err(reason) = self.dispatch(msg) {
+        if lane == Lane::Bulk && !matches!(msg, Message::Write { .. }) {
+            self.drop_link(format!(
+                "protocol violation ({name}): only writes travel on the bulk lane"
+            ));
+            return;
+        }
+        if let Err(reason) = self.dispatch(lane, msg) {
             self.drop_link(format!("protocol violation ({name}): {reason}"));
         }
     }
 
-    fn dispatch(&mut self, msg: Message<P>) -> Result<(), String> {
+    fn dispatch(&mut self, lane: Lane, msg: Message<P>) -> Result<(), String> {
         if self.conn == ConnectionState::Handshaking && !matches!(msg, Message::Hello(_)) {
             return Err("expected hello first".into());
         }
@@ -1789,6 +1853,7 @@ impl<P: Payload> Node<P> {
             } => {
                 let len = payload.len() as u64;
                 self.on_peer_write(
+                    lane,
                     seq,
                     offset,
                     len,
@@ -1804,13 +1869,21 @@ impl<P: Payload> Node<P> {
                 seq,
                 offset,
                 length,
-            } => self.on_peer_write(seq, offset, length, DiskOp::Trim { offset, length }, 0),
+            } => self.on_peer_write(
+                Lane::Main,
+                seq,
+                offset,
+                length,
+                DiskOp::Trim { offset, length },
+                0,
+            ),
             Message::WriteZeroes {
                 seq,
                 offset,
                 length,
                 no_hole,
             } => self.on_peer_write(
+                Lane::Main,
                 seq,
                 offset,
                 length,
@@ -1831,6 +1904,7 @@ impl<P: Payload> Node<P> {
                 }
                 let len = payload.len() as u64;
                 self.on_peer_write(
+                    Lane::Main,
                     seq,
                     offset,
                     len,
@@ -2164,18 +2238,27 @@ impl<P: Payload> Node<P> {
     }
 
     fn check_from_primary(&mut self, seq: u64) -> Result<(), String> {
+        self.check_from_primary_on(Lane::Main, seq)
+    }
+
+    /// A replicated request from the primary: sequence numbers rise on each
+    /// lane (the lanes overtake each other, so not across them; the primary
+    /// never has two overlapping writes in flight, so their order on the
+    /// stores does not depend on it).
+    fn check_from_primary_on(&mut self, lane: Lane, seq: u64) -> Result<(), String> {
         if self.wanted.role != Role::Secondary || !self.peer_is_primary() {
             return Err(
                 "replicated request but this node is not the secondary of a primary".into(),
             );
         }
-        if seq <= self.sec_last_seq {
-            return Err(format!(
-                "sequence {seq} does not follow {}",
-                self.sec_last_seq
-            ));
+        let last = match lane {
+            Lane::Main => &mut self.sec_last_seq,
+            Lane::Bulk => &mut self.sec_last_bulk_seq,
+        };
+        if seq <= *last {
+            return Err(format!("sequence {seq} does not follow {}", *last));
         }
-        self.sec_last_seq = seq;
+        *last = seq;
         Ok(())
     }
 
@@ -2314,13 +2397,14 @@ impl<P: Payload> Node<P> {
 
     fn on_peer_write(
         &mut self,
+        lane: Lane,
         seq: u64,
         offset: u64,
         length: u64,
         op: DiskOp<P>,
         sync_bytes: u64,
     ) -> Result<(), String> {
-        self.check_from_primary(seq)?;
+        self.check_from_primary_on(lane, seq)?;
         let fits = offset
             .checked_add(length)
             .is_some_and(|end| end <= self.cfg.size_bytes);
@@ -2408,9 +2492,7 @@ impl<P: Payload> Node<P> {
                 id
             }
             Some((Pending::SyncFlush, _)) if flush => {
-                self.peer_flushed_below = self.peer_flushed_below.max(seq);
-                self.trim_transfer_log(seq);
-                self.sync_flushed(seq);
+                self.peer_flushed(seq);
                 return Ok(());
             }
             // Already taken as acknowledged by a cumulative batch (a mutation).
@@ -2419,9 +2501,7 @@ impl<P: Payload> Node<P> {
             _ => return Err(format!("acknowledgement of unknown sequence {seq}")),
         };
         if flush {
-            self.peer_flushed_below = self.peer_flushed_below.max(seq);
-            self.trim_transfer_log(seq);
-            self.sync_flushed(seq);
+            self.peer_flushed(seq);
         }
         match self.ops.get_mut(id) {
             Some(Op::ClientWrite { peer, .. }) if !flush => {
@@ -2522,6 +2602,7 @@ impl<P: Payload> Node<P> {
         if let Some(s) = &mut self.sync {
             s.flush_pending = true;
         }
+        self.note_flush_covers(seq);
         self.out.push_back(Output::Send(Message::Flush { seq }));
     }
 

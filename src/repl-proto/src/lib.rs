@@ -217,6 +217,34 @@ pub enum Message<P> {
     VerifyReply(VerifyReply),
 }
 
+/// Which of the link's two streams a message travels on. Messages of one
+/// lane arrive in the order they were sent; the lanes overtake each other.
+/// Only client writes of at least the sender's `bulk-lane-bytes` take the
+/// bulk lane (so a 1 MiB write does not hold up the small writes, acks and
+/// flushes behind it); everything else keeps the main lane's order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    /// The ordered stream every message may take.
+    Main,
+    /// The stream of large client writes (lower priority).
+    Bulk,
+}
+
+impl<P: AsRef<[u8]>> Message<P> {
+    /// The lane this message takes when writes of at least `bulk_min` bytes
+    /// go on the bulk lane (`0`: no bulk lane, everything on the main one).
+    pub fn lane(&self, bulk_min: u64) -> Lane {
+        match self {
+            Message::Write { payload, .. }
+                if bulk_min > 0 && payload.as_ref().len() as u64 >= bulk_min =>
+            {
+                Lane::Bulk
+            }
+            _ => Lane::Main,
+        }
+    }
+}
+
 impl<P> Message<P> {
     /// The data payload of a write or sync chunk (sent beside the header as
     /// it is); `None` for every other kind.

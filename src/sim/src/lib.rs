@@ -225,11 +225,12 @@ pub fn mutation_name(m: Mutation) -> &'static str {
         Mutation::MergeAcrossGap => "merge-across-gap",
         Mutation::WindowKeptAfterLinkLoss => "window-kept-after-link-loss",
         Mutation::WindowReleasedUnmarked => "window-released-unmarked",
+        Mutation::FlushCoversOvertaken => "flush-covers-overtaken",
     }
 }
 
 /// Every mutation.
-pub const MUTATIONS: [Mutation; 12] = [
+pub const MUTATIONS: [Mutation; 13] = [
     Mutation::ReplyBeforePeerAck,
     Mutation::FlushNotForwarded,
     Mutation::TransferLogIgnored,
@@ -242,6 +243,7 @@ pub const MUTATIONS: [Mutation; 12] = [
     Mutation::MergeAcrossGap,
     Mutation::WindowKeptAfterLinkLoss,
     Mutation::WindowReleasedUnmarked,
+    Mutation::FlushCoversOvertaken,
 ];
 
 /// The mutation with this command-line name.

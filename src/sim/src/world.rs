@@ -982,6 +982,7 @@ impl Sim {
             al_extent_bytes: self.profile.al_extent_bytes,
             al_extents: self.profile.al_extents,
             max_inflight_bytes: self.max_inflight_bytes,
+            bulk_lane_bytes: 0,
         }
     }
 

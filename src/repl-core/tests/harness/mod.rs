@@ -115,6 +115,7 @@ pub fn config(name: &str, on_peer_loss: OnPeerLoss) -> Config {
         al_extent_bytes: AL_EXTENT,
         al_extents: AL_EXTENTS,
         max_inflight_bytes: u64::MAX,
+        bulk_lane_bytes: 0,
     }
 }
 
