@@ -294,7 +294,7 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
     wait_for_log(
         &files,
         "beta",
-        "unsupported protocol version 1 (this node speaks 2)",
+        "unsupported protocol version 1 (this node speaks 3)",
     );
     wait_for_log(&files, "beta", "1025 sequence numbers (limit 1024)");
     assert_eq!(files.status("beta")["disk"], "Inconsistent");

@@ -161,6 +161,25 @@ fn merge_bytes_defaults_bounds_and_zero() {
 }
 
 #[test]
+fn bulk_lane_bytes_defaults_bounds_and_zero() {
+    let r = parse(GOOD).unwrap().resource(None).unwrap().clone();
+    assert_eq!(r.bulk_lane_bytes, pairbd_config::DEFAULT_BULK_LANE_BYTES);
+    assert_eq!(r.bulk_lane_bytes, 64 << 10);
+    for (value, want) in [("0", 0), ("\"4KiB\"", 4 << 10), ("\"32MiB\"", 32 << 20)] {
+        let c =
+            parse(&GOOD.replace("sync-window = 4", &format!("bulk-lane-bytes = {value}"))).unwrap();
+        assert_eq!(c.resource(None).unwrap().bulk_lane_bytes, want, "{value}");
+    }
+    for bad in ["\"1KiB\"", "\"64MiB\"", "-1", "\"big\""] {
+        let e = error(&GOOD.replace("sync-window = 4", &format!("bulk-lane-bytes = {bad}")));
+        assert!(
+            e.contains("line 6") && e.contains("resource.mail.bulk-lane-bytes"),
+            "{bad}: {e}"
+        );
+    }
+}
+
+#[test]
 fn batch_delay_and_the_in_flight_window() {
     let r = parse(GOOD).unwrap().resource(None).unwrap().clone();
     assert_eq!(r.batch_delay, Duration::ZERO, "no batch delay by default");

@@ -6,11 +6,16 @@
 //! certificate — same name or not — fails the handshake, which is logged and
 //! changes nothing. TLS 1.3 only (QUIC allows nothing else), no 0-RTT.
 //!
-//! A connection carries one bidirectional stream: the dialer opens it and
-//! sends first. [`Link::split`] gives a [`FrameSender`] and a
-//! [`FrameReceiver`]; data payloads go out beside their header without a copy
-//! and come in straight into a buffer the caller allocates (aligned, for the
-//! store).
+//! A connection carries two bidirectional streams, the link's two lanes
+//! (`pairbd_repl_proto::Lane`): the main stream, which the dialer opens first
+//! and on which it sends first, and the bulk stream, which the dialer opens
+//! second and starts with [`BULK_PREAMBLE`]. The main stream has the higher
+//! priority: quinn sends its data before any bulk data it holds, so a 1 MiB
+//! write on the bulk stream does not delay the acks, flushes and small
+//! writes queued behind it. [`Link::split_lanes`] gives a [`FrameSender`]
+//! and a [`FrameReceiver`] per lane ([`Link::split`]: the main lane only);
+//! data payloads go out beside their header without a copy and come in
+//! straight into a buffer the caller allocates (aligned, for the store).
 
 mod pinned;
 
@@ -33,6 +38,12 @@ use tracing::warn;
 
 /// The ALPN protocol name of the replication link.
 pub const ALPN: &[u8] = b"pairbd/1";
+/// The first bytes on the bulk stream: the dialer writes them as soon as it
+/// opened the stream (a QUIC stream is announced by its first data), and
+/// the acceptor checks them, so the two streams cannot be mistaken for each
+/// other.
+pub const BULK_PREAMBLE: &[u8; 8] = b"PBDRBULK";
+
 /// The TLS server name the dialer presents (certificates are pinned, so the
 /// name is not what decides trust).
 const SERVER_NAME: &str = "pairbd-peer";
@@ -284,7 +295,12 @@ impl Endpoint {
             .await
             .map_err(|e| err(e.to_string()))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
-        Ok(Link { conn, send, recv })
+        let (mut bulk_send, bulk_recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+        bulk_send
+            .write_all(BULK_PREAMBLE)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Link::new(conn, send, recv, bulk_send, bulk_recv))
     }
 
     /// The next authenticated connection; failed handshakes are logged and
@@ -306,9 +322,14 @@ impl Endpoint {
             };
             // An authenticated peer that opens no stream must not hold up the
             // connections behind it (keep-alives would keep it alive forever).
-            match tokio::time::timeout(self.ping_timeout, conn.accept_bi()).await {
-                Ok(Ok((send, recv))) => return Ok(Link { conn, send, recv }),
-                Ok(Err(e)) => warn!("replication connection from {remote} opened no stream: {e}"),
+            match tokio::time::timeout(self.ping_timeout, accept_lanes(&conn)).await {
+                Ok(Ok((send, recv, bulk_send, bulk_recv))) => {
+                    return Ok(Link::new(conn, send, recv, bulk_send, bulk_recv))
+                }
+                Ok(Err(e)) => {
+                    warn!("replication connection from {remote} did not open its streams: {e}");
+                    conn.close(VarInt::from_u32(2), b"streams not opened");
+                }
                 Err(_) => {
                     let e = LinkError::NoStream {
                         addr: remote,
@@ -328,10 +349,51 @@ impl Endpoint {
 }
 
 /// One connection to the peer and its stream.
+/// The acceptor's side of opening the lanes: the main stream, then the
+/// bulk stream with its preamble.
+async fn accept_lanes(
+    conn: &quinn::Connection,
+) -> Result<
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        quinn::SendStream,
+        quinn::RecvStream,
+    ),
+    String,
+> {
+    let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
+    let (bulk_send, mut bulk_recv) = conn
+        .accept_bi()
+        .await
+        .map_err(|e| format!("no bulk stream (a peer older than protocol 3?): {e}"))?;
+    let mut preamble = [0u8; BULK_PREAMBLE.len()];
+    bulk_recv
+        .read_exact(&mut preamble)
+        .await
+        .map_err(|e| format!("the bulk stream ended before its preamble: {e}"))?;
+    if &preamble != BULK_PREAMBLE {
+        return Err(format!(
+            "the second stream starts with {preamble:02x?}, not the bulk preamble"
+        ));
+    }
+    Ok((send, recv, bulk_send, bulk_recv))
+}
+
 pub struct Link {
     conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
+    bulk_send: quinn::SendStream,
+    bulk_recv: quinn::RecvStream,
+}
+
+/// A link's two lanes, each a sender and a receiver.
+pub struct Lanes {
+    pub main_tx: FrameSender,
+    pub main_rx: FrameReceiver,
+    pub bulk_tx: FrameSender,
+    pub bulk_rx: FrameReceiver,
 }
 
 /// A handle that can close a link or wait for its end.
@@ -394,11 +456,44 @@ impl Link {
     }
 
     /// Splits into the sending and the receiving half.
+    fn new(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        bulk_send: quinn::SendStream,
+        bulk_recv: quinn::RecvStream,
+    ) -> Link {
+        // Main-stream data goes out before any bulk data quinn holds.
+        if let Err(e) = send.set_priority(1) {
+            warn!("cannot raise the main stream's priority: {e}");
+        }
+        Link {
+            conn,
+            send,
+            recv,
+            bulk_send,
+            bulk_recv,
+        }
+    }
+
+    /// The main lane only (the bulk stream is closed).
     pub fn split(self) -> (FrameSender, FrameReceiver) {
         (
             FrameSender { send: self.send },
             FrameReceiver::new(self.recv),
         )
+    }
+
+    /// Both lanes.
+    pub fn split_lanes(self) -> Lanes {
+        Lanes {
+            main_tx: FrameSender { send: self.send },
+            main_rx: FrameReceiver::new(self.recv),
+            bulk_tx: FrameSender {
+                send: self.bulk_send,
+            },
+            bulk_rx: FrameReceiver::new(self.bulk_recv),
+        }
     }
 }
 
@@ -428,6 +523,23 @@ impl FrameSender {
     {
         let mut chunks = Vec::with_capacity(2 * msgs.len());
         for msg in msgs {
+            push_frame(&mut chunks, msg)?;
+        }
+        self.write_chunks(&mut chunks).await
+    }
+
+    /// Sends messages on the bulk stream, each after an 8-byte count (little
+    /// endian) of the frames its sender had written to the main stream
+    /// before it: the receiver hands a bulk message on only after that many
+    /// main frames ([`FrameReceiver::recv_bulk`]), so the main lane may
+    /// overtake the bulk lane but never the reverse.
+    pub async fn send_bulk_batch<P>(&mut self, msgs: &[(u64, Message<P>)]) -> Result<(), LinkError>
+    where
+        P: AsRef<[u8]> + Clone + Send + 'static,
+    {
+        let mut chunks = Vec::with_capacity(3 * msgs.len());
+        for (after_main, msg) in msgs {
+            chunks.push(Bytes::copy_from_slice(&after_main.to_le_bytes()));
             push_frame(&mut chunks, msg)?;
         }
         self.write_chunks(&mut chunks).await
@@ -494,6 +606,20 @@ impl FrameReceiver {
             buffered: VecDeque::new(),
             buffered_len: 0,
         }
+    }
+
+    /// The next message of the bulk stream, with the count of main-stream
+    /// frames its sender wrote before it (see
+    /// [`FrameSender::send_bulk_batch`]). Errors as for `recv`.
+    pub async fn recv_bulk<B, F>(&mut self, alloc: F) -> Result<(u64, Message<B>), LinkError>
+    where
+        F: FnOnce(usize) -> B,
+        B: AsRef<[u8]> + AsMut<[u8]>,
+    {
+        let mut count = [0u8; 8];
+        self.fill_exact(&mut count).await?;
+        let msg = self.recv(alloc).await?;
+        Ok((u64::from_le_bytes(count), msg))
     }
 
     /// The next message; its payload is read into `alloc(len)`, which must

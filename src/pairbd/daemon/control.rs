@@ -201,6 +201,7 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
                 "messages": batch.messages,
                 "bytes": batch.bytes,
                 "delay_us": u64::try_from(batch.delay.as_micros()).unwrap_or(u64::MAX),
+                "bulk_lane_bytes": batch.bulk_lane_bytes,
             });
             return json!({"ok": true, "status": status});
         }

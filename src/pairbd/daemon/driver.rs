@@ -35,8 +35,8 @@ use pairbd_meta::MetaStore;
 use pairbd_nbd_server::Clients;
 use pairbd_repl_core::{
     plan_disk_ops, ActivityLogImage, AdminCommand, AdminError, AdminId, BitmapPage, ClientOp,
-    DiskOp, DiskOpId, DiskResult, MergeLimits, MergedWrite, Message, MetaWriteId, Node, Output,
-    Payload, PersistentState, PlannedOp, ReplyError, RequestId, Status,
+    DiskOp, DiskOpId, DiskResult, Lane, MergeLimits, MergedWrite, Message, MetaWriteId, Node,
+    Output, Payload, PersistentState, PlannedOp, ReplyError, RequestId, Status,
 };
 use pairbd_store::{AlignedBuf, Store};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -148,6 +148,9 @@ pub struct BatchLimits {
     /// batch that is not full (`batch-delay`; zero: only what is already
     /// queued goes together).
     pub delay: std::time::Duration,
+    /// Client writes of at least this many bytes go on the link's bulk lane
+    /// (`bulk-lane-bytes`; 0: everything on the main lane).
+    pub bulk_lane_bytes: u64,
 }
 
 /// Frames on the replication link since the daemon started, for status
@@ -164,6 +167,9 @@ pub struct FrameCounters {
     pub ack_frames_received: AtomicU64,
     /// Writes (and sync chunks) the received ack frames acknowledged.
     pub acks_received: AtomicU64,
+    /// Of the frames sent and received, those on the bulk lane.
+    pub bulk_sent: AtomicU64,
+    pub bulk_received: AtomicU64,
 }
 
 impl FrameCounters {
@@ -175,6 +181,18 @@ impl FrameCounters {
             self.acks_sent
                 .fetch_add(seqs.len() as u64, Ordering::Relaxed);
         }
+    }
+
+    /// Counts a frame written to the link's bulk lane.
+    pub fn count_bulk_sent(&self, msg: &Msg) {
+        self.bulk_sent.fetch_add(1, Ordering::Relaxed);
+        self.count_sent(msg);
+    }
+
+    /// Counts a frame read from the link's bulk lane.
+    pub fn count_bulk_received(&self, msg: &Msg) {
+        self.bulk_received.fetch_add(1, Ordering::Relaxed);
+        self.count_received(msg);
     }
 
     /// Counts a frame read from the link.
@@ -197,6 +215,8 @@ impl FrameCounters {
             "received": get(&self.received),
             "ack_frames_received": get(&self.ack_frames_received),
             "acks_received": get(&self.acks_received),
+            "bulk_sent": get(&self.bulk_sent),
+            "bulk_received": get(&self.bulk_received),
         })
     }
 }
@@ -667,6 +687,17 @@ impl Driver {
             self.drive(&mut inner);
         }
         msgs.clear();
+    }
+
+    /// A message that arrived on link `id`'s bulk lane (after every main-lane
+    /// frame sent before it was handed over).
+    pub fn bulk_message(self: &Arc<Self>, id: u64, msg: Msg) {
+        let mut inner = self.lock();
+        if inner.link.as_ref().is_some_and(|l| l.id == id) {
+            let now = Instant::now();
+            inner.node.handle_message_on(now, Lane::Bulk, msg);
+            self.drive(&mut inner);
+        }
     }
 
     /// How many messages, and about how many bytes, travel or are handled

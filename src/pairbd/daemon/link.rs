@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use pairbd_config::{NodeConfig, ResourceConfig};
 use pairbd_link::{Endpoint, Identity, Link, LinkConfig};
-use pairbd_repl_core::Message;
+use pairbd_repl_core::{Lane, Message};
 use pairbd_store::AlignedBuf;
 use tracing::{info, warn};
 
@@ -108,29 +108,113 @@ async fn accept(endpoint: Arc<Endpoint>, driver: Arc<Driver>) {
     }
 }
 
+/// Bulk-lane messages handed from the main writer to the bulk writer and
+/// not yet written (each at least `bulk-lane-bytes`; the in-flight window
+/// bounds their bytes, this their number).
+const BULK_QUEUE: usize = 1024;
+
 /// Runs one link until it fails; returns when it is gone.
+///
+/// The link has two lanes (docs/PROTOCOL.md, "Two lanes"). One writer task
+/// takes the core's messages in order; client writes of at least
+/// `bulk-lane-bytes` go to a second task that writes them on the bulk
+/// stream, each tagged with the number of main-stream frames written before
+/// it. On the receiving side the main reader hands frames to the core as
+/// they come; the bulk reader hands a bulk message over only once the main
+/// reader has handed over as many frames as its tag says. So the main lane
+/// overtakes the bulk lane, never the reverse.
 fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()> {
     let conn = link.handle();
-    let (mut sender, mut receiver) = link.split();
+    let lanes = link.split_lanes();
+    let (mut sender, mut receiver) = (lanes.main_tx, lanes.main_rx);
+    let (mut bulk_sender, mut bulk_receiver) = (lanes.bulk_tx, lanes.bulk_rx);
     let close_conn = conn.clone();
     let (id, mut outgoing) = driver.link_up(Box::new(move |reason: &str| close_conn.close(reason)));
-    let writer_driver = Arc::clone(&driver);
     let limits = driver.batch_limits();
+    let (bulk_tx, mut bulk_rx) = mpsc::channel::<(u64, Msg)>(BULK_QUEUE);
+    let bulk_driver = Arc::clone(&driver);
+    let bulk_writer = tokio::spawn(async move {
+        let mut batch: Vec<(u64, Msg)> = Vec::new();
+        while let Some(first) = bulk_rx.recv().await {
+            let mut bytes = frame_bytes(&first.1);
+            batch.push(first);
+            while batch.len() < limits.messages && bytes < limits.bytes {
+                match bulk_rx.try_recv() {
+                    Ok(next) => {
+                        bytes += frame_bytes(&next.1);
+                        batch.push(next);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if let Err(e) = bulk_sender.send_bulk_batch(&batch).await {
+                bulk_driver.link_lost(id, &format!("sending on the bulk lane failed: {e}"));
+                return;
+            }
+            for (_, msg) in &batch {
+                bulk_driver.frames.count_bulk_sent(msg);
+            }
+            batch.clear();
+        }
+    });
+    let writer_driver = Arc::clone(&driver);
     let writer = tokio::spawn(async move {
         let mut batch: Vec<Msg> = Vec::with_capacity(limits.messages);
+        // Frames written to the main stream so far.
+        let mut main_frames: u64 = 0;
         while let Some(msg) = outgoing.recv().await {
-            collect_batch(msg, &mut outgoing, &limits, &mut batch).await;
+            let lanes = Lanes {
+                bulk: &bulk_tx,
+                main_frames,
+            };
+            if !collect_batch(msg, &mut outgoing, &limits, &mut batch, lanes).await {
+                return;
+            }
+            if batch.is_empty() {
+                continue;
+            }
             if let Err(e) = sender.send_batch(&batch).await {
                 writer_driver.link_lost(id, &format!("sending failed: {e}"));
                 return;
             }
+            main_frames += batch.len() as u64;
             for msg in &batch {
                 writer_driver.frames.count_sent(msg);
             }
             batch.clear();
         }
     });
+    // The main frames handed to the core so far, for the bulk reader.
+    let (handed_tx, mut handed_rx) = tokio::sync::watch::channel(0u64);
+    let bulk_reader_driver = Arc::clone(&driver);
+    let bulk_reader = tokio::spawn(async move {
+        loop {
+            let (after_main, msg) = match bulk_receiver.recv_bulk(AlignedBuf::for_overwrite).await {
+                Ok(m) => m,
+                Err(e) => {
+                    bulk_reader_driver.link_lost(id, &format!("bulk lane: {e}"));
+                    return;
+                }
+            };
+            if !matches!(msg, Message::Write { .. }) {
+                bulk_reader_driver.link_lost(
+                    id,
+                    &format!("bad frame on the bulk lane: a {} message", msg.name()),
+                );
+                return;
+            }
+            // The main frames sent before it come first (the main reader
+            // ends, and drops the sender, when the link fails).
+            if handed_rx.wait_for(|n| *n >= after_main).await.is_err() {
+                return;
+            }
+            let msg = share(msg);
+            bulk_reader_driver.frames.count_bulk_received(&msg);
+            bulk_reader_driver.bulk_message(id, msg);
+        }
+    });
     async move {
+        let mut handed: u64 = 0;
         let mut batch = Vec::with_capacity(limits.messages);
         loop {
             let first = match receiver.recv(AlignedBuf::for_overwrite).await {
@@ -157,19 +241,24 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
             for msg in &batch {
                 driver.frames.count_received(msg);
             }
+            handed += batch.len() as u64;
             driver.messages(id, &mut batch);
+            handed_tx.send_replace(handed);
             if let Some(e) = failed {
                 driver.link_lost(id, &e.to_string());
                 break;
             }
         }
         writer.abort();
+        bulk_writer.abort();
+        bulk_reader.abort();
         conn.close("link finished");
     }
 }
 
-/// Fills `batch` with `first` and what follows it: everything already
-/// queued goes out in one write (one wake-up of quinn's connection driver
+/// Fills `batch` with `first` and what follows it, except bulk-lane
+/// messages, which go to the bulk writer in order (false: it is gone):
+/// everything already queued goes out in one write (one wake-up of quinn's connection driver
 /// instead of one per frame), up to the batch limits. With a batch delay,
 /// the writer also waits up to that long (from the first message) for more
 /// messages while the batch is not full; tokio's timer rounds the wait up
@@ -179,12 +268,31 @@ async fn collect_batch(
     outgoing: &mut mpsc::Receiver<Msg>,
     limits: &BatchLimits,
     batch: &mut Vec<Msg>,
-) {
+    lanes: Lanes<'_>,
+) -> bool {
     let deadline = (!limits.delay.is_zero()).then(|| tokio::time::Instant::now() + limits.delay);
-    let mut bytes = frame_bytes(&first);
-    batch.push(first);
-    while batch.len() < limits.messages && bytes < limits.bytes {
-        let next = match outgoing.try_recv() {
+    let mut bytes = 0;
+    let mut next = Some(first);
+    while let Some(msg) = next.take() {
+        if msg.lane(limits.bulk_lane_bytes) == Lane::Bulk {
+            // To the bulk writer, tagged with the main frames before it: the
+            // ones written already and the ones batched ahead of it.
+            let after_main = lanes.main_frames + batch.len() as u64;
+            if lanes.bulk.send((after_main, msg)).await.is_err() {
+                return false;
+            }
+        } else if !batch.last_mut().is_some_and(|last| last.absorb_acks(&msg)) {
+            // Acks the core emitted in separate steps (disk completions that
+            // ran as tasks), queued side by side: one frame. Only what is
+            // already queued (or arrives within the batch delay) is merged,
+            // and no other message changes place.
+            bytes += frame_bytes(&msg);
+            batch.push(msg);
+        }
+        if batch.len() >= limits.messages || bytes >= limits.bytes {
+            break;
+        }
+        next = match outgoing.try_recv() {
             Ok(msg) => Some(msg),
             Err(mpsc::error::TryRecvError::Empty) => match deadline {
                 Some(at) => tokio::time::timeout_at(at, outgoing.recv())
@@ -195,17 +303,16 @@ async fn collect_batch(
             },
             Err(mpsc::error::TryRecvError::Disconnected) => None,
         };
-        let Some(msg) = next else { break };
-        // Acks the core emitted in separate steps (disk completions that
-        // ran as tasks), queued side by side: one frame. Only what is
-        // already queued (or arrives within the batch delay) is merged, and
-        // no other message changes place.
-        if batch.last_mut().is_some_and(|last| last.absorb_acks(&msg)) {
-            continue;
-        }
-        bytes += frame_bytes(&msg);
-        batch.push(msg);
     }
+    true
+}
+
+/// Where `collect_batch` hands bulk-lane messages.
+struct Lanes<'a> {
+    /// The bulk writer's queue.
+    bulk: &'a mpsc::Sender<(u64, Msg)>,
+    /// Frames written to the main stream before this batch.
+    main_frames: u64,
 }
 
 /// Header and payload bytes of a message on the wire (control payloads

@@ -330,6 +330,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
         messages: res.batch_messages,
         bytes: usize::try_from(res.batch_bytes).unwrap_or(usize::MAX),
         delay: res.batch_delay,
+        bulk_lane_bytes: res.bulk_lane_bytes,
     };
     let driver = Driver::new(node, store.clone(), meta, batch, res.merge_bytes);
     tokio::spawn(Arc::clone(&driver).run_timers());

@@ -21,7 +21,8 @@ pub const MAX_DATA_PAYLOAD: u32 = 32 << 20;
 pub const MAX_CONTROL_PAYLOAD: u32 = 64 << 10;
 /// The protocol version this code speaks. 2: the `Acks` message (and the
 /// hello's discard-my-data and dirty-bytes fields, added without a bump).
-pub const PROTOCOL_VERSION: u8 = 2;
+/// 3: the bulk lane (a second stream; docs/PROTOCOL.md, "Two lanes").
+pub const PROTOCOL_VERSION: u8 = 3;
 /// "PBDR", little-endian.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PBDR");
 

@@ -395,7 +395,7 @@ fn a_version_1_frame_is_refused_naming_both_versions() {
     );
     assert_eq!(
         e.to_string(),
-        "unsupported protocol version 1 (this node speaks 2)"
+        "unsupported protocol version 1 (this node speaks 3)"
     );
 }
 
