@@ -116,6 +116,15 @@ pub struct Figures {
     /// Client requests handed to a core while writes waited for room in
     /// its in-flight window (the window bound).
     pub window_waits: u64,
+    /// Seeds whose link had a bulk lane (the lanes scenario).
+    pub lanes_seeds: u64,
+    /// Messages sent on a bulk lane.
+    pub bulk_messages: u64,
+    /// Main-lane messages that arrived while a bulk-lane message sent
+    /// before them was still in flight (they overtook it) ...
+    pub lane_overtakes: u64,
+    /// ... of which flushes.
+    pub flush_overtakes: u64,
 }
 
 impl Figures {
@@ -182,7 +191,11 @@ impl Figures {
             merged_pieces,
             merged_writes_at_stops,
             window_seeds,
-            window_waits
+            window_waits,
+            lanes_seeds,
+            bulk_messages,
+            lane_overtakes,
+            flush_overtakes
         );
     }
 }
@@ -258,6 +271,11 @@ impl fmt::Display for Figures {
             f,
             "in-flight window: seeds with a small window {}, requests submitted while writes waited for it {}",
             self.window_seeds, self.window_waits
+        )?;
+        writeln!(
+            f,
+            "lanes: seeds with a bulk lane {}, bulk-lane messages {}, main-lane messages that overtook one {} (flushes {})",
+            self.lanes_seeds, self.bulk_messages, self.lane_overtakes, self.flush_overtakes
         )?;
         writeln!(
             f,

@@ -66,6 +66,11 @@ pub struct Options {
     /// draw it: a small `max_inflight_bytes`, sometimes a slow link). Off,
     /// every seed replays the run it had before the scenario existed.
     pub window_scenario: bool,
+    /// Whether the lanes scenario may run (35% of the seeds draw it, from
+    /// their own random stream: client writes of at least a drawn size take
+    /// a bulk lane that the main lane overtakes). Off, every seed replays
+    /// the run it had before the scenario existed.
+    pub lanes_scenario: bool,
 }
 
 impl Options {
@@ -83,6 +88,7 @@ impl Options {
             batch_scenario: true,
             merge_scenario: true,
             window_scenario: true,
+            lanes_scenario: true,
         }
     }
 }
@@ -131,6 +137,7 @@ pub fn run_seed(opts: Options) -> Outcome {
     let mut figures = sim.figures;
     figures.seeds = 1;
     figures.window_seeds = u64::from(sim.max_inflight_bytes != u64::MAX);
+    figures.lanes_seeds = u64::from(sim.bulk_lane_bytes != 0);
     if let Some(v) = &violation {
         figures.failed_seeds = 1;
         match v {

@@ -5,6 +5,7 @@
 //! pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all]
 //!            [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure]
 //!            [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario] [--no-window-scenario]
+//!            [--no-lanes-scenario]
 //! ```
 //!
 //! Exits 1 if any seed broke an invariant (0 with `--expect-failure` if
@@ -28,6 +29,7 @@ struct Args {
     no_batch_scenario: bool,
     no_merge_scenario: bool,
     no_window_scenario: bool,
+    no_lanes_scenario: bool,
 }
 
 fn usage() -> String {
@@ -37,7 +39,7 @@ fn usage() -> String {
         .collect();
     format!(
         "usage: pairbd-sim [--seeds A..B | --seed N] [--mutation NAME] [--trace | --trace-all] \
-         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario] [--no-window-scenario]\nmutations: {}",
+         [--safety-ms MS] [--jobs N] [--stop-on-failure] [--expect-failure] [--no-verify-scenario] [--no-batch-scenario] [--no-merge-scenario] [--no-window-scenario] [--no-lanes-scenario]\nmutations: {}",
         names.join(", ")
     )
 }
@@ -62,6 +64,7 @@ fn parse() -> Result<Args, String> {
         no_batch_scenario: false,
         no_merge_scenario: false,
         no_window_scenario: false,
+        no_lanes_scenario: false,
         jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let mut it = std::env::args().skip(1);
@@ -95,6 +98,7 @@ fn parse() -> Result<Args, String> {
             "--no-batch-scenario" => a.no_batch_scenario = true,
             "--no-merge-scenario" => a.no_merge_scenario = true,
             "--no-window-scenario" => a.no_window_scenario = true,
+            "--no-lanes-scenario" => a.no_lanes_scenario = true,
             "-h" | "--help" => return Err(usage()),
             other => return Err(format!("unknown argument {other:?}\n{}", usage())),
         }
@@ -119,6 +123,7 @@ fn main() -> ExitCode {
         opts.batch_scenario = !args.no_batch_scenario;
         opts.merge_scenario = !args.no_merge_scenario;
         opts.window_scenario = !args.no_window_scenario;
+        opts.lanes_scenario = !args.no_lanes_scenario;
         if let Some(ms) = args.safety_ms {
             opts.safety_ms = ms;
         }

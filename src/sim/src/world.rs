@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 use pairbd_repl_core::bitmap::{bitmap_area_bytes, BITMAP_PAGE_BYTES};
 use pairbd_repl_core::{
     plan_disk_ops, ActivityLogImage, AdminCommand, AdminId, BitmapPage, ClientOp, Config,
-    ConnectionState, DiskOp, DiskOpId, DiskResult, DiskState, MergeLimits, Message, MetaWriteId,
-    Node, Output, PersistentState, PlannedOp, ReplyError, RequestId, Role, Status,
+    ConnectionState, DiskOp, DiskOpId, DiskResult, DiskState, Lane, MergeLimits, Message,
+    MetaWriteId, Node, Output, PersistentState, PlannedOp, ReplyError, RequestId, Role, Status,
 };
 
 use crate::checker::{Checker, ReadSnapshot, Violation};
 use crate::content::{decode, Content, BLOCK_BYTES};
 use crate::figures::Figures;
-use crate::net::Net;
+use crate::net::{Lanes, Net};
 use crate::operator::Task;
 use crate::rng::Rng;
 use crate::store::{FlushSnapshot, SimStore};
@@ -63,6 +63,9 @@ const DELIVER_BATCH_MAX: usize = 64;
 
 /// Mixed into the seed for the in-flight window scenario's random stream.
 const WINDOW_STREAM: u64 = 0x3A1D_0F5E_7B1D_C0DE;
+
+/// Mixed into the seed for the lanes scenario's random stream.
+const LANES_STREAM: u64 = 0x1A7E_5B01_C0FF_EE42;
 
 /// QUIC's idle timeout, the daemon's default ping-timeout.
 pub const PING_TIMEOUT_US: u64 = 1_000_000;
@@ -105,6 +108,7 @@ pub enum Event {
     Deliver {
         conn: u64,
         sender: usize,
+        lane: Lane,
     },
     Timer {
         node: usize,
@@ -347,6 +351,9 @@ pub struct Sim {
     /// stream of its own, so that seeds without the scenario replay the runs
     /// they had before it existed.
     pub max_inflight_bytes: u64,
+    /// The cores' `bulk_lane_bytes` (0: one lane), drawn by the lanes
+    /// scenario from its own random stream, as the window.
+    pub bulk_lane_bytes: u64,
 }
 
 impl Sim {
@@ -409,6 +416,28 @@ impl Sim {
         } else {
             u64::MAX
         };
+        // The lanes scenario: client writes of at least `bulk_lane_bytes`
+        // take the bulk lane, which waits an extra delay behind the main one
+        // (so flushes, acks and small writes overtake the writes sent before
+        // them). The simulated writes are 1 or 2 blocks: a threshold of one
+        // block sends every client write on the bulk lane, one of two blocks
+        // the two-block writes (a quarter of the plain writes, and those of
+        // the merging scenario's bursts).
+        let mut lanes_rng = Rng::new(opts.seed ^ LANES_STREAM);
+        let lanes = (lanes_rng.percent(35) && opts.lanes_scenario).then(|| {
+            let bulk_lane_bytes = [1, 2][lanes_rng.below(2) as usize] * BLOCK_BYTES as u64;
+            let bulk_delay_max_us = [2_000, 10_000, 40_000][lanes_rng.below(3) as usize];
+            let power_cut_one_in = lanes_rng
+                .percent(50)
+                .then(|| [4, 16][lanes_rng.below(2) as usize]);
+            Lanes {
+                bulk_lane_bytes,
+                bulk_delay_max_us,
+                power_cut_one_in,
+                rng: lanes_rng.fork(),
+            }
+        });
+        let bulk_lane_bytes = lanes.as_ref().map_or(0, |l| l.bulk_lane_bytes);
         Sim {
             profile,
             rng,
@@ -417,7 +446,7 @@ impl Sim {
             events: BTreeMap::new(),
             next_event: 0,
             nodes: [SimNode::new(blocks), SimNode::new(blocks)],
-            net: Net::new(lat),
+            net: Net::new(lat, lanes),
             dial_pending: false,
             dial_backoff: BACKOFF_MIN_US,
             clients,
@@ -443,6 +472,7 @@ impl Sim {
             merge_rng,
             merge,
             max_inflight_bytes,
+            bulk_lane_bytes,
             opts,
         }
     }
@@ -548,6 +578,10 @@ impl Sim {
             self.after_event();
         }
         self.figures.sim_ms = self.now / 1000;
+        let lanes = self.net.lane_counts;
+        self.figures.bulk_messages = lanes.bulk_messages;
+        self.figures.lane_overtakes = lanes.overtakes;
+        self.figures.flush_overtakes = lanes.flush_overtakes;
         self.figures.absorb(self.checker.counts());
         self.violation.clone()
     }
@@ -564,6 +598,14 @@ impl Sim {
                 limits.bytes_max(),
                 limits.pieces_max()
             ));
+        }
+        if let Some(l) = &self.net.lanes {
+            let line = format!(
+                "lanes scenario: writes of {} bytes or more take the bulk lane, {} µs extra delay at most, \
+                 a power cut after one flush in {:?} that overtook a bulk write",
+                l.bulk_lane_bytes, l.bulk_delay_max_us, l.power_cut_one_in
+            );
+            self.note(line);
         }
         for n in 0..2 {
             self.start_node(n);
@@ -587,7 +629,7 @@ impl Sim {
         match event {
             Event::DiskDone { node, inc, id } => self.disk_done(node, inc, id),
             Event::MetaDone { node, inc, id } => self.meta_done(node, inc, id),
-            Event::Deliver { conn, sender } => self.deliver(conn, sender),
+            Event::Deliver { conn, sender, lane } => self.deliver(conn, sender, lane),
             Event::Timer { node, inc } => self.timer(node, inc),
             Event::LinkLost { node, conn, reason } => self.link_lost(node, conn, reason),
             Event::Idle {
@@ -982,7 +1024,7 @@ impl Sim {
             al_extent_bytes: self.profile.al_extent_bytes,
             al_extents: self.profile.al_extents,
             max_inflight_bytes: self.max_inflight_bytes,
-            bulk_lane_bytes: 0,
+            bulk_lane_bytes: self.bulk_lane_bytes,
         }
     }
 
@@ -1159,15 +1201,24 @@ impl Sim {
             self.figures.acks += seqs.len() as u64;
         }
         let conn = self.net.held_by(n);
-        if let Some(at) = self.net.send(n, msg, self.now, &mut self.rng) {
+        if let Some((lane, at)) = self.net.send(n, msg, self.now, &mut self.rng) {
             if let Some(conn) = conn {
-                self.schedule(at, Event::Deliver { conn, sender: n });
+                self.schedule(
+                    at,
+                    Event::Deliver {
+                        conn,
+                        sender: n,
+                        lane,
+                    },
+                );
             }
         }
     }
 
-    fn deliver(&mut self, conn: u64, sender: usize) {
-        let Some(msg) = self.net.pop_arrived(conn, sender, self.now) else {
+    /// Messages from `sender` on `lane` arrive. A delivery batch comes from
+    /// one lane only, as the daemon has one receiver task per stream.
+    fn deliver(&mut self, conn: u64, sender: usize, lane: Lane) {
+        let Some(msg) = self.net.pop_arrived(conn, sender, lane, self.now) else {
             return;
         };
         let receiver = 1 - sender;
@@ -1179,6 +1230,7 @@ impl Sim {
         // goes to the core in one step, as the daemon's reader hands a
         // received batch over under one lock (`try_recv_buffered`), so their
         // acks batch and their writes share one drain.
+        let flush_overtakes = self.net.lane_counts.flush_overtakes;
         let mut batch = vec![msg];
         let gather = match (self.batching, self.merge.is_some()) {
             (Some(b), _) => Some(b.gather_us),
@@ -1187,7 +1239,10 @@ impl Sim {
         };
         if let Some(gather_us) = gather {
             while batch.len() < BATCH_MESSAGES.min(DELIVER_BATCH_MAX) {
-                match self.net.pop_arrived(conn, sender, self.now + gather_us) {
+                match self
+                    .net
+                    .pop_arrived(conn, sender, lane, self.now + gather_us)
+                {
                     Some(m) => batch.push(m),
                     None => break,
                 }
@@ -1196,22 +1251,56 @@ impl Sim {
                 self.figures.message_batches += 1;
             }
         }
+        if self.net.lane_counts.flush_overtakes > flush_overtakes {
+            self.flush_overtook(receiver);
+        }
         if self.opts.trace_all {
             for msg in &batch {
                 let line = format!(
-                    "{} → {}: {}",
+                    "{} → {}: {}{}",
                     NAMES[sender],
                     NAMES[receiver],
-                    describe_message(msg)
+                    describe_message(msg),
+                    if lane == Lane::Bulk {
+                        " (bulk lane)"
+                    } else {
+                        ""
+                    }
                 );
                 self.note(line);
             }
         }
         self.with_core(receiver, |c, now| {
             for msg in batch {
-                c.handle_message(now, msg);
+                c.handle_message_on(now, lane, msg);
             }
         });
+    }
+
+    /// The lanes scenario: a flush overtook a bulk write on its way to
+    /// `receiver`, whose acknowledgement of the flush will not cover that
+    /// write. Now and then the receiver loses power soon after (once the
+    /// write may have landed in its page cache only, or while it is still
+    /// in flight).
+    fn flush_overtook(&mut self, receiver: usize) {
+        if self.phase != Phase::Safety {
+            return;
+        }
+        let Some(l) = self.net.lanes.as_mut() else {
+            return;
+        };
+        let Some(one_in) = l.power_cut_one_in else {
+            return;
+        };
+        if !l.rng.one_in(one_in) {
+            return;
+        }
+        let at = self.now + l.rng.between(0, l.bulk_delay_max_us * 2);
+        self.note(format!(
+            "a flush overtook a bulk write: {} will lose power",
+            NAMES[receiver]
+        ));
+        self.schedule(at, Event::PowerCut { node: receiver });
     }
 
     /// Node `n`'s driver closes its end (its core said so): the peer learns
@@ -1334,8 +1423,8 @@ impl Sim {
     pub fn heal_direction(&mut self, sender: usize) {
         let times = self.net.unblock(sender, self.now, &mut self.rng);
         if let Some(conn) = self.net.conn.as_ref().map(|c| c.id) {
-            for at in times {
-                self.schedule(at, Event::Deliver { conn, sender });
+            for (lane, at) in times {
+                self.schedule(at, Event::Deliver { conn, sender, lane });
             }
         }
         self.note(format!(
