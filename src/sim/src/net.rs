@@ -17,7 +17,9 @@
 //! The lanes: each direction has a main lane and, with a bulk lane
 //! configured (`Lanes`), a bulk lane carrying the client writes of at least
 //! `bulk_lane_bytes` (`Message::lane`). Each lane is FIFO on its own (its
-//! own queue and its own last arrival time); the lanes overtake each other.
+//! own queue and its own last arrival time); the main lane overtakes the
+//! bulk lane, never the reverse (as the daemon's bulk reader waits for the
+//! main frames sent before each bulk frame).
 //! A bulk message waits an extra random delay (drawn from the scenario's own
 //! stream), as a lower-priority stream does behind the main one, so that
 //! acks, flushes and small writes really pass the big writes sent before
@@ -208,6 +210,7 @@ impl Net {
         let lane = self.lane_of(&msg);
         let delay = self.lane_delay(sender, lane, now, rng);
         let blocked = self.blocked[sender];
+        let after_main = self.after_main(sender);
         let conn = self.conn.as_mut()?;
         if conn.dead || !conn.open[sender] || !conn.open[1 - sender] {
             return None;
@@ -219,7 +222,10 @@ impl Net {
         let at = if blocked {
             None
         } else {
-            let at = (now + delay).max(self.last_arrival[sender][li]);
+            let mut at = (now + delay).max(self.last_arrival[sender][li]);
+            if lane == Lane::Bulk {
+                at = at.max(after_main);
+            }
             self.last_arrival[sender][li] = at;
             Some(at)
         };
@@ -227,6 +233,16 @@ impl Net {
         conn.sent[sender] += 1;
         conn.queue[sender][li].push_back(InFlight { at, sent, msg });
         at.map(|at| (lane, at))
+    }
+
+    /// The earliest a bulk message from `sender` sent now may arrive: just
+    /// after every main message sent before it. The daemon's bulk reader
+    /// hands a bulk frame to the core only after the main frames its sender
+    /// wrote before it (`send_bulk_batch`): the main lane overtakes the bulk
+    /// lane, never the reverse. (A microsecond later, so that no tie in the
+    /// event queue can deliver the bulk message first.)
+    fn after_main(&self, sender: usize) -> u64 {
+        self.last_arrival[sender][lane_index(Lane::Main)] + 1
     }
 
     /// The oldest message from `sender` on `lane` if it has arrived by `now`.
@@ -273,6 +289,11 @@ impl Net {
                 .map(|_| self.lane_delay(sender, lane, now, rng))
                 .collect();
             let mut last = self.last_arrival[sender][li];
+            if lane == Lane::Bulk {
+                // After every main message released above (some were sent
+                // after these; waiting for them too is only a delay).
+                last = last.max(self.after_main(sender));
+            }
             if let Some(conn) = self.conn.as_mut() {
                 let held_slots = conn.queue[sender][li].iter_mut().filter(|f| f.at.is_none());
                 for (f, delay) in held_slots.zip(delays) {
