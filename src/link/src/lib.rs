@@ -305,6 +305,36 @@ impl Endpoint {
 
     /// The next authenticated connection; failed handshakes are logged and
     /// skipped.
+    /// Tests only: dials and authenticates, then opens `streams` streams and
+    /// writes `first_bytes` on the last of them (which announces it and the
+    /// ones before it), as a broken or older peer would.
+    #[doc(hidden)]
+    pub async fn connect_partial(
+        &self,
+        addr: SocketAddr,
+        streams: usize,
+        first_bytes: &[u8],
+    ) -> Result<LinkHandle, LinkError> {
+        let err = |detail: String| LinkError::Connect { addr, detail };
+        let conn = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, SERVER_NAME)
+            .map_err(|e| err(e.to_string()))?
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        for i in 0..streams {
+            let (mut send, _recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
+            if i + 1 == streams {
+                send.write_all(first_bytes)
+                    .await
+                    .map_err(|e| err(e.to_string()))?;
+            }
+            // Kept open: dropping it would finish the stream.
+            std::mem::forget(send);
+        }
+        Ok(LinkHandle { conn })
+    }
+
     pub async fn accept(&self) -> Result<Link, LinkError> {
         loop {
             let incoming = self

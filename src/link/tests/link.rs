@@ -353,10 +353,13 @@ async fn a_peer_that_opens_no_stream_does_not_block_accept() {
         let m: Message<Vec<u8>> = rx.recv(|n| vec![0u8; n]).await.unwrap();
         (eb, m)
     });
-    // Authenticated, but silent: its stream is never announced to beta.
-    let silent = ea.connect(addr).await.unwrap();
-    let silent_closed = silent.closed();
-    let reason = tokio::time::timeout(GUARD, silent_closed).await.unwrap();
+    // Authenticated, but silent: its streams are never announced to beta.
+    let silent = ea.connect_partial(addr, 0, b"").await.unwrap();
+    let reason = tokio::time::timeout(GUARD, silent.closed()).await.unwrap();
+    assert!(reason.contains("no stream opened"), "{reason}");
+    // One stream only (a peer older than protocol 3): refused too.
+    let old = ea.connect_partial(addr, 1, b"PBDR").await.unwrap();
+    let reason = tokio::time::timeout(GUARD, old.closed()).await.unwrap();
     assert!(reason.contains("no stream opened"), "{reason}");
     let link = ea.connect(addr).await.unwrap();
     let (mut tx, _rx) = link.split();
@@ -432,4 +435,58 @@ async fn buffered_frames_come_out_in_order_and_intact() {
     tx.send_raw(&[0xAB; HEADER_LEN]).await.unwrap();
     let (_eb, buffered) = tokio::time::timeout(GUARD, accept).await.unwrap().unwrap();
     println!("{buffered} of {} frames were already buffered", sent.len());
+}
+
+/// The two lanes: bulk frames carry the count of main frames sent before
+/// them and come out of `recv_bulk` with it, intact; the main lane works
+/// beside them; a second stream that does not start with the bulk preamble
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_frames_carry_their_main_count_beside_the_main_lane() {
+    let (a, b) = (identity("alpha"), identity("beta"));
+    let ea = endpoint(&a, &b, Duration::from_secs(2));
+    let eb = endpoint(&b, &a, Duration::from_secs(2));
+    let addr = eb.local_addr().unwrap();
+    let big = |seq: u64| Message::Write {
+        seq,
+        offset: seq << 20,
+        payload: vec![seq as u8; 1 << 20],
+        fua: false,
+    };
+    let accept = tokio::spawn(async move {
+        let mut lanes = eb.accept().await.unwrap().split_lanes();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let (after, m): (u64, Message<Vec<u8>>) =
+                lanes.bulk_rx.recv_bulk(|n| vec![0u8; n]).await.unwrap();
+            got.push((after, m));
+        }
+        receive_all(&mut lanes.main_rx, &every_kind(10)).await;
+        (eb, got, lanes)
+    });
+    let mut lanes = ea.connect(addr).await.unwrap().split_lanes();
+    lanes
+        .bulk_tx
+        .send_bulk_batch(&[(0, big(1)), (5, big(2))])
+        .await
+        .unwrap();
+    lanes.main_tx.send_batch(&every_kind(10)).await.unwrap();
+    lanes
+        .bulk_tx
+        .send_bulk_batch(&[(u64::MAX, big(3))])
+        .await
+        .unwrap();
+    let (_eb, got, _lanes) = tokio::time::timeout(GUARD, accept).await.unwrap().unwrap();
+    assert_eq!(got, vec![(0, big(1)), (5, big(2)), (u64::MAX, big(3))]);
+
+    // A second stream with the wrong first bytes is refused.
+    let (c, d) = (identity("gamma"), identity("delta"));
+    let ec = endpoint(&c, &d, Duration::from_millis(300));
+    let ed = endpoint(&d, &c, Duration::from_millis(300));
+    let addr = ed.local_addr().unwrap();
+    let accepting = tokio::spawn(async move { ed.accept().await.map(|_| ()) });
+    let wrong = ec.connect_partial(addr, 2, b"NOTBULK!").await.unwrap();
+    let reason = tokio::time::timeout(GUARD, wrong.closed()).await.unwrap();
+    assert!(reason.contains("streams not opened"), "{reason}");
+    accepting.abort();
 }
