@@ -118,13 +118,13 @@ fn malformed_frames_are_named() {
     b[0] = b'X';
     assert!(matches!(decode_all(&b), Err(FrameError::BadMagic(_))));
     let mut b = good.clone();
-    b[4] = 3;
+    b[4] = 4;
     reseal(&mut b);
     assert_eq!(
         decode_all(&b).unwrap_err(),
         FrameError::UnsupportedVersion {
-            got: 3,
-            supported: 2
+            got: 4,
+            supported: 3
         }
     );
     let mut b = good.clone();
@@ -365,7 +365,7 @@ fn error_messages_show_the_values() {
     assert!(text.contains("0xdeadbeef"), "{text}");
     let b = patched(&Message::Ack { seq: 1 }, 4, &[7]);
     let text = decode_all(&b).unwrap_err().to_string();
-    assert!(text.contains('7') && text.contains('2'), "{text}");
+    assert!(text.contains('7') && text.contains('3'), "{text}");
 }
 
 /// A frame carrying `payload` as the control payload of an `Acks` frame.
@@ -390,7 +390,7 @@ fn a_version_1_frame_is_refused_naming_both_versions() {
         e,
         FrameError::UnsupportedVersion {
             got: 1,
-            supported: 2
+            supported: 3
         }
     );
     assert_eq!(
