@@ -9,10 +9,10 @@
 //! A connection carries two bidirectional streams, the link's two lanes
 //! (`pairbd_repl_proto::Lane`): the main stream, which the dialer opens first
 //! and on which it sends first, and the bulk stream, which the dialer opens
-//! second and starts with [`BULK_PREAMBLE`]. The main stream has the higher
-//! priority: quinn sends its data before any bulk data it holds, so a 1 MiB
-//! write on the bulk stream does not delay the acks, flushes and small
-//! writes queued behind it. [`Link::split_lanes`] gives a [`FrameSender`]
+//! second and starts with [`BULK_PREAMBLE`]. quinn's fair queuing sends the
+//! two streams' data in turns, packet by packet, so a 1 MiB write on the bulk
+//! stream delays the acks, flushes and small writes queued behind it by
+//! about one packet, not by the whole write. [`Link::split_lanes`] gives a [`FrameSender`]
 //! and a [`FrameReceiver`] per lane ([`Link::split`]: the main lane only);
 //! data payloads go out beside their header without a copy and come in
 //! straight into a buffer the caller allocates (aligned, for the store).
@@ -493,10 +493,13 @@ impl Link {
         bulk_send: quinn::SendStream,
         bulk_recv: quinn::RecvStream,
     ) -> Link {
-        // Main-stream data goes out before any bulk data quinn holds.
-        if let Err(e) = send.set_priority(1) {
-            warn!("cannot raise the main stream's priority: {e}");
-        }
+        // The two streams keep quinn's default priority: with its fair
+        // queuing (on by default) their data take turns packet by packet,
+        // so a frame on the main stream waits for at most about one packet
+        // of bulk data, never for a whole 1 MiB write. A strictly higher
+        // priority for the main stream would starve the bulk stream, and
+        // the acks of its writes past `ack-timeout`, for as long as small
+        // writes kept a slow link full.
         Link {
             conn,
             send,
