@@ -283,17 +283,13 @@ impl Endpoint {
         self.endpoint.local_addr()
     }
 
-    /// Dials the peer; the returned link has its stream open. The peer's
-    /// `accept` sees the stream only once a frame is on it, so the dialer
-    /// sends first (its hello), at once.
+    /// Dials the peer; the returned link has both streams open. The peer's
+    /// `accept` sees a stream only once data is on it: the bulk stream's
+    /// preamble announces both at once, and the dialer sends first on the
+    /// main stream (its hello).
     pub async fn connect(&self, addr: SocketAddr) -> Result<Link, LinkError> {
         let err = |detail: String| LinkError::Connect { addr, detail };
-        let conn = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, SERVER_NAME)
-            .map_err(|e| err(e.to_string()))?
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let conn = self.dial(addr).await?;
         let (send, recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         let (mut bulk_send, bulk_recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
         bulk_send
@@ -303,8 +299,16 @@ impl Endpoint {
         Ok(Link::new(conn, send, recv, bulk_send, bulk_recv))
     }
 
-    /// The next authenticated connection; failed handshakes are logged and
-    /// skipped.
+    /// Dials and authenticates the peer (no stream yet).
+    async fn dial(&self, addr: SocketAddr) -> Result<quinn::Connection, LinkError> {
+        let err = |detail: String| LinkError::Connect { addr, detail };
+        self.endpoint
+            .connect_with(self.client.clone(), addr, SERVER_NAME)
+            .map_err(|e| err(e.to_string()))?
+            .await
+            .map_err(|e| err(e.to_string()))
+    }
+
     /// Tests only: dials and authenticates, then opens `streams` streams and
     /// writes `first_bytes` on the last of them (which announces it and the
     /// ones before it), as a broken or older peer would.
@@ -316,12 +320,7 @@ impl Endpoint {
         first_bytes: &[u8],
     ) -> Result<LinkHandle, LinkError> {
         let err = |detail: String| LinkError::Connect { addr, detail };
-        let conn = self
-            .endpoint
-            .connect_with(self.client.clone(), addr, SERVER_NAME)
-            .map_err(|e| err(e.to_string()))?
-            .await
-            .map_err(|e| err(e.to_string()))?;
+        let conn = self.dial(addr).await?;
         for i in 0..streams {
             let (mut send, _recv) = conn.open_bi().await.map_err(|e| err(e.to_string()))?;
             if i + 1 == streams {
@@ -335,6 +334,8 @@ impl Endpoint {
         Ok(LinkHandle { conn })
     }
 
+    /// The next authenticated connection that opens both streams; failed
+    /// handshakes and connections without them are logged and skipped.
     pub async fn accept(&self) -> Result<Link, LinkError> {
         loop {
             let incoming = self
