@@ -1571,7 +1571,8 @@ def build_chart_svg(args, meta, results, names, jobs):
 def hol_section(results, names):
     """Job f: 4 KiB writes alone, then beside 1 MiB writes on another
     connection: how much the large writes delay the small ones, per target. On
-    the pair both share one ordered replication stream."""
+    the pair the large writes take the link's bulk lane, which the small
+    writes' main lane passes."""
     def sec(t, name, key):
         return med(r["metrics"].get("sections", {}).get(name, {}).get(key) for r in results
                    if r["job"] == "hol-4k-beside-1m" and r["target"] == t)
@@ -1593,8 +1594,9 @@ def hol_section(results, names):
             "Write completion latency of 4 KiB random writes at iodepth 1, alone and then "
             "while 1 MiB sequential writes at iodepth 4 run on another connection, medians "
             "over rounds, and the factor beside / alone. The disk and the CPUs are shared by "
-            "both writers on every target; on the pair the small writes also travel behind "
-            "the large ones in the one ordered replication stream, so a factor far above the "
+            "both writers on every target; on the pair the large writes travel on the "
+            "link's bulk lane, which the small writes' main lane passes (with "
+            "`bulk-lane-bytes = 0` both share one ordered stream), so a factor far above the "
             "unreplicated targets' would be head-of-line blocking in the link. The job's "
             "IOPS elsewhere in this report are the small writer's alone group.", "",
             "| target | alone p50 µs | beside 1M p50 µs | factor | alone p99 µs | "
