@@ -1813,6 +1813,13 @@ def parse_args(argv):
     p.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                    help="an argument added to `pairbd serve` (the pairbd target), e.g. "
                         "--serve-arg=--direct-io; repeat for several (default: none)")
+    p.add_argument("--link-rate", default=None, metavar="RATE",
+                   help="run the whole bench inside a new network namespace whose loopback "
+                        "is limited to RATE by a tbf qdisc with a 5 ms queue (tc's syntax, "
+                        "e.g. 1gbit), so that the pair's replication link, not the CPUs, is "
+                        "the bottleneck (job f: the link's lanes); needs root; the namespace "
+                        "is removed afterwards. NBD traffic uses Unix sockets and is not "
+                        "limited (default: no limit)")
     p.add_argument("--fio", default="fio", help="fio binary (default fio)")
     p.add_argument("--nbdfuse", default="nbdfuse", help="nbdfuse binary (default nbdfuse)")
     p.add_argument("--nbdkit", default="nbdkit", help="nbdkit binary (default nbdkit)")
@@ -1879,10 +1886,43 @@ def report(args):
     return 0
 
 
+# Set for the inner run of --link-rate (recorded with the versions).
+LINK_RATE_ENV = "PAIRBD_BENCH_LINK_RATE"
+
+
+def run_in_rate_limited_netns(argv, rate):
+    """--link-rate: runs this script again, without the option, inside a new
+    network namespace whose loopback is limited to `rate`; removes the
+    namespace afterwards."""
+    ns = f"pairbd-bench-{os.getpid()}"
+    rest = []
+    skip = False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--link-rate":
+            skip = True
+        elif not x.startswith("--link-rate="):
+            rest.append(x)
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root",
+                        "tbf", "rate", rate, "burst", "128kb", "latency", "5ms"], check=True)
+        print(f"link rate: {rate} (tbf on the loopback of network namespace {ns})", flush=True)
+        env = dict(os.environ, **{LINK_RATE_ENV: rate})
+        return subprocess.run(["ip", "netns", "exec", ns, sys.executable,
+                               os.path.abspath(__file__)] + rest, env=env).returncode
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
 def main(argv):
     args = parse_args(argv)
     if args.report:
         return report(args)
+    if args.link_rate:
+        return run_in_rate_limited_netns(argv, args.link_rate)
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     # Also when started in the background by a shell (which ignores SIGINT for
@@ -1913,6 +1953,8 @@ def main(argv):
                          capture_output=True, text=True)
     if git.returncode == 0:
         versions["pairbd tree"] = git.stdout.strip()
+    if os.environ.get(LINK_RATE_ENV):
+        versions["link rate (tbf on loopback)"] = os.environ[LINK_RATE_ENV]
     for k, v in versions.items():
         log(f"{k}: {v}")
 
