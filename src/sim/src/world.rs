@@ -1232,7 +1232,11 @@ impl Sim {
         // acks batch and their writes share one drain.
         let flush_overtakes = self.net.lane_counts.flush_overtakes;
         let mut batch = vec![msg];
+        // The bulk lane's messages go one at a time, as the daemon's bulk
+        // reader hands each over on its own once the main frames sent before
+        // it were handed over (gathering later ones early could pass those).
         let gather = match (self.batching, self.merge.is_some()) {
+            _ if lane == Lane::Bulk => None,
             (Some(b), _) => Some(b.gather_us),
             (None, true) => Some(0),
             (None, false) => None,

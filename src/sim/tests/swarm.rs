@@ -134,7 +134,7 @@ fn promoting_an_outdated_node_is_caught() {
 
 #[test]
 fn clearing_a_bit_before_the_target_flushed_is_caught() {
-    // Seed 553 catches it today (as a lost write; a lanes-scenario seed).
+    // Seed 131 catches it today (as a lost write; a lanes-scenario seed).
     let (_, v) = first_catch_within(Mutation::BitClearedBeforeTargetFlush, 2000);
     assert!(
         matches!(
@@ -228,7 +228,7 @@ fn ci_swarm() {
 
 #[test]
 fn writing_before_the_activity_log_entry_is_durable_is_caught() {
-    // Seed 70 catches it today (a lanes-scenario seed): a crash between the
+    // Seed 428 catches it today (a lanes-scenario seed): a crash between the
     // write's submission and its log entry's metadata write leaves an extent
     // that differs between the nodes and that no log records.
     let (_, v) = first_catch_within(Mutation::WriteBeforeAlEntryDurable, 2000);
@@ -334,7 +334,7 @@ fn writes_released_from_the_window_at_link_loss_unmarked_are_caught() {
 
 #[test]
 fn a_flush_ack_covering_the_bulk_writes_it_overtook_is_caught() {
-    // Seed 24 catches it today (a lanes-scenario seed): a bulk write is
+    // Seed 161 catches it today (a lanes-scenario seed): a bulk write is
     // overtaken by a flush whose ack trims it from the transfer log; it
     // lands in the secondary's page cache, which a power cut then takes;
     // the resync misses its block and the synced peer lacks it.
