@@ -1,5 +1,6 @@
 //! The replication link: QUIC (quinn) with mutual TLS 1.3 on pinned
-//! certificates, carrying replication frames on one ordered stream.
+//! certificates, carrying replication frames on two ordered streams (the
+//! main and the bulk lane).
 //!
 //! Each node has a self-signed certificate ([`generate_certificate`]) and trusts
 //! exactly one other certificate, its peer's, compared byte for byte; any other
