@@ -546,7 +546,7 @@ impl FrameSender {
         P: AsRef<[u8]> + Clone + Send + 'static,
     {
         let mut chunks = Vec::with_capacity(2);
-        push_frame(&mut chunks, msg)?;
+        push_frame(&mut chunks, &[], msg)?;
         self.write_chunks(&mut chunks).await
     }
 
@@ -558,7 +558,7 @@ impl FrameSender {
     {
         let mut chunks = Vec::with_capacity(2 * msgs.len());
         for msg in msgs {
-            push_frame(&mut chunks, msg)?;
+            push_frame(&mut chunks, &[], msg)?;
         }
         self.write_chunks(&mut chunks).await
     }
@@ -572,10 +572,9 @@ impl FrameSender {
     where
         P: AsRef<[u8]> + Clone + Send + 'static,
     {
-        let mut chunks = Vec::with_capacity(3 * msgs.len());
+        let mut chunks = Vec::with_capacity(2 * msgs.len());
         for (after_main, msg) in msgs {
-            chunks.push(Bytes::copy_from_slice(&after_main.to_le_bytes()));
-            push_frame(&mut chunks, msg)?;
+            push_frame(&mut chunks, &after_main.to_le_bytes(), msg)?;
         }
         self.write_chunks(&mut chunks).await
     }
@@ -597,10 +596,10 @@ impl FrameSender {
     }
 }
 
-/// Appends a message's header and payload. The data payload is shared, not
+/// Appends `prefix` and a message's header (one copy), then its payload. The data payload is shared, not
 /// copied: `Bytes::from_owner` keeps a clone of the caller's buffer (an `Arc`
 /// bump for shared buffers) until quinn has sent it.
-fn push_frame<P>(chunks: &mut Vec<Bytes>, msg: &Message<P>) -> Result<(), LinkError>
+fn push_frame<P>(chunks: &mut Vec<Bytes>, prefix: &[u8], msg: &Message<P>) -> Result<(), LinkError>
 where
     P: AsRef<[u8]> + Clone + Send + 'static,
 {
@@ -608,7 +607,8 @@ where
         kind: msg.name(),
         source,
     })?;
-    chunks.push(Bytes::copy_from_slice(&frame.header));
+    // `prefix` (the bulk lane's tag) shares the header's one copy.
+    chunks.push(Bytes::from([prefix, &frame.header[..]].concat()));
     match msg.data_payload() {
         Some(payload) => chunks.push(Bytes::from_owner(payload.clone())),
         None if !frame.control.is_empty() => chunks.push(Bytes::from(frame.control)),

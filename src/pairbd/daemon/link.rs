@@ -196,14 +196,8 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
                     return;
                 }
             };
-            if !matches!(msg, Message::Write { .. }) {
-                bulk_reader_driver.link_lost(
-                    id,
-                    &format!("bad frame on the bulk lane: a {} message", msg.name()),
-                );
-                return;
-            }
-            // The main frames sent before it come first (the main reader
+            // (Anything but a write here is refused by the core, which drops
+            // the link naming it.) The main frames sent before it come first (the main reader
             // ends, and drops the sender, when the link fails).
             if handed_rx.wait_for(|n| *n >= after_main).await.is_err() {
                 return;

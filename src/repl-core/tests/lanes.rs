@@ -9,7 +9,7 @@
 mod harness;
 
 use harness::Pair;
-use pairbd_repl_core::{ClientOp, Lane, Message, OnPeerLoss};
+use pairbd_repl_core::{ClientOp, Lane, Message, OnPeerLoss, RequestId};
 
 const A: usize = 0;
 const B: usize = 1;
@@ -47,18 +47,25 @@ fn complete_alpha_disks(p: &mut Pair) {
     }
 }
 
+/// A bulk write leaves alpha, then a FLUSH, which the main lane carries past
+/// it: beta receives the Flush and answers it. Returns the write's and the
+/// flush's requests and the write, still on its way to beta.
+fn flush_overtakes_a_bulk_write(p: &mut Pair) -> (RequestId, RequestId, Message<Vec<u8>>) {
+    let w = p.write(A, 0, 7, BULK as usize);
+    complete_alpha_disks(p);
+    let f = p.client(A, ClientOp::Flush);
+    complete_alpha_disks(p);
+    let write = take_for_beta(p, |m| matches!(m, Message::Write { .. }));
+    assert_eq!(write.lane(BULK), Lane::Bulk);
+    let flush = take_for_beta(p, |m| matches!(m, Message::Flush { .. }));
+    beta_receives(p, Lane::Main, flush);
+    (w, f, write)
+}
+
 #[test]
 fn a_flush_ack_that_overtook_a_bulk_write_leaves_it_in_the_transfer_log() {
     let mut p = pair();
-    // A bulk write leaves; then a FLUSH, which the main lane carries past it.
-    let w = p.write(A, 0, 7, BULK as usize);
-    complete_alpha_disks(&mut p);
-    let f = p.client(A, ClientOp::Flush);
-    complete_alpha_disks(&mut p);
-    let write = take_for_beta(&mut p, |m| matches!(m, Message::Write { .. }));
-    assert_eq!(write.lane(BULK), Lane::Bulk);
-    let flush = take_for_beta(&mut p, |m| matches!(m, Message::Flush { .. }));
-    beta_receives(&mut p, Lane::Main, flush);
+    let (w, f, write) = flush_overtakes_a_bulk_write(&mut p);
     assert_eq!(p.reply(A, f), Some(&Ok(())), "the flush is answered");
     assert_eq!(p.reply(A, w), None, "the write is not: beta lacks it");
     // The write arrives after the flush, lands in beta's page cache only,
@@ -80,13 +87,7 @@ fn a_flush_ack_that_overtook_a_bulk_write_leaves_it_in_the_transfer_log() {
 #[test]
 fn a_later_flush_covers_the_overtaken_write() {
     let mut p = pair();
-    let w = p.write(A, 0, 7, BULK as usize);
-    complete_alpha_disks(&mut p);
-    let f = p.client(A, ClientOp::Flush);
-    complete_alpha_disks(&mut p);
-    let write = take_for_beta(&mut p, |m| matches!(m, Message::Write { .. }));
-    let flush = take_for_beta(&mut p, |m| matches!(m, Message::Flush { .. }));
-    beta_receives(&mut p, Lane::Main, flush);
+    let (w, f, write) = flush_overtakes_a_bulk_write(&mut p);
     beta_receives(&mut p, Lane::Bulk, write);
     assert_eq!(p.reply(A, f), Some(&Ok(())));
     assert_eq!(p.reply(A, w), Some(&Ok(())));
