@@ -39,6 +39,10 @@ pub struct ServeArgs {
     /// Open the backing store with O_DIRECT (requests must then be 512-byte aligned).
     #[arg(long)]
     direct_io: bool,
+    /// Read through the page cache. By default aligned reads bypass it (O_DIRECT) while
+    /// writes stay buffered: the client keeps its own cache.
+    #[arg(long, conflicts_with = "direct_io")]
+    cached_reads: bool,
     /// Requests one connection may have in flight before it stops reading (1-65536).
     #[arg(long, value_name = "N", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
@@ -81,6 +85,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.create_size_bytes = args.size;
     config.read_only = args.read_only;
     config.direct_io = args.direct_io;
+    config.direct_reads = !args.cached_reads;
     config.engine = args.engine;
     let store = Store::open(&config)
         .with_context(|| format!("cannot open the backing store {}", args.backing.display()))?;
@@ -97,6 +102,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         size_bytes = store.size_bytes(),
         engine = %store.engine_kind(),
         direct_io = store.direct_io(),
+        direct_reads = store.direct_reads(),
         read_only = store.read_only(),
         "backing store open"
     );

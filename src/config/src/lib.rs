@@ -189,6 +189,9 @@ pub struct ResourceConfig {
     pub al_extents: usize,
     pub engine: Engine,
     pub direct_io: bool,
+    /// `direct-reads` (default true): aligned reads bypass the page cache through an
+    /// O_DIRECT description while writes stay buffered. Ignored with `direct-io`.
+    pub direct_reads: bool,
     pub nodes: BTreeMap<String, NodeConfig>,
 }
 

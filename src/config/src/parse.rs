@@ -59,6 +59,7 @@ struct RawResource {
     al_extents: Option<Spanned<i64>>,
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
+    direct_reads: Option<bool>,
     #[serde(default)]
     node: BTreeMap<String, Spanned<RawNode>>,
 }
@@ -601,6 +602,7 @@ fn resource(
         al_extents,
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
+        direct_reads: raw.direct_reads.unwrap_or(true),
         nodes,
     })
 }

@@ -312,3 +312,20 @@ fn bitmap_granularity_and_after_split_brain_are_checked() {
     let e = error(&GOOD.replace("engine = \"pool\"", "after-split-brain = \"merge\""));
     assert!(e.contains("after-split-brain"), "{e}");
 }
+
+#[test]
+fn direct_reads_default_on_and_parse_as_a_boolean() {
+    let r = parse(GOOD).unwrap().resource(None).unwrap().clone();
+    assert!(r.direct_reads, "on by default");
+    assert!(!r.direct_io);
+    for (value, want) in [("false", false), ("true", true)] {
+        let c =
+            parse(&GOOD.replace("sync-window = 4", &format!("direct-reads = {value}"))).unwrap();
+        assert_eq!(c.resource(None).unwrap().direct_reads, want, "{value}");
+    }
+    // A wrong type names the line and the type wanted (as for every typed key).
+    for bad in ["\"no\"", "0"] {
+        let e = error(&GOOD.replace("sync-window = 4", &format!("direct-reads = {bad}")));
+        assert!(e.contains("line 6") && e.contains("boolean"), "{bad}: {e}");
+    }
+}

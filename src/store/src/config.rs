@@ -81,6 +81,9 @@ impl fmt::Display for EngineKind {
 /// flush is: any non-zero value). 1 MiB: measured on the 1 MiB sequential-write bench
 /// job, the hand-off to an engine thread cost ~15 % of throughput.
 pub const DEFAULT_INLINE_SYNC_MAX_BYTES: usize = 1024 * 1024;
+/// Default of `StoreConfig::early_writeback_max_bytes`: Maildir's writes (4–32 KiB)
+/// and a little more.
+pub const DEFAULT_EARLY_WRITEBACK_MAX_BYTES: usize = 64 * 1024;
 
 /// Default number of io_uring submission queue entries.
 pub const DEFAULT_URING_ENTRIES: u32 = 256;
@@ -115,6 +118,14 @@ pub struct StoreConfig {
     /// Open with O_DIRECT. Requests must then be aligned to `Store::io_alignment()`.
     /// This bypasses the page cache; it is not durability (flush/FUA still decide that).
     pub direct_io: bool,
+    /// With buffered I/O (`direct_io` off): read through a separate O_DIRECT
+    /// description where a read's offset and length are aligned for it, so reads go to
+    /// the disk without the page cache (a block device's readers keep their own
+    /// cache), while writes stay buffered and group-committed. The kernel writes dirty
+    /// cached pages of the range back before an O_DIRECT read, so a read still returns
+    /// every completed write. Where the filesystem has no O_DIRECT, or for an
+    /// unaligned read, reads stay buffered.
+    pub direct_reads: bool,
     /// Which engine to run.
     pub engine: EngineChoice,
     /// io_uring submission queue entries (the completion queue is twice as large).
@@ -139,6 +150,15 @@ pub struct StoreConfig {
     /// wake-ups of a sleeping CPU, tens of microseconds on a small VM). Ignored with
     /// O_DIRECT.
     pub inline_sync_max_bytes: usize,
+    /// Buffered writes up to this many bytes start their own writeback as soon as
+    /// they are in the page cache (sync_file_range(SYNC_FILE_RANGE_WRITE), not
+    /// waited for), so the FLUSH that follows a mail server's small writes waits
+    /// mostly for the journal and the disk cache, as with O_DIRECT writes, instead
+    /// of writing the pages back first (0: never). Larger writes are left to the
+    /// kernel's writeback, which batches them better (measured: starting 1 MiB
+    /// sequential writes early cost a quarter of their throughput). Durability is
+    /// unchanged: only a flush or FUA promises anything. Ignored with O_DIRECT.
+    pub early_writeback_max_bytes: usize,
     /// With the io_uring engine and buffered I/O, send reads that miss the page cache
     /// to `pool_threads` blocking threads instead of the ring. io_uring cannot read a
     /// missing page without blocking either: it punts the read to its own worker
@@ -166,6 +186,7 @@ impl StoreConfig {
             create_size_bytes: None,
             read_only: false,
             direct_io: false,
+            direct_reads: true,
             engine: EngineChoice::Auto,
             uring_entries: DEFAULT_URING_ENTRIES,
             pool_threads: DEFAULT_POOL_THREADS,
@@ -174,6 +195,7 @@ impl StoreConfig {
             max_sync_in_flight: DEFAULT_MAX_SYNC_IN_FLIGHT,
             inline_nowait: true,
             inline_sync_max_bytes: DEFAULT_INLINE_SYNC_MAX_BYTES,
+            early_writeback_max_bytes: DEFAULT_EARLY_WRITEBACK_MAX_BYTES,
             buffered_reads_on_pool: true,
             data_size_bytes: None,
             volatile_for_tests: false,

@@ -33,9 +33,10 @@ mod volatile;
 
 pub use buf::{AlignedBuf, BUF_ALIGN_BYTES};
 pub use config::{
-    EngineChoice, EngineKind, ParseEngineChoiceError, StoreConfig, DEFAULT_INLINE_SYNC_MAX_BYTES,
-    DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_SYNC_IN_FLIGHT,
-    DEFAULT_POOL_THREADS, DEFAULT_URING_ENTRIES,
+    EngineChoice, EngineKind, ParseEngineChoiceError, StoreConfig,
+    DEFAULT_EARLY_WRITEBACK_MAX_BYTES, DEFAULT_INLINE_SYNC_MAX_BYTES, DEFAULT_MAX_IN_FLIGHT,
+    DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_SYNC_IN_FLIGHT, DEFAULT_POOL_THREADS,
+    DEFAULT_URING_ENTRIES,
 };
 pub use engine::MAX_WRITE_PIECES;
 pub use error::StoreError;

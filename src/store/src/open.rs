@@ -194,6 +194,54 @@ fn open_file(cfg: &StoreConfig) -> Result<File, StoreError> {
         })
 }
 
+/// Opens the O_DIRECT read-only description of `main`'s file for
+/// `StoreConfig::direct_reads`, with the alignment its reads need; `None` (logged)
+/// where the filesystem has no O_DIRECT (tmpfs before Linux 6.6, for one).
+pub(crate) fn open_direct_read_file(
+    path: &Path,
+    main: &File,
+    is_block_device: bool,
+) -> Result<Option<(File, u64)>, StoreError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+            info!(
+                path = %path.display(),
+                "O_DIRECT is not supported here: reads go through the page cache"
+            );
+            return Ok(None);
+        }
+        Err(err) => return Err(open_error(path, err)),
+    };
+    let (main_meta, meta) = main
+        .metadata()
+        .and_then(|main_meta| Ok((main_meta, file.metadata()?)))
+        .map_err(|err| open_error(path, err))?;
+    if main_meta.dev() != meta.dev() || main_meta.ino() != meta.ino() {
+        return Err(open_error(
+            path,
+            io::Error::other(
+                "the path was replaced by another file while the store was being opened",
+            ),
+        ));
+    }
+    match direct_io_alignment(path, &file, is_block_device) {
+        Ok(align_bytes) => Ok(Some((file, align_bytes))),
+        Err(StoreError::DirectIoUnsupported { .. }) => {
+            info!(
+                path = %path.display(),
+                "O_DIRECT alignment unusable here: reads go through the page cache"
+            );
+            Ok(None)
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Takes an advisory lock for the store's lifetime (released when the descriptor
 /// closes): exclusive for read-write, shared for read-only. Two daemons writing one
 /// backing store would corrupt it silently; this makes the second one fail loudly.

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,12 +14,12 @@ use tracing::info;
 
 use crate::buf::{AlignedBuf, WriteBuf};
 use crate::config::{EngineKind, StoreConfig};
-use crate::durability::{open_sync_files, Durability, SyncLease};
+use crate::durability::{open_sync_files, Durability, SyncLease, MAIN_FILE_INDEX};
 use crate::engine::{Engine, FallocMode, Op, Request, MAX_WRITE_PIECES};
 use crate::error::StoreError;
 use crate::fault::{FaultPoint, Faults};
 use crate::nowait;
-use crate::open::{open_backing, SECTOR_BYTES};
+use crate::open::{open_backing, open_direct_read_file, SECTOR_BYTES};
 
 /// Zeroes are written in pieces of at most this many bytes when the filesystem cannot
 /// zero a range itself.
@@ -51,6 +52,8 @@ struct Inner {
     closed: AtomicBool,
     /// Largest buffered plain write done inline; non-zero also inlines the fdatasync.
     inline_sync_max_bytes: usize,
+    /// Largest buffered write whose writeback starts right after it (0: none).
+    early_writeback_max_bytes: usize,
     durability: Arc<Durability>,
     zeroing: ZeroingSupport,
     faults: Faults,
@@ -60,10 +63,20 @@ struct Inner {
     size_bytes: u64,
     read_only: bool,
     direct_io: bool,
+    /// The O_DIRECT read description (see `StoreConfig::direct_reads`): its index in
+    /// `files` and the alignment its reads need.
+    direct_read: Option<DirectRead>,
     io_align_bytes: u64,
     is_block_device: bool,
     zero_range_fast: bool,
     max_request_bytes: usize,
+}
+
+/// Where aligned reads go when `StoreConfig::direct_reads` is on.
+#[derive(Debug, Clone, Copy)]
+struct DirectRead {
+    file_index: usize,
+    align_bytes: u64,
 }
 
 /// The state of group commit: flush requests are numbered; `covered` is the highest
@@ -131,7 +144,21 @@ impl Store {
                 path: cfg.path.clone(),
                 source,
             })?;
-        let files: Arc<[File]> = std::iter::once(backing.file).chain(sync_files).collect();
+        let direct_read_file = if cfg.direct_reads && !cfg.direct_io {
+            open_direct_read_file(&cfg.path, &backing.file, backing.is_block_device)?
+        } else {
+            None
+        };
+        let direct_read = direct_read_file
+            .as_ref()
+            .map(|(_, align_bytes)| DirectRead {
+                file_index: 1 + sync_file_count,
+                align_bytes: *align_bytes,
+            });
+        let files: Arc<[File]> = std::iter::once(backing.file)
+            .chain(sync_files)
+            .chain(direct_read_file.map(|(file, _)| file))
+            .collect();
         let engine = Engine::start(cfg, Arc::clone(&files))?;
         let read_engine =
             if cfg.buffered_reads_on_pool && !cfg.direct_io && engine.kind() == EngineKind::Uring {
@@ -150,6 +177,7 @@ impl Store {
             block_device = backing.is_block_device,
             read_only = cfg.read_only,
             direct_io = cfg.direct_io,
+            direct_reads = direct_read.is_some(),
             "backing store opened with the {} engine",
             engine.kind()
         );
@@ -168,6 +196,11 @@ impl Store {
                 } else {
                     cfg.inline_sync_max_bytes
                 },
+                early_writeback_max_bytes: if cfg.direct_io {
+                    0
+                } else {
+                    cfg.early_writeback_max_bytes
+                },
                 durability: Arc::new(Durability::new(sync_file_count)),
                 zeroing: ZeroingSupport {
                     punch_hole: AtomicBool::new(true),
@@ -179,6 +212,7 @@ impl Store {
                 size_bytes: backing.size_bytes,
                 read_only: cfg.read_only,
                 direct_io: cfg.direct_io,
+                direct_read,
                 io_align_bytes: backing.io_align_bytes,
                 is_block_device: backing.is_block_device,
                 zero_range_fast: backing.zero_range_fast,
@@ -205,6 +239,13 @@ impl Store {
     /// Whether the store was opened with O_DIRECT.
     pub fn direct_io(&self) -> bool {
         self.inner.direct_io
+    }
+
+    /// Whether aligned reads bypass the page cache through an O_DIRECT description
+    /// while writes stay buffered (`StoreConfig::direct_reads`, where the filesystem
+    /// allows it).
+    pub fn direct_reads(&self) -> bool {
+        self.inner.direct_read.is_some()
     }
 
     /// Alignment every request's offset and length must have: the O_DIRECT alignment
@@ -248,6 +289,33 @@ impl Store {
         }
         // The engine fills every byte (zeroes past the end of a short file).
         let mut buf = AlignedBuf::for_overwrite(len);
+        if let Some(direct) = self.inner.direct_read {
+            if offset % direct.align_bytes == 0 && len as u64 % direct.align_bytes == 0 {
+                // Not tried in the page cache first: a RWF_NOWAIT read that misses
+                // starts a buffered read of the range, which the O_DIRECT read would
+                // then do again.
+                match self
+                    .execute_request(
+                        &self.inner.engine,
+                        Op::Read { offset, buf },
+                        None,
+                        Some(direct.file_index),
+                    )
+                    .await
+                {
+                    Ok(Op::Read { buf, .. }) => return Ok(buf),
+                    Ok(other) => {
+                        unreachable!("the engine answered a read with {}", other.name())
+                    }
+                    // O_DIRECT refused this one (say, a short read at the end of a
+                    // file whose length is not aligned): read it through the cache.
+                    Err(StoreError::Io(err)) if err.raw_os_error() == Some(libc::EINVAL) => {
+                        buf = AlignedBuf::for_overwrite(len);
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
         if self.inline_read_allowed()
             && nowait::try_read(&self.inner.files[0], offset, &mut buf)? == len
         {
@@ -328,6 +396,9 @@ impl Store {
             } else {
                 nowait::blocking(|| nowait::write_all(file, offset, &buf))
             };
+            if written.is_ok() {
+                self.start_writeback(offset, buf.len());
+            }
             return written.map_err(StoreError::Io);
         }
         self.execute(Op::Write { offset, buf, fua }, sync).await?;
@@ -376,6 +447,9 @@ impl Store {
             } else {
                 nowait::blocking(|| nowait::write_vectored_all(file, offset, &bufs))
             };
+            if written.is_ok() {
+                self.start_writeback(offset, total);
+            }
             return written.map_err(StoreError::Io);
         }
         self.execute(Op::WriteVectored { offset, bufs }, None)
@@ -585,6 +659,27 @@ impl Store {
         self.inner.inline_nowait && !self.inner.faults.any_armed()
     }
 
+    /// After a small buffered write: asks the kernel to start writing its pages to the
+    /// disk now (sync_file_range(SYNC_FILE_RANGE_WRITE), which does not wait), so the
+    /// FLUSH that usually follows finds them written or on their way instead of
+    /// starting their writeback itself (see `StoreConfig::early_writeback_max_bytes`).
+    /// A hint only: it promises nothing, and its failure is ignored: it reports no
+    /// writeback error, and every flush still runs fdatasync on its own description.
+    fn start_writeback(&self, offset: u64, len: usize) {
+        if len == 0 || len > self.inner.early_writeback_max_bytes {
+            return;
+        }
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        let fd = self.inner.files[MAIN_FILE_INDEX].as_raw_fd();
+        // SAFETY: sync_file_range reads no memory of ours; `fd` is open for the
+        // store's lifetime.
+        unsafe {
+            libc::sync_file_range(fd, offset, len, libc::SYNC_FILE_RANGE_WRITE);
+        }
+    }
+
     /// A buffered plain (non-FUA) write of `len` bytes is written right here.
     fn inline_write_allowed(&self, len: usize) -> bool {
         len <= self.inner.inline_sync_max_bytes && !self.inner.faults.any_armed()
@@ -609,6 +704,17 @@ impl Store {
         op: Op,
         sync: Option<SyncLease>,
     ) -> Result<Op, StoreError> {
+        self.execute_request(engine, op, sync, None).await
+    }
+
+    /// `execute_on`, with a read sent to the description at `direct_read_file`.
+    async fn execute_request(
+        &self,
+        engine: &Engine,
+        op: Op,
+        sync: Option<SyncLease>,
+        direct_read_file: Option<usize>,
+    ) -> Result<Op, StoreError> {
         let permit = Arc::clone(&self.inner.in_flight)
             .acquire_owned()
             .await
@@ -625,6 +731,7 @@ impl Store {
             reply,
             permit,
             sync,
+            direct_read_file,
         };
         if engine.submit(request).is_err() {
             return Err(StoreError::EngineStopped);

@@ -127,11 +127,17 @@ pub(crate) struct Request {
     pub permit: OwnedSemaphorePermit,
     /// For flushes and FUA writes: the description the op must run on.
     pub sync: Option<SyncLease>,
+    /// For reads through the store's O_DIRECT read description: its index in the
+    /// engine's file table (see `StoreConfig::direct_reads`).
+    pub direct_read_file: Option<usize>,
 }
 
 impl Request {
     /// Index in the engine's file table of the description to run the op on.
     pub(crate) fn file_index(&self) -> usize {
+        if let Some(index) = self.direct_read_file {
+            return index;
+        }
         self.sync
             .as_ref()
             .map_or(MAIN_FILE_INDEX, SyncLease::file_index)
@@ -147,6 +153,7 @@ impl Request {
             reply,
             permit,
             sync,
+            direct_read_file: _,
         } = self;
         if let (Err(err), Some(lease)) = (&result, &sync) {
             lease.durability().poison(op.name(), err);
@@ -315,6 +322,7 @@ mod tests {
             reply,
             permit,
             sync: Some(lease),
+            direct_read_file: None,
         };
         assert_eq!(request.file_index(), 1);
         assert!(!durability.is_poisoned());
@@ -338,6 +346,7 @@ mod tests {
                 .await
                 .expect("permit"),
             sync: Some(durability.lease().await.expect("lease")),
+            direct_read_file: None,
         }
         .complete(Ok(()));
         let (reply, _result) = oneshot::channel();
@@ -352,6 +361,7 @@ mod tests {
                 .await
                 .expect("permit"),
             sync: None,
+            direct_read_file: None,
         };
         assert_eq!(request.file_index(), MAIN_FILE_INDEX);
         request.complete(Err(io::Error::from_raw_os_error(libc::EIO)));

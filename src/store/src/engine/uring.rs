@@ -347,7 +347,10 @@ impl RingThread {
             fatal("pushing an SQE for an empty io_uring slot");
         };
         let fd = self.fds[slot.request.file_index()];
-        let entry = build_entry(fd, slot, self.buffered).user_data(index as u64);
+        // A read through the O_DIRECT read description is not buffered, whatever the
+        // main description is.
+        let buffered = self.buffered && slot.request.direct_read_file.is_none();
+        let entry = build_entry(fd, slot, buffered).user_data(index as u64);
         self.push(&entry);
     }
 
