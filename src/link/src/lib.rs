@@ -13,10 +13,11 @@
 //! second and starts with [`BULK_PREAMBLE`]. quinn's fair queuing sends the
 //! two streams' data in turns, packet by packet, so a 1 MiB write on the bulk
 //! stream delays the acks, flushes and small writes queued behind it by
-//! about one packet, not by the whole write. [`Link::split_lanes`] gives a [`FrameSender`]
-//! and a [`FrameReceiver`] per lane ([`Link::split`]: the main lane only);
-//! data payloads go out beside their header without a copy and come in
-//! straight into a buffer the caller allocates (aligned, for the store).
+//! about one packet, not by the whole write. [`Link::split_lanes`] gives a
+//! [`FrameSender`] and a [`FrameReceiver`] per lane ([`Link::split`]: the
+//! main lane only); data payloads go out beside their header without a copy
+//! and come in straight into a buffer the caller allocates (aligned, for the
+//! store).
 
 mod pinned;
 
@@ -596,9 +597,9 @@ impl FrameSender {
     }
 }
 
-/// Appends `prefix` and a message's header (one copy), then its payload. The data payload is shared, not
-/// copied: `Bytes::from_owner` keeps a clone of the caller's buffer (an `Arc`
-/// bump for shared buffers) until quinn has sent it.
+/// Appends `prefix` and a message's header (one copy), then its payload. The
+/// data payload is shared, not copied: `Bytes::from_owner` keeps a clone of the
+/// caller's buffer (an `Arc` bump for shared buffers) until quinn has sent it.
 fn push_frame<P>(chunks: &mut Vec<Bytes>, prefix: &[u8], msg: &Message<P>) -> Result<(), LinkError>
 where
     P: AsRef<[u8]> + Clone + Send + 'static,

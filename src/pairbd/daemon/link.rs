@@ -196,9 +196,10 @@ fn run(link: Link, driver: Arc<Driver>) -> impl std::future::Future<Output = ()>
                     return;
                 }
             };
-            // (Anything but a write here is refused by the core, which drops
-            // the link naming it.) The main frames sent before it come first (the main reader
-            // ends, and drops the sender, when the link fails).
+            // The main frames sent before it come first (the main reader
+            // ends, and drops the sender, when the link fails). Anything but
+            // a write here is refused by the core, which drops the link
+            // naming it.
             if handed_rx.wait_for(|n| *n >= after_main).await.is_err() {
                 return;
             }

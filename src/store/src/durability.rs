@@ -138,27 +138,37 @@ pub(crate) fn open_sync_files(
     direct_io: bool,
     count: usize,
 ) -> io::Result<Vec<File>> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-
     let main_meta = main.metadata()?;
     let mut flags = libc::O_CLOEXEC;
     if direct_io {
         flags |= libc::O_DIRECT;
     }
-    let mut files = Vec::with_capacity(count);
-    for _ in 0..count {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(flags)
-            .open(path)?;
-        let meta = file.metadata()?;
-        if meta.dev() != main_meta.dev() || meta.ino() != main_meta.ino() {
-            return Err(io::Error::other(
-                "the path was replaced by another file while the store was being opened",
-            ));
-        }
-        files.push(file);
+    (0..count)
+        .map(|_| open_another(path, &main_meta, true, flags))
+        .collect()
+}
+
+/// Opens one more description of the store's file at `path` (read-only unless
+/// `write`, with `flags`), checking that it is the inode `main_meta` describes: the
+/// path could have been replaced since the store's main description was opened.
+pub(crate) fn open_another(
+    path: &std::path::Path,
+    main_meta: &std::fs::Metadata,
+    write: bool,
+    flags: i32,
+) -> io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(flags)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if meta.dev() != main_meta.dev() || meta.ino() != main_meta.ino() {
+        return Err(io::Error::other(
+            "the path was replaced by another file while the store was being opened",
+        ));
     }
-    Ok(files)
+    Ok(file)
 }

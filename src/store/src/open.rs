@@ -13,6 +13,7 @@ use tracing::info;
 
 use crate::buf::BUF_ALIGN_BYTES;
 use crate::config::StoreConfig;
+use crate::durability::open_another;
 use crate::error::StoreError;
 
 /// Sizes must be a multiple of this (the classic sector size).
@@ -202,11 +203,8 @@ pub(crate) fn open_direct_read_file(
     main: &File,
     is_block_device: bool,
 ) -> Result<Option<(File, u64)>, StoreError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
-        .open(path)
-    {
+    let main_meta = main.metadata().map_err(|err| open_error(path, err))?;
+    let file = match open_another(path, &main_meta, false, libc::O_CLOEXEC | libc::O_DIRECT) {
         Ok(file) => file,
         Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
             info!(
@@ -217,18 +215,6 @@ pub(crate) fn open_direct_read_file(
         }
         Err(err) => return Err(open_error(path, err)),
     };
-    let (main_meta, meta) = main
-        .metadata()
-        .and_then(|main_meta| Ok((main_meta, file.metadata()?)))
-        .map_err(|err| open_error(path, err))?;
-    if main_meta.dev() != meta.dev() || main_meta.ino() != meta.ino() {
-        return Err(open_error(
-            path,
-            io::Error::other(
-                "the path was replaced by another file while the store was being opened",
-            ),
-        ));
-    }
     match direct_io_alignment(path, &file, is_block_device) {
         Ok(align_bytes) => Ok(Some((file, align_bytes))),
         Err(StoreError::DirectIoUnsupported { .. }) => {

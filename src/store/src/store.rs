@@ -287,35 +287,22 @@ impl Store {
         if len == 0 {
             return Ok(AlignedBuf::zeroed(0));
         }
-        // The engine fills every byte (zeroes past the end of a short file).
-        let mut buf = AlignedBuf::for_overwrite(len);
-        if let Some(direct) = self.inner.direct_read {
-            if offset % direct.align_bytes == 0 && len as u64 % direct.align_bytes == 0 {
-                // Not tried in the page cache first: a RWF_NOWAIT read that misses
-                // starts a buffered read of the range, which the O_DIRECT read would
-                // then do again.
-                match self
-                    .execute_request(
-                        &self.inner.engine,
-                        Op::Read { offset, buf },
-                        None,
-                        Some(direct.file_index),
-                    )
-                    .await
-                {
-                    Ok(Op::Read { buf, .. }) => return Ok(buf),
-                    Ok(other) => {
-                        unreachable!("the engine answered a read with {}", other.name())
-                    }
-                    // O_DIRECT refused this one (say, a short read at the end of a
-                    // file whose length is not aligned): read it through the cache.
-                    Err(StoreError::Io(err)) if err.raw_os_error() == Some(libc::EINVAL) => {
-                        buf = AlignedBuf::for_overwrite(len);
-                    }
-                    Err(err) => return Err(err),
-                }
+        if let Some(file_index) = self.direct_read_file(offset, len) {
+            // Not tried in the page cache first: a RWF_NOWAIT read that misses starts
+            // a buffered read of the range, which the O_DIRECT read would then repeat.
+            let buf = AlignedBuf::for_overwrite(len);
+            match self
+                .engine_read(&self.inner.engine, offset, buf, Some(file_index))
+                .await
+            {
+                // O_DIRECT refused this one (say, a short read at the end of a file
+                // whose length is not aligned): read it through the cache below.
+                Err(StoreError::Io(err)) if err.raw_os_error() == Some(libc::EINVAL) => {}
+                result => return result,
             }
         }
+        // The engine fills every byte (zeroes past the end of a short file).
+        let mut buf = AlignedBuf::for_overwrite(len);
         if self.inline_read_allowed()
             && nowait::try_read(&self.inner.files[0], offset, &mut buf)? == len
         {
@@ -326,8 +313,28 @@ impl Store {
             .read_engine
             .as_ref()
             .unwrap_or(&self.inner.engine);
+        self.engine_read(engine, offset, buf, None).await
+    }
+
+    /// The O_DIRECT read description's index, if there is one and the read is aligned
+    /// for it (see `StoreConfig::direct_reads`).
+    fn direct_read_file(&self, offset: u64, len: usize) -> Option<usize> {
+        let direct = self.inner.direct_read?;
+        (offset % direct.align_bytes == 0 && len as u64 % direct.align_bytes == 0)
+            .then_some(direct.file_index)
+    }
+
+    /// Fills `buf` from `offset` on `engine`, through the description at
+    /// `direct_read_file` if given (else the main one).
+    async fn engine_read(
+        &self,
+        engine: &Engine,
+        offset: u64,
+        buf: AlignedBuf,
+        direct_read_file: Option<usize>,
+    ) -> Result<AlignedBuf, StoreError> {
         match self
-            .execute_on(engine, Op::Read { offset, buf }, None)
+            .execute_request(engine, Op::Read { offset, buf }, None, direct_read_file)
             .await?
         {
             Op::Read { buf, .. } => Ok(buf),

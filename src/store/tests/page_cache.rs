@@ -11,10 +11,11 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use common::{config, open, pattern, temp_dir, MIB};
-use pairbd_store::{AlignedBuf, EngineChoice};
+use pairbd_store::{AlignedBuf, EngineChoice, FaultPoint, StoreError};
 
 on_both_engines!(
     direct_reads_bypass_the_page_cache_and_see_unflushed_writes,
+    a_direct_read_refused_with_einval_is_read_through_the_cache,
     small_buffered_writes_start_their_writeback_at_once,
 );
 
@@ -217,5 +218,28 @@ async fn small_buffered_writes_start_their_writeback_at_once(engine: EngineChoic
         "dirty without the hint"
     );
     store.flush().await.expect("flush");
+    store.close().await;
+}
+
+async fn a_direct_read_refused_with_einval_is_read_through_the_cache(engine: EngineChoice) {
+    let dir = temp_dir();
+    let cfg = config(&dir, "store", 4 * MIB, engine);
+    let store = open(&cfg);
+    assert!(store.direct_reads());
+    let data = pattern(7, 8192);
+    store
+        .write(MIB, AlignedBuf::from_slice(&data), false)
+        .await
+        .expect("write");
+    // O_DIRECT's EINVAL (the next read op fails with it): read again, cached.
+    store.inject_errors(FaultPoint::Read, 1, libc::EINVAL);
+    assert!(store.read(MIB, 8192).await.expect("fallback read")[..] == data[..]);
+    // Any other error is the read's answer, not retried.
+    store.inject_errors(FaultPoint::Read, 1, libc::EIO);
+    match store.read(MIB, 8192).await {
+        Err(StoreError::Io(err)) => assert_eq!(err.raw_os_error(), Some(libc::EIO)),
+        other => panic!("expected EIO, got {:?}", other.map(|b| b.len())),
+    }
+    assert!(store.read(MIB, 8192).await.expect("read")[..] == data[..]);
     store.close().await;
 }
