@@ -159,7 +159,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .context("the final flush of the backing store failed")?;
     }
-    info!("stopped");
+    info!(
+        flushes = volume.flushes_requested(),
+        fdatasyncs = volume.fdatasyncs_issued(),
+        "stopped"
+    );
     Ok(())
 }
 

@@ -79,15 +79,35 @@ struct DirectRead {
     align_bytes: u64,
 }
 
-/// The state of group commit: flush requests are numbered; `covered` is the highest
-/// number that a completed fdatasync is known to cover; `turn` lets one fdatasync run
-/// at a time (the others queue behind it and usually find themselves covered).
+/// The state of group commit.
+///
+/// - `changes` counts store changes (writes, vectored writes, fallocates) that have
+///   completed in the kernel, successful or not; it is raised after the change
+///   completes and before its caller hears of it.
+/// - `synced` is the highest `changes` value read just before an fdatasync that then
+///   succeeded started: every change counted up to it is durable.
+/// - `turn` lets one fdatasync run at a time; the flushes queued behind it usually
+///   find themselves covered when they get it.
+///
+/// A flush reads `changes` when it is requested: every change it must cover is
+/// counted by then. If `synced` has reached that value, a successful fdatasync that
+/// started after all of them completed has already made them durable, and the flush
+/// returns without one (a FLUSH that follows another with no write between them,
+/// which fio and file systems send often); otherwise it runs its own.
 #[derive(Debug, Default)]
 struct FlushGroup {
     requested: AtomicU64,
-    covered: AtomicU64,
+    changes: Arc<AtomicU64>,
+    synced: AtomicU64,
     issued: AtomicU64,
     turn: tokio::sync::Mutex<()>,
+}
+
+impl FlushGroup {
+    /// Counts a change that has just completed (see the type's comment).
+    fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 /// Which fallocate modes the filesystem may still support: cleared on the first
@@ -403,6 +423,7 @@ impl Store {
             } else {
                 nowait::blocking(|| nowait::write_all(file, offset, &buf))
             };
+            self.inner.flush_group.changed();
             if written.is_ok() {
                 self.start_writeback(offset, buf.len());
             }
@@ -454,6 +475,7 @@ impl Store {
             } else {
                 nowait::blocking(|| nowait::write_vectored_all(file, offset, &bufs))
             };
+            self.inner.flush_group.changed();
             if written.is_ok() {
                 self.start_writeback(offset, total);
             }
@@ -475,12 +497,19 @@ impl Store {
         // after the flush was requested, because every write it must cover completed
         // before the request.
         let group = &self.inner.flush_group;
-        let ticket = group.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        group.requested.fetch_add(1, Ordering::SeqCst);
+        let must_cover = group.changes.load(Ordering::SeqCst);
         let _turn = group.turn.lock().await;
-        if group.covered.load(Ordering::SeqCst) >= ticket {
+        // A poisoned store fails every flush, covered or not.
+        if self.inner.durability.is_poisoned() {
+            return Err(StoreError::Poisoned);
+        }
+        if group.synced.load(Ordering::SeqCst) >= must_cover {
             return Ok(());
         }
-        let covers = group.requested.load(Ordering::SeqCst);
+        // Read before the fdatasync starts (and before the test-only watermark): it
+        // counts only changes that completed before then, which the fdatasync covers.
+        let covers = group.changes.load(Ordering::SeqCst);
         let watermark = self.inner.volatile.as_ref().map(|v| v.flush_started());
         let sync = self.sync_lease().await?;
         group.issued.fetch_add(1, Ordering::Relaxed);
@@ -499,9 +528,9 @@ impl Store {
         if let (Some(v), Some(w)) = (&self.inner.volatile, watermark) {
             v.flushed(w).map_err(StoreError::Io)?;
         }
-        // Only a successful fdatasync covers anyone: after a failure the next waiter
-        // runs its own, which the poisoned store fails.
-        group.covered.fetch_max(covers, Ordering::SeqCst);
+        // Only a successful fdatasync covers anyone: after a failure the store is
+        // poisoned and every later flush fails.
+        group.synced.fetch_max(covers, Ordering::SeqCst);
         Ok(())
     }
 
@@ -733,12 +762,17 @@ impl Store {
             return Err(StoreError::Io(err));
         }
         let (reply, result) = oneshot::channel();
+        // A change is counted by the engine when it completes, before its result is
+        // sent, even if this future has been dropped by then.
+        let changes = (!matches!(op, Op::Read { .. } | Op::Flush))
+            .then(|| Arc::clone(&self.inner.flush_group.changes));
         let request = Request {
             op,
             reply,
             permit,
             sync,
             direct_read_file,
+            changes,
         };
         if engine.submit(request).is_err() {
             return Err(StoreError::EngineStopped);
@@ -925,9 +959,80 @@ mod tests {
             flush.await.expect("join").expect("flush");
         }
         assert_eq!(store.fdatasyncs_issued(), 1);
-        // A flush requested after that one completed needs (and gets) its own.
+        // No change since that fdatasync started: the next flush needs none.
+        store.flush().await.expect("flush");
+        assert_eq!(store.fdatasyncs_issued(), 1);
+        // After a write, a flush runs its own.
+        store
+            .write(4096, AlignedBuf::from_slice(&[2u8; 4096]), false)
+            .await
+            .expect("write");
         store.flush().await.expect("flush");
         assert_eq!(store.fdatasyncs_issued(), 2);
+        store.close().await;
+    }
+
+    /// Every kind of change counts for group commit: after a discard, a zeroing, a
+    /// merged write and a FUA write (through the engine, or inline) a flush finds
+    /// them covered only by an fdatasync that started after them; with no change in
+    /// between, a flush runs none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_change_needs_a_new_fdatasync() {
+        /// Checks that `change` made the next flush run an fdatasync and the one
+        /// after it none.
+        async fn flushes_after(store: &Store, name: &str, change: Result<(), StoreError>) {
+            change.expect(name);
+            let before = store.fdatasyncs_issued();
+            store.flush().await.expect("flush");
+            let after = store.fdatasyncs_issued();
+            // A buffered FUA write has already run its own fdatasync.
+            if name != "FUA write" {
+                assert_eq!(after, before + 1, "no fdatasync after a {name}");
+            }
+            store.flush().await.expect("flush");
+            assert_eq!(
+                store.fdatasyncs_issued(),
+                after,
+                "an idle flush synced after a {name}"
+            );
+        }
+        let (_dir, store) = store_with_one_write().await;
+        store.flush().await.expect("flush");
+        assert_eq!(store.fdatasyncs_issued(), 1);
+        let discard = store.discard(0, 4096).await;
+        flushes_after(&store, "discard", discard).await;
+        let zeroes = store.write_zeroes(8192, 4096, true, false).await;
+        flushes_after(&store, "zeroing", zeroes).await;
+        let bufs = vec![
+            Arc::new(AlignedBuf::from_slice(&[3u8; 4096])),
+            Arc::new(AlignedBuf::from_slice(&[5u8; 4096])),
+        ];
+        let merged = store.write_vectored_shared(16384, bufs).await;
+        flushes_after(&store, "merged write", merged).await;
+        let before = store.fdatasyncs_issued();
+        let fua = store
+            .write(32768, AlignedBuf::from_slice(&[4u8; 4096]), true)
+            .await;
+        assert_eq!(
+            store.fdatasyncs_issued(),
+            before + 1,
+            "FUA without fdatasync"
+        );
+        flushes_after(&store, "FUA write", fua).await;
+        store.close().await;
+    }
+
+    /// A poisoned store fails every flush, also one with no change to cover.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poisoned_store_fails_even_an_idle_flush() {
+        let (_dir, store) = store_with_one_write().await;
+        store.inject_errors(FaultPoint::Flush, 1, libc::EIO);
+        assert!(store.flush().await.is_err());
+        assert!(store.is_poisoned());
+        assert!(
+            matches!(store.flush().await, Err(StoreError::Poisoned)),
+            "an idle flush of a poisoned store succeeded"
+        );
         store.close().await;
     }
 
@@ -945,7 +1050,7 @@ mod tests {
             );
         }
         assert!(store.is_poisoned());
-        assert_eq!(store.inner.flush_group.covered.load(Ordering::SeqCst), 0);
+        assert_eq!(store.inner.flush_group.synced.load(Ordering::SeqCst), 0);
         store.close().await;
     }
 }

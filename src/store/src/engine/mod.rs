@@ -11,6 +11,7 @@ pub(crate) mod uring;
 
 use std::fs::File;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
@@ -130,6 +131,9 @@ pub(crate) struct Request {
     /// For reads through the store's O_DIRECT read description: its index in the
     /// engine's file table (see `StoreConfig::direct_reads`).
     pub direct_read_file: Option<usize>,
+    /// For ops that change the store: the group-commit change counter, raised when
+    /// the op completes (successful or not), before the result is sent.
+    pub changes: Option<Arc<AtomicU64>>,
 }
 
 impl Request {
@@ -154,9 +158,13 @@ impl Request {
             permit,
             sync,
             direct_read_file: _,
+            changes,
         } = self;
         if let (Err(err), Some(lease)) = (&result, &sync) {
             lease.durability().poison(op.name(), err);
+        }
+        if let Some(changes) = changes {
+            changes.fetch_add(1, Ordering::SeqCst);
         }
         let _ = reply.send(result.map(|()| op));
         drop(sync);
@@ -323,6 +331,7 @@ mod tests {
             permit,
             sync: Some(lease),
             direct_read_file: None,
+            changes: None,
         };
         assert_eq!(request.file_index(), 1);
         assert!(!durability.is_poisoned());
@@ -347,6 +356,7 @@ mod tests {
                 .expect("permit"),
             sync: Some(durability.lease().await.expect("lease")),
             direct_read_file: None,
+            changes: None,
         }
         .complete(Ok(()));
         let (reply, _result) = oneshot::channel();
@@ -362,6 +372,7 @@ mod tests {
                 .expect("permit"),
             sync: None,
             direct_read_file: None,
+            changes: None,
         };
         assert_eq!(request.file_index(), MAIN_FILE_INDEX);
         request.complete(Err(io::Error::from_raw_os_error(libc::EIO)));
