@@ -192,6 +192,9 @@ pub struct ResourceConfig {
     /// `direct-reads` (default true): aligned reads bypass the page cache through an
     /// O_DIRECT description while writes stay buffered. Ignored with `direct-io`.
     pub direct_reads: bool,
+    /// `aio-reads` (default true): those O_DIRECT reads are submitted with Linux native
+    /// AIO on the caller's thread instead of through the engine's thread.
+    pub aio_reads: bool,
     pub nodes: BTreeMap<String, NodeConfig>,
 }
 

@@ -60,6 +60,7 @@ struct RawResource {
     engine: Option<Spanned<String>>,
     direct_io: Option<bool>,
     direct_reads: Option<bool>,
+    aio_reads: Option<bool>,
     #[serde(default)]
     node: BTreeMap<String, Spanned<RawNode>>,
 }
@@ -603,6 +604,7 @@ fn resource(
         engine,
         direct_io: raw.direct_io.unwrap_or(false),
         direct_reads: raw.direct_reads.unwrap_or(true),
+        aio_reads: raw.aio_reads.unwrap_or(true),
         nodes,
     })
 }

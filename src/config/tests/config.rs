@@ -322,7 +322,10 @@ fn direct_reads_default_on_and_parse_as_a_boolean() {
         let c =
             parse(&GOOD.replace("sync-window = 4", &format!("direct-reads = {value}"))).unwrap();
         assert_eq!(c.resource(None).unwrap().direct_reads, want, "{value}");
+        let c = parse(&GOOD.replace("sync-window = 4", &format!("aio-reads = {value}"))).unwrap();
+        assert_eq!(c.resource(None).unwrap().aio_reads, want, "{value}");
     }
+    assert!(r.aio_reads, "on by default");
     // A wrong type names the line and the type wanted (as for every typed key).
     for bad in ["\"no\"", "0"] {
         let e = error(&GOOD.replace("sync-window = 4", &format!("direct-reads = {bad}")));

@@ -239,6 +239,7 @@ async fn daemon(res: ResourceConfig, node_name: String) -> anyhow::Result<Daemon
     };
     store_cfg.direct_io = res.direct_io;
     store_cfg.direct_reads = res.direct_reads;
+    store_cfg.aio_reads = res.aio_reads;
     store_cfg.data_size_bytes = Some(res.size_bytes);
     if std::env::var_os(TEST_VOLATILE_ENV).is_some() {
         warn!(

@@ -126,6 +126,12 @@ pub struct StoreConfig {
     /// every completed write. Where the filesystem has no O_DIRECT, or for an
     /// unaligned read, reads stay buffered.
     pub direct_reads: bool,
+    /// Whether those O_DIRECT reads are submitted with Linux native AIO on the
+    /// caller's thread and reaped by the caller's tokio reactor (one thread wake-up
+    /// per read) instead of going through the engine (see `aio`). Needs a tokio
+    /// runtime at open; without one, or where the kernel refuses, reads use the
+    /// engine. A read AIO cannot start without blocking goes to the engine too.
+    pub aio_reads: bool,
     /// Which engine to run.
     pub engine: EngineChoice,
     /// io_uring submission queue entries (the completion queue is twice as large).
@@ -187,6 +193,7 @@ impl StoreConfig {
             read_only: false,
             direct_io: false,
             direct_reads: true,
+            aio_reads: true,
             engine: EngineChoice::Auto,
             uring_entries: DEFAULT_URING_ENTRIES,
             pool_threads: DEFAULT_POOL_THREADS,

@@ -14,12 +14,17 @@
 //! Latency: buffered reads first try an inline `RWF_NOWAIT` read on the caller's
 //! thread (a page-cache hit needs no engine); small buffered plain writes and the
 //! group-commit fdatasync run on the caller's thread too (`inline_sync_max_bytes`).
-//! Everything else, and everything with O_DIRECT, goes to the engine.
+//! Aligned reads go around the page cache through an O_DIRECT description, submitted
+//! with Linux native AIO on the caller's thread and reaped on the caller's runtime
+//! (`aio`); a range the cache holds in full is read from it. Everything else, and
+//! everything with O_DIRECT, goes to the engine.
 //!
 //! Every operation is bounded: at most `max_in_flight` operations run at once and
-//! callers beyond that wait asynchronously. The crate uses only tokio's `sync`
-//! primitives and needs no runtime of its own.
+//! callers beyond that wait asynchronously. The store needs no runtime of its own:
+//! opened inside a tokio runtime (with its IO driver), it reaps AIO reads there;
+//! opened elsewhere, the engine does all reads.
 
+mod aio;
 mod buf;
 mod config;
 mod durability;
@@ -43,6 +48,8 @@ pub use error::StoreError;
 #[doc(hidden)]
 pub use fault::FaultPoint;
 pub use nowait::SMALL_WRITE_BYTES;
+#[doc(hidden)]
+pub use nowait::{cachestat, CacheStat};
 pub use store::{Store, ZERO_CHUNK_BYTES};
 #[doc(hidden)]
 pub use volatile::PowerCutReport;

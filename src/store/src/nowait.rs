@@ -60,6 +60,77 @@ pub(crate) fn try_read(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<u
     }
 }
 
+/// cachestat(2)'s page counts for a range of a file.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStat {
+    /// Pages in the page cache (dirty ones included).
+    pub cached: u64,
+    /// Dirty pages.
+    pub dirty: u64,
+    /// Pages under writeback.
+    pub writeback: u64,
+}
+
+/// cachestat(2) (Linux 6.5+) for `[offset, offset + len)` of `file`: counts pages,
+/// starts no I/O. Also used by the tests to observe the store.
+#[doc(hidden)]
+pub fn cachestat(file: &File, offset: u64, len: u64) -> io::Result<CacheStat> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    /// cachestat's number on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    use std::os::fd::AsRawFd;
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: both structs have the kernel's layout and outlive the call.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(CacheStat {
+        cached: stat.nr_cache,
+        dirty: stat.nr_dirty,
+        writeback: stat.nr_writeback,
+    })
+}
+
+/// Whether every page of `[offset, offset + len)` is in the page cache (cachestat,
+/// rounded out to whole pages); `None` where the kernel has no cachestat.
+pub(crate) fn fully_cached(file: &File, offset: u64, len: u64) -> Option<bool> {
+    let page = page_bytes();
+    let first = offset / page;
+    let end = offset.checked_add(len)?.div_ceil(page);
+    let stat = cachestat(file, first * page, (end - first) * page).ok()?;
+    Some(stat.cached >= end - first)
+}
+
+/// The page size, read once.
+fn page_bytes() -> u64 {
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| rustix::param::page_size() as u64)
+}
+
 fn would_block(errno: Errno) -> bool {
     // EOPNOTSUPP/EINVAL: this file (system) does not support RWF_NOWAIT at all.
     errno == Errno::AGAIN || errno == Errno::OPNOTSUPP || errno == Errno::INVAL

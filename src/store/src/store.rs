@@ -12,6 +12,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, Semaphore};
 use tracing::info;
 
+use crate::aio::{AioRead, AioReader};
 use crate::buf::{AlignedBuf, WriteBuf};
 use crate::config::{EngineKind, StoreConfig};
 use crate::durability::{open_sync_files, Durability, SyncLease, MAIN_FILE_INDEX};
@@ -66,6 +67,11 @@ struct Inner {
     /// The O_DIRECT read description (see `StoreConfig::direct_reads`): its index in
     /// `files` and the alignment its reads need.
     direct_read: Option<DirectRead>,
+    /// Native AIO for the O_DIRECT reads (see `StoreConfig::aio_reads`).
+    aio: Option<AioReader>,
+    /// Cleared when cachestat(2) fails (kernels before 6.5): direct reads then never
+    /// look in the page cache.
+    cachestat_works: AtomicBool,
     io_align_bytes: u64,
     is_block_device: bool,
     zero_range_fast: bool,
@@ -180,6 +186,18 @@ impl Store {
             .chain(direct_read_file.map(|(file, _)| file))
             .collect();
         let engine = Engine::start(cfg, Arc::clone(&files))?;
+        let aio = match direct_read {
+            Some(direct) if cfg.aio_reads => {
+                match AioReader::start(Arc::clone(&files), direct.file_index, cfg.max_in_flight) {
+                    Ok(aio) => Some(aio),
+                    Err(reason) => {
+                        info!(%reason, "direct reads go through the engine, not native AIO");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let read_engine =
             if cfg.buffered_reads_on_pool && !cfg.direct_io && engine.kind() == EngineKind::Uring {
                 info!(
@@ -198,6 +216,7 @@ impl Store {
             read_only = cfg.read_only,
             direct_io = cfg.direct_io,
             direct_reads = direct_read.is_some(),
+            aio_reads = aio.is_some(),
             "backing store opened with the {} engine",
             engine.kind()
         );
@@ -233,6 +252,8 @@ impl Store {
                 read_only: cfg.read_only,
                 direct_io: cfg.direct_io,
                 direct_read,
+                aio,
+                cachestat_works: AtomicBool::new(true),
                 io_align_bytes: backing.io_align_bytes,
                 is_block_device: backing.is_block_device,
                 zero_range_fast: backing.zero_range_fast,
@@ -259,6 +280,18 @@ impl Store {
     /// Whether the store was opened with O_DIRECT.
     pub fn direct_io(&self) -> bool {
         self.inner.direct_io
+    }
+
+    /// Whether O_DIRECT reads are submitted with native AIO (see
+    /// `StoreConfig::aio_reads`).
+    pub fn aio_reads(&self) -> bool {
+        self.inner.aio.is_some()
+    }
+
+    /// Reads answered through native AIO so far. For tests.
+    #[doc(hidden)]
+    pub fn aio_reads_done(&self) -> u64 {
+        self.inner.aio.as_ref().map_or(0, AioReader::reads_done)
     }
 
     /// Whether aligned reads bypass the page cache through an O_DIRECT description
@@ -308,8 +341,27 @@ impl Store {
             return Ok(AlignedBuf::zeroed(0));
         }
         if let Some(file_index) = self.direct_read_file(offset, len) {
-            // Not tried in the page cache first: a RWF_NOWAIT read that misses starts
-            // a buffered read of the range, which the O_DIRECT read would then repeat.
+            // From the page cache only where cachestat finds every page there (say,
+            // a block written moments ago): a RWF_NOWAIT read that misses would start
+            // a buffered read of the range, which the O_DIRECT read would repeat.
+            if self.inline_read_allowed() && self.fully_cached(offset, len) {
+                let mut buf = AlignedBuf::for_overwrite(len);
+                if nowait::try_read(&self.inner.files[MAIN_FILE_INDEX], offset, &mut buf)? == len {
+                    return Ok(buf);
+                }
+            }
+            if let Some(aio) = self.aio_allowed() {
+                let permit = Arc::clone(&self.inner.in_flight)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| StoreError::EngineStopped)?;
+                match aio.read(offset, len, permit).await {
+                    AioRead::Done(buf) => return Ok(buf),
+                    AioRead::Failed(err) => return Err(StoreError::Io(err)),
+                    // Refused without blocking, short, or EINVAL: the engine below.
+                    AioRead::Retry => {}
+                }
+            }
             let buf = AlignedBuf::for_overwrite(len);
             match self
                 .engine_read(&self.inner.engine, offset, buf, Some(file_index))
@@ -500,7 +552,10 @@ impl Store {
         group.requested.fetch_add(1, Ordering::SeqCst);
         let must_cover = group.changes.load(Ordering::SeqCst);
         let _turn = group.turn.lock().await;
-        // A poisoned store fails every flush, covered or not.
+        // A closed or poisoned store fails every flush, covered or not.
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::EngineStopped);
+        }
         if self.inner.durability.is_poisoned() {
             return Err(StoreError::Poisoned);
         }
@@ -589,6 +644,9 @@ impl Store {
         self.inner.closed.store(true, Ordering::SeqCst);
         self.inner.in_flight.close();
         self.inner.durability.close();
+        if let Some(aio) = &self.inner.aio {
+            aio.stop().await;
+        }
         self.inner.engine.stop().await;
         if let Some(read_engine) = &self.inner.read_engine {
             read_engine.stop().await;
@@ -689,6 +747,29 @@ impl Store {
     // When a request runs on the caller's thread instead of the engine (see `nowait`).
     // All three stand aside while a fault is armed, so that every request of a fault
     // test meets the injection point in `execute_on`.
+
+    /// Whether cachestat(2) finds every page of the range in the page cache; false
+    /// (from then on) where the kernel has no cachestat.
+    fn fully_cached(&self, offset: u64, len: usize) -> bool {
+        if !self.inner.cachestat_works.load(Ordering::Relaxed) {
+            return false;
+        }
+        match nowait::fully_cached(&self.inner.files[MAIN_FILE_INDEX], offset, len as u64) {
+            Some(cached) => cached,
+            None => {
+                self.inner.cachestat_works.store(false, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// An O_DIRECT read first tries native AIO.
+    fn aio_allowed(&self) -> Option<&AioReader> {
+        self.inner
+            .aio
+            .as_ref()
+            .filter(|aio| aio.running() && !self.inner.faults.any_armed())
+    }
 
     /// A buffered read first tries RWF_NOWAIT from the page cache.
     fn inline_read_allowed(&self) -> bool {

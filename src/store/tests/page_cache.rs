@@ -10,7 +10,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use common::{config, open, pattern, temp_dir, MIB};
+use common::{cachestat, config, evict, open, pattern, temp_dir, MIB};
 use pairbd_store::{AlignedBuf, EngineChoice, FaultPoint, StoreError};
 
 on_both_engines!(
@@ -18,14 +18,6 @@ on_both_engines!(
     a_direct_read_refused_with_einval_is_read_through_the_cache,
     small_buffered_writes_start_their_writeback_at_once,
 );
-
-/// Drops the file's clean cached pages (after a flush, all of them).
-fn evict(path: &Path) {
-    let file = File::open(path).expect("open for fadvise");
-    // SAFETY: plain syscall on an open descriptor.
-    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-    assert_eq!(rc, 0, "posix_fadvise(DONTNEED)");
-}
 
 /// Pages of `[offset, offset + len)` of the file resident in the page cache (mincore
 /// on a shared read-only mapping, which maps the file's cached pages).
@@ -50,46 +42,6 @@ fn resident_pages(path: &Path, offset: u64, len: usize) -> usize {
         assert_eq!(rc, 0, "mincore");
         vec.iter().filter(|&&b| b & 1 == 1).count()
     }
-}
-
-/// cachestat(2)'s counts for `[offset, offset + len)`: (cached, dirty, writeback).
-fn cachestat(path: &Path, offset: u64, len: u64) -> (u64, u64, u64) {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    /// cachestat's number on every architecture (Linux 6.5+).
-    const SYS_CACHESTAT: libc::c_long = 451;
-    let file = File::open(path).expect("open for cachestat");
-    let range = Range { off: offset, len };
-    let mut stat = Stat::default();
-    // SAFETY: both structs have the kernel's layout and outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0u32,
-        )
-    };
-    assert_eq!(
-        rc,
-        0,
-        "cachestat(2) (Linux 6.5+): {}",
-        std::io::Error::last_os_error()
-    );
-    (stat.nr_cache, stat.nr_dirty, stat.nr_writeback)
 }
 
 async fn direct_reads_bypass_the_page_cache_and_see_unflushed_writes(engine: EngineChoice) {
@@ -179,7 +131,8 @@ async fn small_buffered_writes_start_their_writeback_at_once(engine: EngineChoic
             .write(offset, pattern(i as u64, len), false)
             .await
             .expect("small write");
-        let (cached, dirty, _) = cachestat(&cfg.path, offset, len as u64);
+        let stat = cachestat(&cfg.path, offset, len as u64);
+        let (cached, dirty) = (stat.cached, stat.dirty);
         assert!(cached > 0, "the write went through the page cache");
         assert_eq!(dirty, 0, "a {len}-byte write left dirty pages at {offset}");
     }
@@ -189,7 +142,7 @@ async fn small_buffered_writes_start_their_writeback_at_once(engine: EngineChoic
         .write(8 * MIB, pattern(9, big), false)
         .await
         .expect("larger write");
-    let (_, dirty, _) = cachestat(&cfg.path, 8 * MIB, big as u64);
+    let dirty = cachestat(&cfg.path, 8 * MIB, big as u64).dirty;
     assert_eq!(
         dirty,
         (big / 4096) as u64,
@@ -197,7 +150,7 @@ async fn small_buffered_writes_start_their_writeback_at_once(engine: EngineChoic
     );
     store.flush().await.expect("flush");
     assert_eq!(
-        cachestat(&cfg.path, 0, 16 * MIB).1,
+        cachestat(&cfg.path, 0, 16 * MIB).dirty,
         0,
         "dirty after a flush"
     );
@@ -213,7 +166,7 @@ async fn small_buffered_writes_start_their_writeback_at_once(engine: EngineChoic
         .await
         .expect("small write");
     assert_eq!(
-        cachestat(&cfg.path, 4 * MIB, 4096).1,
+        cachestat(&cfg.path, 4 * MIB, 4096).dirty,
         1,
         "dirty without the hint"
     );

@@ -30,6 +30,8 @@ pub fn config(dir: &TempDir, name: &str, size_bytes: u64, engine: EngineChoice) 
     cfg.inline_nowait = false;
     cfg.inline_sync_max_bytes = 0;
     cfg.buffered_reads_on_pool = false;
+    // Direct reads through the engine too (tests/aio.rs covers native AIO).
+    cfg.aio_reads = false;
     cfg
 }
 
@@ -90,4 +92,21 @@ macro_rules! on_both_engines {
             }
         )*
     };
+}
+
+/// Drops the file's clean cached pages (after a flush, all of them).
+#[allow(dead_code)]
+pub fn evict(path: &Path) {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).expect("open for fadvise");
+    // SAFETY: plain syscall on an open descriptor.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "posix_fadvise(DONTNEED)");
+}
+
+/// cachestat(2)'s counts for `[offset, offset + len)` of the file (Linux 6.5+).
+#[allow(dead_code)]
+pub fn cachestat(path: &Path, offset: u64, len: u64) -> pairbd_store::CacheStat {
+    let file = std::fs::File::open(path).expect("open for cachestat");
+    pairbd_store::cachestat(&file, offset, len).expect("cachestat(2) (Linux 6.5+)")
 }
