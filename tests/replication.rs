@@ -216,7 +216,14 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         .unwrap();
         // 1: garbage bytes.
         let link = endpoint.connect(beta_addr).await.unwrap();
-        let (mut tx, mut rx) = link.split();
+        // Both lanes kept open: a closed bulk lane would race the main lane's
+        // error to beta's log.
+        let pairbd_link::Lanes {
+            main_tx: mut tx,
+            main_rx: mut rx,
+            bulk_tx: _bulk_tx,
+            bulk_rx: _bulk_rx,
+        } = link.split_lanes();
         tx.send_raw(&[0xEE; 200]).await.unwrap();
         // Beta's hello and dirty ranges may come first; then the close.
         let mut closed = false;
@@ -229,7 +236,14 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         assert!(closed, "the garbage closed the connection");
         // 2: a well-formed header announcing a payload far over the limit.
         let link = endpoint.connect(beta_addr).await.unwrap();
-        let (mut tx, mut rx) = link.split();
+        // Both lanes kept open: a closed bulk lane would race the main lane's
+        // error to beta's log.
+        let pairbd_link::Lanes {
+            main_tx: mut tx,
+            main_rx: mut rx,
+            bulk_tx: _bulk_tx,
+            bulk_rx: _bulk_rx,
+        } = link.split_lanes();
         let mut head =
             pairbd_repl_proto::encode_frame::<Vec<u8>>(&pairbd_repl_proto::Message::Flush {
                 seq: 1,
@@ -251,7 +265,14 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         assert!(ended, "beta kept a connection that sent an oversized frame");
         // 3: a peer speaking protocol version 1 (its hello's version byte).
         let link = endpoint.connect(beta_addr).await.unwrap();
-        let (mut tx, mut rx) = link.split();
+        // Both lanes kept open: a closed bulk lane would race the main lane's
+        // error to beta's log.
+        let pairbd_link::Lanes {
+            main_tx: mut tx,
+            main_rx: mut rx,
+            bulk_tx: _bulk_tx,
+            bulk_rx: _bulk_rx,
+        } = link.split_lanes();
         let mut hello =
             pairbd_repl_proto::encode_to_vec::<Vec<u8>>(&pairbd_repl_proto::Message::Flush {
                 seq: 1,
@@ -270,7 +291,14 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         assert!(refused, "beta kept a connection speaking version 1");
         // 4: a batch of acks over the bound.
         let link = endpoint.connect(beta_addr).await.unwrap();
-        let (mut tx, mut rx) = link.split();
+        // Both lanes kept open: a closed bulk lane would race the main lane's
+        // error to beta's log.
+        let pairbd_link::Lanes {
+            main_tx: mut tx,
+            main_rx: mut rx,
+            bulk_tx: _bulk_tx,
+            bulk_rx: _bulk_rx,
+        } = link.split_lanes();
         let acks = pairbd_repl_proto::Message::<Vec<u8>>::Acks(pairbd_repl_proto::AckBatch {
             seqs: (1..=pairbd_repl_proto::ACKS_MAX as u64 + 1).collect(),
         });

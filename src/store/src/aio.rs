@@ -31,7 +31,7 @@ use rustix::event::{eventfd, EventfdFlags};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
-use tracing::{debug, error};
+use tracing::{debug, error, info};
 
 use crate::buf::AlignedBuf;
 
@@ -234,12 +234,16 @@ impl AioReader {
         permit: OwnedSemaphorePermit,
     ) -> Option<oneshot::Receiver<AioRead>> {
         let shared = &self.shared;
-        if shared.stopped.load(Ordering::SeqCst) {
-            return None;
-        }
         let (Ok(aio_offset), Ok(aio_nbytes)) = (i64::try_from(offset), u64::try_from(len)) else {
             return None;
         };
+        // Counted before `stopped` is checked (both SeqCst): either `stop` sees this
+        // read in flight and waits for it, or this sees `stopped` and backs out.
+        shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if shared.stopped.load(Ordering::SeqCst) {
+            shared.finished();
+            return None;
+        }
         let mut buf = AlignedBuf::for_overwrite(len);
         let (reply, result) = oneshot::channel();
         let mut iocb = Iocb {
@@ -262,7 +266,6 @@ impl AioReader {
             _permit: permit,
         });
         iocb.aio_data = index as u64;
-        shared.in_flight.fetch_add(1, Ordering::SeqCst);
         let mut iocbs = [&mut iocb as *mut Iocb];
         // SAFETY: `iocb` is valid for the call (the kernel copies it); the buffer it
         // points at lives in slot `index` until the event is reaped.
@@ -280,7 +283,13 @@ impl AioReader {
             let slot = lock(&shared.slots).take(index);
             shared.finished();
             drop(slot);
-            debug!(error = %err, "AIO read not submitted; using the engine");
+            if err.raw_os_error() == Some(libc::EAGAIN) {
+                debug!(error = %err, "AIO read not submitted; using the engine");
+            } else {
+                // Not a passing condition (no RWF_NOWAIT here, no AIO for this
+                // file): every later read would be refused too.
+                shared.give_up(&err);
+            }
             return None;
         }
         Some(result)
@@ -351,79 +360,131 @@ impl Shared {
             self.idle.notify_waiters();
         }
     }
+
+    /// Sends every later read to the engine (the reads in flight are still reaped).
+    fn give_up(&self, err: &io::Error) {
+        if !self.stopped.swap(true, Ordering::SeqCst) {
+            info!(error = %err, "native AIO refuses these reads; they go to the engine");
+        }
+    }
+
+    /// Reaps every available event without waiting; false if io_getevents failed.
+    fn reap_available(&self, events: &mut [IoEvent; REAP_BATCH]) -> bool {
+        loop {
+            let mut timeout = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            match self.get_events(0, events, &mut timeout) {
+                Ok(got) => {
+                    for event in &events[..got] {
+                        complete(self, event);
+                    }
+                    if got < REAP_BATCH {
+                        return true;
+                    }
+                }
+                Err(err) => {
+                    error!(error = %err, "io_getevents failed; reads go to the engine");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// io_getevents for at least `min` events (EINTR retried); a null `timeout`
+    /// waits as long as it takes.
+    fn get_events(
+        &self,
+        min: usize,
+        events: &mut [IoEvent; REAP_BATCH],
+        timeout: *mut libc::timespec,
+    ) -> io::Result<usize> {
+        loop {
+            // SAFETY: `events` has room for REAP_BATCH events; `timeout` is null or
+            // points at a live timespec.
+            let got = unsafe {
+                libc::syscall(
+                    libc::SYS_io_getevents,
+                    self.ctx,
+                    min as libc::c_long,
+                    REAP_BATCH as libc::c_long,
+                    events.as_mut_ptr(),
+                    timeout,
+                )
+            };
+            if got >= 0 {
+                return Ok(got as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) {
+                return Err(err);
+            }
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Marks the reader stopped when the reaper ends for any reason (stopped, or its
-/// runtime shut down), so that no read waits for a reaper that is gone.
+/// When the reaper ends for any reason (stopped, an error, or its runtime shutting
+/// down): marks the reader stopped, then waits for the reads still in the kernel
+/// and answers them, so that neither a read nor `stop` waits for a reaper that is
+/// gone. (Blocking, but only for reads already on the device.)
 struct ReaperGone(Arc<Shared>);
 
 impl Drop for ReaperGone {
     fn drop(&mut self) {
-        self.0.stopped.store(true, Ordering::SeqCst);
+        let shared = &self.0;
+        shared.stopped.store(true, Ordering::SeqCst);
+        let mut events = [IoEvent::default(); REAP_BATCH];
+        while shared.in_flight.load(Ordering::SeqCst) > 0 {
+            match shared.get_events(1, &mut events, std::ptr::null_mut()) {
+                Ok(got) => {
+                    for event in &events[..got] {
+                        complete(shared, event);
+                    }
+                }
+                Err(err) => {
+                    // The reads' buffers stay in their slots until io_destroy.
+                    error!(error = %err, "io_getevents failed while draining AIO reads");
+                    return;
+                }
+            }
+        }
     }
 }
 
 /// The reaper: waits for the eventfd, then takes every available event and sends
-/// each read its result.
+/// each read its result. Ends once the reader is stopped and no read is in flight.
 async fn reap(shared: Arc<Shared>) {
     let gone = ReaperGone(Arc::clone(&shared));
     let shared = &gone.0;
     let mut events = [IoEvent::default(); REAP_BATCH];
     loop {
+        if shared.stopped.load(Ordering::SeqCst) && shared.in_flight.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let mut ready = tokio::select! {
             biased;
             ready = shared.events.readable() => match ready {
                 Ok(ready) => ready,
                 Err(err) => {
-                    error!(error = %err, "AIO eventfd failed; reads use the ring");
+                    error!(error = %err, "AIO eventfd failed; reads go to the engine");
                     return;
                 }
             },
-            _ = shared.stop_reaper.notified() => return,
+            // Only a wake-up: the loop's check decides.
+            _ = shared.stop_reaper.notified() => continue,
         };
         // Clear the counter before reaping, so an event that lands after the
         // io_getevents below signals it again.
         let mut count = [0u8; 8];
         let _ = rustix::io::read(shared.events.get_ref(), &mut count);
         ready.clear_ready();
-        loop {
-            let mut timeout = libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            // SAFETY: `events` has room for REAP_BATCH events; a zero timeout never
-            // blocks.
-            let got = unsafe {
-                libc::syscall(
-                    libc::SYS_io_getevents,
-                    shared.ctx,
-                    0 as libc::c_long,
-                    REAP_BATCH as libc::c_long,
-                    events.as_mut_ptr(),
-                    &mut timeout as *mut libc::timespec,
-                )
-            };
-            if got < 0 {
-                let err = io::Error::last_os_error();
-                if err.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
-                // Not expected with a valid context; the reads in flight are
-                // reaped by io_destroy when the store goes.
-                error!(error = %err, "io_getevents failed; reads use the ring");
-                return;
-            }
-            let got = got as usize;
-            for event in &events[..got] {
-                complete(shared, event);
-            }
-            if got < REAP_BATCH {
-                break;
-            }
+        if !shared.reap_available(&mut events) {
+            return;
         }
     }
 }

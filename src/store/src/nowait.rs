@@ -90,7 +90,7 @@ pub fn cachestat(file: &File, offset: u64, len: u64) -> io::Result<CacheStat> {
         nr_evicted: u64,
         nr_recently_evicted: u64,
     }
-    /// cachestat's number on every architecture.
+    /// cachestat's number on every architecture Rust targets (alpha, 561, is none).
     const SYS_CACHESTAT: libc::c_long = 451;
     use std::os::fd::AsRawFd;
     let range = Range { off: offset, len };
@@ -116,13 +116,16 @@ pub fn cachestat(file: &File, offset: u64, len: u64) -> io::Result<CacheStat> {
 }
 
 /// Whether every page of `[offset, offset + len)` is in the page cache (cachestat,
-/// rounded out to whole pages); `None` where the kernel has no cachestat.
-pub(crate) fn fully_cached(file: &File, offset: u64, len: u64) -> Option<bool> {
+/// rounded out to whole pages). An error is cachestat's.
+pub(crate) fn fully_cached(file: &File, offset: u64, len: u64) -> io::Result<bool> {
     let page = page_bytes();
     let first = offset / page;
-    let end = offset.checked_add(len)?.div_ceil(page);
-    let stat = cachestat(file, first * page, (end - first) * page).ok()?;
-    Some(stat.cached >= end - first)
+    let Some(end) = offset.checked_add(len) else {
+        return Ok(false);
+    };
+    let end = end.div_ceil(page);
+    let stat = cachestat(file, first * page, (end - first) * page)?;
+    Ok(stat.cached >= end - first)
 }
 
 /// The page size, read once.
