@@ -184,6 +184,19 @@ fn a_peer_with_the_wrong_certificate_is_refused_and_nothing_changes() {
     assert!(std::fs::read(files.backing("beta")).unwrap() == before_b);
 }
 
+/// The main lane of `link`, with its bulk lane kept open beside it: a closed bulk
+/// lane would race the main lane's error to the peer's log.
+fn main_lane(
+    link: pairbd_link::Link,
+) -> (
+    pairbd_link::FrameSender,
+    pairbd_link::FrameReceiver,
+    (pairbd_link::FrameSender, pairbd_link::FrameReceiver),
+) {
+    let lanes = link.split_lanes();
+    (lanes.main_tx, lanes.main_rx, (lanes.bulk_tx, lanes.bulk_rx))
+}
+
 #[test]
 fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
     use pairbd_link::{Endpoint, Identity, LinkConfig};
@@ -216,14 +229,7 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         .unwrap();
         // 1: garbage bytes.
         let link = endpoint.connect(beta_addr).await.unwrap();
-        // Both lanes kept open: a closed bulk lane would race the main lane's
-        // error to beta's log.
-        let pairbd_link::Lanes {
-            main_tx: mut tx,
-            main_rx: mut rx,
-            bulk_tx: _bulk_tx,
-            bulk_rx: _bulk_rx,
-        } = link.split_lanes();
+        let (mut tx, mut rx, _bulk) = main_lane(link);
         tx.send_raw(&[0xEE; 200]).await.unwrap();
         // Beta's hello and dirty ranges may come first; then the close.
         let mut closed = false;
@@ -236,14 +242,7 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         assert!(closed, "the garbage closed the connection");
         // 2: a well-formed header announcing a payload far over the limit.
         let link = endpoint.connect(beta_addr).await.unwrap();
-        // Both lanes kept open: a closed bulk lane would race the main lane's
-        // error to beta's log.
-        let pairbd_link::Lanes {
-            main_tx: mut tx,
-            main_rx: mut rx,
-            bulk_tx: _bulk_tx,
-            bulk_rx: _bulk_rx,
-        } = link.split_lanes();
+        let (mut tx, mut rx, _bulk) = main_lane(link);
         let mut head =
             pairbd_repl_proto::encode_frame::<Vec<u8>>(&pairbd_repl_proto::Message::Flush {
                 seq: 1,
@@ -265,14 +264,7 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         assert!(ended, "beta kept a connection that sent an oversized frame");
         // 3: a peer speaking protocol version 1 (its hello's version byte).
         let link = endpoint.connect(beta_addr).await.unwrap();
-        // Both lanes kept open: a closed bulk lane would race the main lane's
-        // error to beta's log.
-        let pairbd_link::Lanes {
-            main_tx: mut tx,
-            main_rx: mut rx,
-            bulk_tx: _bulk_tx,
-            bulk_rx: _bulk_rx,
-        } = link.split_lanes();
+        let (mut tx, mut rx, _bulk) = main_lane(link);
         let mut hello =
             pairbd_repl_proto::encode_to_vec::<Vec<u8>>(&pairbd_repl_proto::Message::Flush {
                 seq: 1,
@@ -291,14 +283,7 @@ fn garbage_and_bad_frames_on_the_replication_port_change_nothing() {
         assert!(refused, "beta kept a connection speaking version 1");
         // 4: a batch of acks over the bound.
         let link = endpoint.connect(beta_addr).await.unwrap();
-        // Both lanes kept open: a closed bulk lane would race the main lane's
-        // error to beta's log.
-        let pairbd_link::Lanes {
-            main_tx: mut tx,
-            main_rx: mut rx,
-            bulk_tx: _bulk_tx,
-            bulk_rx: _bulk_rx,
-        } = link.split_lanes();
+        let (mut tx, mut rx, _bulk) = main_lane(link);
         let acks = pairbd_repl_proto::Message::<Vec<u8>>::Acks(pairbd_repl_proto::AckBatch {
             seqs: (1..=pairbd_repl_proto::ACKS_MAX as u64 + 1).collect(),
         });
