@@ -587,7 +587,7 @@ impl Store {
         if self.inline_flush_allowed() {
             // Group commit holds `turn`, so at most one thread per store blocks here.
             let file = &self.inner.files[sync.file_index()];
-            if let Err(err) = nowait::blocking(|| nowait::fdatasync(file)) {
+            if let Err(err) = nowait::blocking_briefly(|| nowait::fdatasync(file)) {
                 // Poison before the lease is released, as the engine does.
                 sync.durability().poison("flush", &err);
                 return Err(StoreError::Io(err));
