@@ -25,7 +25,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use rustix::event::{eventfd, EventfdFlags};
 use tokio::io::unix::AsyncFd;
@@ -34,6 +34,7 @@ use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit};
 use tracing::{debug, error, info};
 
 use crate::buf::AlignedBuf;
+use crate::engine::lock;
 
 /// `IOCB_CMD_PREAD` (linux/aio_abi.h).
 const IOCB_CMD_PREAD: u16 = 0;
@@ -422,10 +423,6 @@ impl Shared {
             }
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// When the reaper ends for any reason (stopped, an error, or its runtime shutting

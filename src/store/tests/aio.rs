@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{cachestat, config, evict, open, pattern, temp_dir, MIB};
+use common::{cachestat, config, evict, open, pattern, reopen_with, temp_dir, MIB};
 use pairbd_store::{AlignedBuf, EngineChoice, Store, StoreConfig, StoreError};
 
 on_both_engines!(
@@ -82,10 +82,7 @@ async fn cold_aligned_reads_are_answered_through_aio(engine: EngineChoice) {
     store.close().await;
 
     // With aio_reads off, the engine answers every read.
-    let mut off = cfg.clone();
-    off.create_size_bytes = None;
-    off.aio_reads = false;
-    let store = open(&off);
+    let store = reopen_with(&cfg, |c| c.aio_reads = false);
     assert!(!store.aio_reads());
     evict(&cfg.path);
     for (offset, expected) in &data {

@@ -10,7 +10,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use common::{cachestat, config, evict, open, pattern, temp_dir, MIB};
+use common::{cachestat, config, evict, open, pattern, reopen_with, temp_dir, MIB};
 use pairbd_store::{AlignedBuf, EngineChoice, FaultPoint, StoreError};
 
 on_both_engines!(
@@ -98,10 +98,7 @@ async fn direct_reads_bypass_the_page_cache_and_see_unflushed_writes(engine: Eng
     store.close().await;
 
     // With direct_reads off, the same read fills the page cache.
-    let mut cached = cfg.clone();
-    cached.create_size_bytes = None;
-    cached.direct_reads = false;
-    let store = open(&cached);
+    let store = reopen_with(&cfg, |c| c.direct_reads = false);
     assert!(!store.direct_reads());
     evict(&cfg.path);
     assert!(store.read(region, len).await.expect("read region")[..] == data[..]);
@@ -157,10 +154,7 @@ async fn small_buffered_writes_start_their_writeback_at_once(engine: EngineChoic
     store.close().await;
 
     // Off (0): a small write stays dirty until the flush.
-    let mut off = cfg.clone();
-    off.create_size_bytes = None;
-    off.early_writeback_max_bytes = 0;
-    let store = open(&off);
+    let store = reopen_with(&cfg, |c| c.early_writeback_max_bytes = 0);
     store
         .write(4 * MIB, pattern(20, 4096), false)
         .await

@@ -49,6 +49,15 @@ pub fn open(cfg: &StoreConfig) -> Store {
     store
 }
 
+/// Opens the store of `cfg` again (it exists), with one setting changed by `change`.
+#[allow(dead_code)]
+pub fn reopen_with(cfg: &StoreConfig, change: impl FnOnce(&mut StoreConfig)) -> Store {
+    let mut again = cfg.clone();
+    again.create_size_bytes = None;
+    change(&mut again);
+    open(&again)
+}
+
 /// Deterministic, position-dependent bytes (never all zero), so misplaced data shows.
 pub fn pattern(seed: u64, len: usize) -> AlignedBuf {
     let mut buf = AlignedBuf::zeroed(len);
