@@ -251,7 +251,7 @@ pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         ConfigError::At {
             path: path.to_path_buf(),
             line: ctx.line(offset),
-            key: key_at(text, offset),
+            key: error_key(text, offset, e.message()),
             message: plain_message(e.message().trim()),
         }
     })?;
@@ -296,11 +296,44 @@ fn plain_message(message: &str) -> String {
             };
         }
     }
-    message.to_string()
+    // serde names Rust types; the file has TOML ones.
+    message
+        .replace("expected i64", "expected an integer")
+        .replace("expected u64", "expected an integer")
 }
 
 /// The dotted key nearest before `offset`, for serde errors (which know the
 /// position but not the table).
+/// The key a TOML/serde error at `offset` is about: the table, plus the key of
+/// the `key = value` line the offset falls in, so that a value of the wrong type
+/// reads `resource.mail.al-extents: invalid type ...`. An unknown or missing key
+/// is already named by its message, after the table it belongs in.
+fn error_key(text: &str, offset: usize, message: &str) -> String {
+    let table = key_at(text, offset);
+    let named = ["unknown field", "missing field"]
+        .iter()
+        .any(|p| message.trim_start().starts_with(p));
+    match line_key(text, offset) {
+        Some(key) if !named && table == "top level" => key,
+        Some(key) if !named => format!("{table}.{key}"),
+        _ => table,
+    }
+}
+
+/// The key of the `key = value` line holding `offset`, if that line is one.
+fn line_key(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = text.get(start..end)?.trim();
+    if line.starts_with('[') || line.starts_with('#') {
+        return None;
+    }
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty()).then(|| key.to_string())
+}
+
 fn key_at(text: &str, offset: usize) -> String {
     let end = offset.min(text.len());
     let mut table = String::new();

@@ -95,6 +95,22 @@ fn unknown_keys_are_named_with_their_line() {
 }
 
 #[test]
+fn values_of_the_wrong_type_name_their_key() {
+    let e = error(&GOOD.replace("sync-window = 4", "sync-window = \"four\""));
+    assert!(
+        e.contains("line 6")
+            && e.contains("resource.mail.sync-window: invalid type")
+            && e.contains("expected an integer"),
+        "{e}"
+    );
+    let e = error(&GOOD.replace("backing = \"alpha.img\"", "backing = 7"));
+    assert!(
+        e.contains("line 11") && e.contains("resource.mail.node.alpha.backing: invalid type"),
+        "{e}"
+    );
+}
+
+#[test]
 fn bad_values_name_line_key_and_what_is_allowed() {
     let e = error(&GOOD.replace("size = \"1GiB\"", "size = \"1 gallon\""));
     assert!(
