@@ -92,6 +92,16 @@ fn writes_on_the_primary_reach_both_stores_byte_for_byte() {
             .expect("flushes.fdatasyncs");
         assert!(requested >= 2, "{node}: {st}");
         assert!((1..=requested).contains(&fdatasyncs), "{node}: {st}");
+        // How the store does its I/O, as opened: AIO reads are O_DIRECT reads.
+        let store = &st["store"];
+        let flag = |k: &str| {
+            store[k]
+                .as_bool()
+                .unwrap_or_else(|| panic!("store.{k}: {st}"))
+        };
+        assert!(!flag("aio_reads") || flag("direct_reads"), "{node}: {st}");
+        assert!(!flag("direct_io"), "{node}: the pair runs buffered: {st}");
+        assert!(store["aio_reads_done"].as_u64().is_some(), "{node}: {st}");
     }
     assert!(a.stop().success());
     assert!(b.stop().success());

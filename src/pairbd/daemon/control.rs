@@ -194,6 +194,16 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
                 "requested": driver.store().flushes_requested(),
                 "fdatasyncs": driver.store().fdatasyncs_issued(),
             });
+            // How the store does its I/O (docs/OPERATIONS.md: direct-io,
+            // direct-reads, aio-reads), as opened: a setting the file system
+            // refused shows here as false.
+            let store = driver.store();
+            status["store"] = json!({
+                "direct_io": store.direct_io(),
+                "direct_reads": store.direct_reads(),
+                "aio_reads": store.aio_reads(),
+                "aio_reads_done": store.aio_reads_done(),
+            });
             status["link_frames"] = driver.frames.json();
             status["writes"] = driver.writes.to_json();
             let batch = driver.batch_limits();
