@@ -184,8 +184,19 @@ pub struct Endpoint {
     ping_timeout: Duration,
 }
 
-/// The largest UDP payload path MTU discovery searches for (jumbo frames).
-const MTU_UPPER_BOUND: u16 = 8952;
+/// The largest UDP payload path MTU discovery searches for, and the largest
+/// this endpoint accepts (quinn's `max_udp_payload_size`, which caps the
+/// peer's discovery; its default, 1472, kept every link at Ethernet size
+/// even on loopback or jumbo frames).
+///
+/// Not the 8952 of jumbo frames: quinn sends up to 10 datagrams in one
+/// segmentation-offload (GSO) call, and the kernel refuses a call of more
+/// than 64 KiB; quinn takes the refusal for a lost MTU probe, so 10 × 8952
+/// bytes lost every batch, and its black-hole detection fell back to 1200
+/// bytes (measured: 54 packets lost and an MTU of 1200 after a 1 GiB sync on
+/// loopback). 10 × 6500 bytes fits. On loopback a 1 GiB full sync then
+/// moves 166,000 datagrams instead of 746,000 and runs nearly twice as fast.
+const MTU_UPPER_BOUND: u16 = 6500;
 
 /// SO_RCVBUF / SO_SNDBUF asked for on the link's UDP socket (the kernel
 /// caps it at net.core.rmem_max / wmem_max). The default (208 KiB) drops
@@ -266,13 +277,12 @@ impl Endpoint {
         }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| LinkError::Tls("no async runtime for the endpoint".into()))?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_cfg),
-            socket,
-            runtime,
-        )
-        .map_err(bind_err)?;
+        let mut endpoint_cfg = quinn::EndpointConfig::default();
+        endpoint_cfg
+            .max_udp_payload_size(MTU_UPPER_BOUND)
+            .map_err(|e| LinkError::Tls(e.to_string()))?;
+        let endpoint = quinn::Endpoint::new(endpoint_cfg, Some(server_cfg), socket, runtime)
+            .map_err(bind_err)?;
         Ok(Endpoint {
             endpoint,
             client: client_cfg,
@@ -435,7 +445,49 @@ pub struct LinkHandle {
     conn: quinn::Connection,
 }
 
+/// What the QUIC connection under a link has done since it came up (for
+/// status: packets per write, losses, the path's MTU and round trip).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// The smoothed round-trip time estimate.
+    pub rtt: Duration,
+    /// The congestion window, bytes.
+    pub cwnd: u64,
+    /// The path MTU in use (UDP payload bytes).
+    pub mtu: u16,
+    /// UDP datagrams sent and received, and the system calls that moved them
+    /// (one call carries several datagrams where the kernel allows it).
+    pub datagrams_sent: u64,
+    pub datagrams_received: u64,
+    pub send_calls: u64,
+    pub receive_calls: u64,
+    /// QUIC packets declared lost, and the congestion events they caused.
+    pub lost_packets: u64,
+    pub congestion_events: u64,
+    /// ACK frames sent and received (QUIC's own, not replication acks).
+    pub acks_sent: u64,
+    pub acks_received: u64,
+}
+
 impl LinkHandle {
+    /// The connection's counters so far.
+    pub fn stats(&self) -> LinkStats {
+        let s = self.conn.stats();
+        LinkStats {
+            rtt: s.path.rtt,
+            cwnd: s.path.cwnd,
+            mtu: s.path.current_mtu,
+            datagrams_sent: s.udp_tx.datagrams,
+            datagrams_received: s.udp_rx.datagrams,
+            send_calls: s.udp_tx.ios,
+            receive_calls: s.udp_rx.ios,
+            lost_packets: s.path.lost_packets,
+            congestion_events: s.path.congestion_events,
+            acks_sent: s.frame_tx.acks,
+            acks_received: s.frame_rx.acks,
+        }
+    }
+
     /// Closes the connection, telling the peer why.
     pub fn close(&self, reason: &str) {
         let reason: Vec<u8> = reason.bytes().take(200).collect();

@@ -6,7 +6,9 @@
 //! a write counter. A write goes to the slot that does not hold the newest valid
 //! record, then fdatasync; reading takes the valid slot with the highest
 //! counter. A crash in the middle of a write leaves the other slot, the previous
-//! state, intact.
+//! state, intact. ("fdatasync" here and below: since the metadata may share its
+//! file with the data, a write is made durable by itself, with RWF_DSYNC, not by
+//! an fdatasync of the whole file; see `write_durable`.)
 //!
 //! Internal metadata occupies the last [`META_RESERVED_BYTES`] of the backing
 //! store (the slots at the start of that area, the rest kept for bitmaps), so
@@ -475,15 +477,32 @@ impl MetaStore {
             }
             _ => {}
         }
-        let result = pages
-            .iter()
-            .try_for_each(|p| {
-                let at = area + u64::from(p.index) * BITMAP_PAGE_BYTES as u64;
-                self.file
-                    .write_all_at(&p.bytes, at)
-                    .map_err(io("write", &self.path))
-            })
-            .and_then(|()| self.file.sync_data().map_err(io("fdatasync", &self.path)));
+        let at = |p: &BitmapPage| area + u64::from(p.index) * BITMAP_PAGE_BYTES as u64;
+        let result = match pages.split_last() {
+            None => Ok(()),
+            Some((last, rest)) => rest
+                .iter()
+                .try_for_each(|p| {
+                    self.file
+                        .write_all_at(&p.bytes, at(p))
+                        .map_err(io("write", &self.path))
+                })
+                .and_then(|()| {
+                    // The other pages reach the device before the last one's
+                    // durable write flushes its cache (see `write_durable`).
+                    let start = rest.iter().map(at).min();
+                    let end = rest.iter().map(|p| at(p) + BITMAP_PAGE_BYTES as u64).max();
+                    match (start, end) {
+                        (Some(start), Some(end)) => write_back_and_wait(&self.file, start, end)
+                            .map_err(io("sync_file_range", &self.path)),
+                        _ => Ok(()),
+                    }
+                })
+                .and_then(|()| {
+                    write_durable(&self.file, &last.bytes, at(last))
+                        .map_err(io("durable write", &self.path))
+                }),
+        };
         if result.is_err() {
             self.poisoned = true;
         }
@@ -556,10 +575,78 @@ impl MetaStore {
     fn write_slot(&self, slot: usize, record: &MetaRecord) -> Result<(), MetaError> {
         let buf = encode_slot(record);
         let at = self.offset + (slot * SLOT_BYTES) as u64;
-        self.file
-            .write_all_at(&buf, at)
-            .map_err(io("write", &self.path))?;
-        self.file.sync_data().map_err(io("fdatasync", &self.path))
+        write_durable(&self.file, &buf, at).map_err(io("durable write", &self.path))
+    }
+}
+
+/// Writes `bytes` at `offset` and makes them durable, and only them: a write with
+/// RWF_DSYNC, after which the kernel writes back this range alone and flushes the
+/// device's cache (or writes it with FUA). Not `fdatasync`: with internal metadata
+/// the file is the backing store, and fdatasync would first write back every dirty
+/// page of the Primary's data, hundreds of MiB under a stream of large writes, while
+/// the writes waiting for this activity-log entry wait too. The data's durability
+/// is the store's flushes' business (docs/DURABILITY.md).
+///
+/// Everything the device completed before the cache flush is durable after it,
+/// which `write_pages` uses: it writes its other pages back and waits for them
+/// (`write_back_and_wait`) before the last page's durable write.
+///
+/// Where the kernel has no RWF_DSYNC (before Linux 4.7: EOPNOTSUPP, or ENOSYS
+/// for pwritev2 itself) it falls back to a plain write and fdatasync.
+fn write_durable(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0;
+    while done < bytes.len() {
+        let rest = &bytes[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_ptr() as *mut libc::c_void,
+            iov_len: rest.len(),
+        };
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+        // SAFETY: `iov` describes `rest`, which lives across the call; the kernel
+        // only reads it. `file` is open for the call.
+        let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, at, libc::RWF_DSYNC) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
+                    file.write_all_at(rest, offset + done as u64)?;
+                    return file.sync_data();
+                }
+                _ => return Err(err),
+            }
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// Writes the dirty pages of `[start, end)` back and waits until the device has
+/// completed them (sync_file_range WAIT_BEFORE | WRITE | WAIT_AFTER): on the
+/// device, perhaps in its volatile cache, until the next cache flush.
+fn write_back_and_wait(file: &File, start: u64, end: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let overflow = |_| std::io::Error::from_raw_os_error(libc::EOVERFLOW);
+    let offset = libc::off64_t::try_from(start).map_err(overflow)?;
+    let len = libc::off64_t::try_from(end.saturating_sub(start)).map_err(overflow)?;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    loop {
+        // SAFETY: sync_file_range reads no memory of ours; `file` is open.
+        let r = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+        if r == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(err);
+        }
     }
 }
 

@@ -205,6 +205,21 @@ async fn answer(line: &str, driver: &Arc<Driver>, engine: &str) -> Value {
                 "aio_reads_done": store.aio_reads_done(),
             });
             status["link_frames"] = driver.frames.json();
+            status["quic"] = driver.link_stats().map_or(Value::Null, |q| {
+                json!({
+                    "rtt_us": u64::try_from(q.rtt.as_micros()).unwrap_or(u64::MAX),
+                    "cwnd_bytes": q.cwnd,
+                    "mtu": q.mtu,
+                    "datagrams_sent": q.datagrams_sent,
+                    "datagrams_received": q.datagrams_received,
+                    "send_calls": q.send_calls,
+                    "receive_calls": q.receive_calls,
+                    "lost_packets": q.lost_packets,
+                    "congestion_events": q.congestion_events,
+                    "acks_sent": q.acks_sent,
+                    "acks_received": q.acks_received,
+                })
+            });
             status["writes"] = driver.writes.to_json();
             let batch = driver.batch_limits();
             status["batch"] = json!({

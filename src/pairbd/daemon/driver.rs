@@ -225,7 +225,8 @@ impl FrameCounters {
 struct LinkHandle {
     id: u64,
     tx: mpsc::Sender<Msg>,
-    close: Box<dyn Fn(&str) + Send>,
+    /// The connection under the link (close it, read its counters).
+    conn: pairbd_link::LinkHandle,
 }
 
 struct Inner {
@@ -416,7 +417,7 @@ impl Driver {
                     let reason =
                         format!("the link's send queue is full ({LINK_QUEUE_MESSAGES} messages)");
                     if let Some(link) = inner.link.take() {
-                        (link.close)(&reason);
+                        link.conn.close(&reason);
                     }
                     warn!("replication link dropped: {reason}");
                     inner.node.handle_disconnected(Instant::now(), &reason);
@@ -429,7 +430,7 @@ impl Driver {
             }
             Output::Disconnect { reason } => {
                 if let Some(link) = inner.link.take() {
-                    (link.close)(&reason);
+                    link.conn.close(&reason);
                 }
             }
             Output::AdminDone { id, result } => {
@@ -441,7 +442,7 @@ impl Driver {
                 error!("fail-stop: {reason}");
                 *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
                 if let Some(link) = inner.link.take() {
-                    (link.close)("node failed");
+                    link.conn.close("node failed");
                 }
                 self.failed.cancel();
             }
@@ -640,23 +641,25 @@ impl Driver {
         self.clients.get().map(|c| c.list()).unwrap_or_default()
     }
 
+    /// The current link's QUIC counters (none while there is no link).
+    pub fn link_stats(&self) -> Option<pairbd_link::LinkStats> {
+        self.lock().link.as_ref().map(|l| l.conn.stats())
+    }
+
     /// A new authenticated link: it replaces the current one. Returns its id
     /// and the receiving end of its outgoing queue.
-    pub fn link_up(
-        self: &Arc<Self>,
-        close: Box<dyn Fn(&str) + Send>,
-    ) -> (u64, mpsc::Receiver<Msg>) {
+    pub fn link_up(self: &Arc<Self>, conn: pairbd_link::LinkHandle) -> (u64, mpsc::Receiver<Msg>) {
         let (tx, rx) = mpsc::channel(LINK_QUEUE_MESSAGES);
         let mut inner = self.lock();
         if let Some(old) = inner.link.take() {
-            (old.close)("replaced by a new connection");
+            old.conn.close("replaced by a new connection");
             inner
                 .node
                 .handle_disconnected(Instant::now(), "replaced by a new connection");
         }
         let id = inner.next_link;
         inner.next_link += 1;
-        inner.link = Some(LinkHandle { id, tx, close });
+        inner.link = Some(LinkHandle { id, tx, conn });
         inner.node.handle_connected(Instant::now());
         self.drive(&mut inner);
         (id, rx)
@@ -667,7 +670,7 @@ impl Driver {
         let mut inner = self.lock();
         if inner.link.as_ref().is_some_and(|l| l.id == id) {
             if let Some(link) = inner.link.take() {
-                (link.close)(reason);
+                link.conn.close(reason);
             }
             warn!("replication link lost: {reason}");
             inner.node.handle_disconnected(Instant::now(), reason);
