@@ -182,7 +182,10 @@ async fn a_closed_link_tells_the_peer_why() {
     let link = ea.connect(addr).await.unwrap();
     let handle = link.handle();
     let (mut tx, mut rx) = link.split();
-    tx.send(&Message::<Vec<u8>>::SyncReady).await.unwrap();
+    // Opens the stream the peer accepts. The peer may close the link before
+    // this send is through (it closes as soon as it accepted): then the send
+    // fails, which is fine; the reason must still arrive.
+    let _sent = tx.send(&Message::<Vec<u8>>::SyncReady).await;
     let reason = tokio::time::timeout(GUARD, handle.closed()).await.unwrap();
     assert!(reason.contains("demoted by the operator"), "{reason}");
     let next = rx
@@ -487,7 +490,16 @@ async fn bulk_frames_carry_their_main_count_beside_the_main_lane() {
     let accepting = tokio::spawn(async move { ed.accept().await.map(|_| ()) });
     let wrong = ec.connect_partial(addr, 2, b"NOTBULK!").await.unwrap();
     let reason = tokio::time::timeout(GUARD, wrong.closed()).await.unwrap();
-    assert!(reason.contains("streams not opened"), "{reason}");
+    // Refused: closed, with the refusal's reason. Under load the client may
+    // hear of it as a stateless reset instead (4 runs in 40 with three CPU
+    // hogs beside, since path MTU discovery probes the link right after the
+    // handshake): the refusing side forgets a closed connection a few round
+    // trips after its CONNECTION_CLOSE and answers later packets with a reset.
+    // An accepted connection would stay open (keep-alives) and time out here.
+    assert!(
+        reason.contains("streams not opened") || reason.contains("reset by peer"),
+        "{reason}"
+    );
     accepting.abort();
 }
 
