@@ -302,8 +302,6 @@ fn plain_message(message: &str) -> String {
         .replace("expected u64", "expected an integer")
 }
 
-/// The dotted key nearest before `offset`, for serde errors (which know the
-/// position but not the table).
 /// The key a TOML/serde error at `offset` is about: the table, plus the key of
 /// the `key = value` line the offset falls in, so that a value of the wrong type
 /// reads `resource.mail.al-extents: invalid type ...`. An unknown or missing key
@@ -334,6 +332,8 @@ fn line_key(text: &str, offset: usize) -> Option<String> {
     (!key.is_empty()).then(|| key.to_string())
 }
 
+/// The dotted key nearest before `offset`, for serde errors (which know the
+/// position but not the table).
 fn key_at(text: &str, offset: usize) -> String {
     let end = offset.min(text.len());
     let mut table = String::new();

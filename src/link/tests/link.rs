@@ -91,6 +91,16 @@ fn every_kind(base: u64) -> Vec<Message<Vec<u8>>> {
     ]
 }
 
+/// A 1 MiB write, its bytes and place derived from `seq`.
+fn mib_write(seq: u64) -> Message<Vec<u8>> {
+    Message::Write {
+        seq,
+        offset: seq << 20,
+        payload: vec![seq as u8; 1 << 20],
+        fua: false,
+    }
+}
+
 async fn receive_all(rx: &mut FrameReceiver, expected: &[Message<Vec<u8>>]) {
     for want in expected {
         let got = rx.recv(|n| vec![0u8; n]).await.unwrap();
@@ -450,12 +460,6 @@ async fn bulk_frames_carry_their_main_count_beside_the_main_lane() {
     let ea = endpoint(&a, &b, Duration::from_secs(2));
     let eb = endpoint(&b, &a, Duration::from_secs(2));
     let addr = eb.local_addr().unwrap();
-    let big = |seq: u64| Message::Write {
-        seq,
-        offset: seq << 20,
-        payload: vec![seq as u8; 1 << 20],
-        fua: false,
-    };
     let accept = tokio::spawn(async move {
         let mut lanes = eb.accept().await.unwrap().split_lanes();
         let mut got = Vec::new();
@@ -470,17 +474,24 @@ async fn bulk_frames_carry_their_main_count_beside_the_main_lane() {
     let mut lanes = ea.connect(addr).await.unwrap().split_lanes();
     lanes
         .bulk_tx
-        .send_bulk_batch(&[(0, big(1)), (5, big(2))])
+        .send_bulk_batch(&[(0, mib_write(1)), (5, mib_write(2))])
         .await
         .unwrap();
     lanes.main_tx.send_batch(&every_kind(10)).await.unwrap();
     lanes
         .bulk_tx
-        .send_bulk_batch(&[(u64::MAX, big(3))])
+        .send_bulk_batch(&[(u64::MAX, mib_write(3))])
         .await
         .unwrap();
     let (_eb, got, _lanes) = tokio::time::timeout(GUARD, accept).await.unwrap().unwrap();
-    assert_eq!(got, vec![(0, big(1)), (5, big(2)), (u64::MAX, big(3))]);
+    assert_eq!(
+        got,
+        vec![
+            (0, mib_write(1)),
+            (5, mib_write(2)),
+            (u64::MAX, mib_write(3))
+        ]
+    );
 
     // A second stream with the wrong first bytes is refused.
     let (c, d) = (identity("gamma"), identity("delta"));
@@ -514,18 +525,16 @@ async fn a_loopback_link_uses_large_datagrams_without_losing_them() {
     let eb = endpoint(&b, &a, Duration::from_secs(2));
     let addr = eb.local_addr().unwrap();
     const WRITES: u64 = 64;
-    let write = |seq: u64| Message::Write {
-        seq,
-        offset: seq << 20,
-        payload: vec![seq as u8; 1 << 20],
-        fua: false,
-    };
     let accept = tokio::spawn(async move {
         let link = eb.accept().await.unwrap();
         let (tx, mut rx) = link.split();
         for seq in 0..WRITES {
             let got = rx.recv(|n| vec![0u8; n]).await.unwrap();
-            assert!(got == write(seq), "write {seq} arrived as a {}", got.name());
+            assert!(
+                got == mib_write(seq),
+                "write {seq} arrived as a {}",
+                got.name()
+            );
         }
         (eb, tx, rx)
     });
@@ -533,7 +542,7 @@ async fn a_loopback_link_uses_large_datagrams_without_losing_them() {
     let handle = link.handle();
     let (mut tx, _rx) = link.split();
     for seq in 0..WRITES {
-        tx.send(&write(seq)).await.unwrap();
+        tx.send(&mib_write(seq)).await.unwrap();
     }
     tokio::time::timeout(GUARD, accept).await.unwrap().unwrap();
     let stats = handle.stats();

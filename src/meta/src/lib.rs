@@ -455,6 +455,7 @@ impl MetaStore {
                 });
             }
         }
+        let at = |p: &BitmapPage| area + u64::from(p.index) * BITMAP_PAGE_BYTES as u64;
         self.writes += 1;
         let crash = self
             .crash
@@ -468,41 +469,17 @@ impl MetaStore {
             Some(CrashPhase::Torn) => {
                 self.poisoned = true;
                 let p = &pages[0];
-                let at = area + u64::from(p.index) * BITMAP_PAGE_BYTES as u64;
                 self.file
-                    .write_all_at(&p.bytes[..BITMAP_PAGE_BYTES / 2], at)
+                    .write_all_at(&p.bytes[..BITMAP_PAGE_BYTES / 2], at(p))
                     .map_err(io("write", &self.path))?;
                 self.file.sync_data().map_err(io("fdatasync", &self.path))?;
                 return Err(MetaError::TestCrash);
             }
             _ => {}
         }
-        let at = |p: &BitmapPage| area + u64::from(p.index) * BITMAP_PAGE_BYTES as u64;
-        let result = match pages.split_last() {
-            None => Ok(()),
-            Some((last, rest)) => rest
-                .iter()
-                .try_for_each(|p| {
-                    self.file
-                        .write_all_at(&p.bytes, at(p))
-                        .map_err(io("write", &self.path))
-                })
-                .and_then(|()| {
-                    // The other pages reach the device before the last one's
-                    // durable write flushes its cache (see `write_durable`).
-                    let start = rest.iter().map(at).min();
-                    let end = rest.iter().map(|p| at(p) + BITMAP_PAGE_BYTES as u64).max();
-                    match (start, end) {
-                        (Some(start), Some(end)) => write_back_and_wait(&self.file, start, end)
-                            .map_err(io("sync_file_range", &self.path)),
-                        _ => Ok(()),
-                    }
-                })
-                .and_then(|()| {
-                    write_durable(&self.file, &last.bytes, at(last))
-                        .map_err(io("durable write", &self.path))
-                }),
-        };
+        let blocks: Vec<(u64, &[u8])> = pages.iter().map(|p| (at(p), &p.bytes[..])).collect();
+        let result =
+            write_all_durable(&self.file, &blocks).map_err(io("durable write", &self.path));
         if result.is_err() {
             self.poisoned = true;
         }
@@ -588,42 +565,52 @@ impl MetaStore {
 /// is the store's flushes' business (docs/DURABILITY.md).
 ///
 /// Everything the device completed before the cache flush is durable after it,
-/// which `write_pages` uses: it writes its other pages back and waits for them
-/// (`write_back_and_wait`) before the last page's durable write.
+/// which `write_all_durable` uses for several blocks.
 ///
 /// Where the kernel has no RWF_DSYNC (before Linux 4.7: EOPNOTSUPP, or ENOSYS
 /// for pwritev2 itself) it falls back to a plain write and fdatasync.
 fn write_durable(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+    use rustix::io::{pwritev2, Errno, ReadWriteFlags};
     let mut done = 0;
     while done < bytes.len() {
         let rest = &bytes[done..];
-        let iov = libc::iovec {
-            iov_base: rest.as_ptr() as *mut libc::c_void,
-            iov_len: rest.len(),
-        };
-        let at = libc::off_t::try_from(offset + done as u64)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
-        // SAFETY: `iov` describes `rest`, which lives across the call; the kernel
-        // only reads it. `file` is open for the call.
-        let n = unsafe { libc::pwritev2(file.as_raw_fd(), &iov, 1, at, libc::RWF_DSYNC) };
-        if n < 0 {
-            let err = std::io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::EINTR) => continue,
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-                    file.write_all_at(rest, offset + done as u64)?;
-                    return file.sync_data();
-                }
-                _ => return Err(err),
+        let at = offset + done as u64;
+        match pwritev2(
+            file,
+            &[std::io::IoSlice::new(rest)],
+            at,
+            ReadWriteFlags::DSYNC,
+        ) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(Errno::OPNOTSUPP | Errno::NOSYS) => {
+                file.write_all_at(rest, at)?;
+                return file.sync_data();
             }
+            Err(e) => return Err(e.into()),
         }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n as usize;
     }
     Ok(())
+}
+
+/// Writes every `(offset, bytes)` block and makes them all durable, and only them:
+/// the blocks but the last are written, then written back and waited for
+/// (`write_back_and_wait`), so that they are on the device before the last one's
+/// durable write (`write_durable`) flushes its cache.
+fn write_all_durable(file: &File, blocks: &[(u64, &[u8])]) -> std::io::Result<()> {
+    let Some(((last_at, last), rest)) = blocks.split_last() else {
+        return Ok(());
+    };
+    for (at, bytes) in rest {
+        file.write_all_at(bytes, *at)?;
+    }
+    let start = rest.iter().map(|(at, _)| *at).min();
+    let end = rest.iter().map(|(at, b)| at + b.len() as u64).max();
+    if let (Some(start), Some(end)) = (start, end) {
+        write_back_and_wait(file, start, end)?;
+    }
+    write_durable(file, last, *last_at)
 }
 
 /// Writes the dirty pages of `[start, end)` back and waits until the device has

@@ -351,35 +351,9 @@ fn bitmap_pages_round_trip_and_a_torn_page_write_keeps_the_slot() {
 /// Dirty pages of `[offset, offset + len)` (cachestat(2), Linux 6.5+), or None
 /// where the kernel has no cachestat.
 fn dirty_pages(file: &std::fs::File, offset: u64, len: u64) -> Option<u64> {
-    use std::os::fd::AsRawFd;
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        cache: u64,
-        dirty: u64,
-        writeback: u64,
-        evicted: u64,
-        recently_evicted: u64,
-    }
-    const SYS_CACHESTAT: libc::c_long = 451;
-    let range = Range { off: offset, len };
-    let mut stat = Stat::default();
-    // SAFETY: both structs are laid out as the kernel's and outlive the call.
-    let r = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            file.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0u32,
-        )
-    };
-    (r == 0).then_some(stat.dirty)
+    pairbd_store::cachestat(file, offset, len)
+        .ok()
+        .map(|c| c.dirty)
 }
 
 /// A metadata write makes itself durable, not the whole file: with internal

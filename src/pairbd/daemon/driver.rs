@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
+use pairbd_link::{LinkHandle, LinkStats};
 use pairbd_meta::MetaStore;
 use pairbd_nbd_server::Clients;
 use pairbd_repl_core::{
@@ -222,11 +223,11 @@ impl FrameCounters {
 }
 
 /// The current link to the peer, as the driver sees it.
-struct LinkHandle {
+struct CurrentLink {
     id: u64,
     tx: mpsc::Sender<Msg>,
     /// The connection under the link (close it, read its counters).
-    conn: pairbd_link::LinkHandle,
+    conn: LinkHandle,
 }
 
 struct Inner {
@@ -235,7 +236,7 @@ struct Inner {
     replies: HashMap<u64, oneshot::Sender<Result<(), ReplyError>>>,
     next_admin: u64,
     admins: HashMap<u64, oneshot::Sender<Result<String, AdminError>>>,
-    link: Option<LinkHandle>,
+    link: Option<CurrentLink>,
     next_link: u64,
     /// The deadline the timer task sleeps until; it is woken only when the
     /// core's next deadline comes earlier.
@@ -642,13 +643,13 @@ impl Driver {
     }
 
     /// The current link's QUIC counters (none while there is no link).
-    pub fn link_stats(&self) -> Option<pairbd_link::LinkStats> {
+    pub fn link_stats(&self) -> Option<LinkStats> {
         self.lock().link.as_ref().map(|l| l.conn.stats())
     }
 
     /// A new authenticated link: it replaces the current one. Returns its id
     /// and the receiving end of its outgoing queue.
-    pub fn link_up(self: &Arc<Self>, conn: pairbd_link::LinkHandle) -> (u64, mpsc::Receiver<Msg>) {
+    pub fn link_up(self: &Arc<Self>, conn: LinkHandle) -> (u64, mpsc::Receiver<Msg>) {
         let (tx, rx) = mpsc::channel(LINK_QUEUE_MESSAGES);
         let mut inner = self.lock();
         if let Some(old) = inner.link.take() {
@@ -659,7 +660,7 @@ impl Driver {
         }
         let id = inner.next_link;
         inner.next_link += 1;
-        inner.link = Some(LinkHandle { id, tx, conn });
+        inner.link = Some(CurrentLink { id, tx, conn });
         inner.node.handle_connected(Instant::now());
         self.drive(&mut inner);
         (id, rx)

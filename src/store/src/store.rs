@@ -304,8 +304,7 @@ impl Store {
         self.inner.aio.is_some()
     }
 
-    /// Reads answered through native AIO so far. For tests.
-    #[doc(hidden)]
+    /// Reads answered through native AIO so far (`pairbd status --json`, tests).
     pub fn aio_reads_done(&self) -> u64 {
         self.inner.aio.as_ref().map_or(0, AioReader::reads_done)
     }
