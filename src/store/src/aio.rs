@@ -138,6 +138,10 @@ impl Drop for Shared {
 /// Native AIO reads of one O_DIRECT description, reaped on a tokio runtime.
 pub(crate) struct AioReader {
     shared: Arc<Shared>,
+    /// Resolves once the reaper task has ended and dropped its share of `Shared`,
+    /// the store's files included (so their lock is released by the time `stop`
+    /// returns and the store is dropped).
+    reaper_ended: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl std::fmt::Debug for AioReader {
@@ -210,8 +214,17 @@ impl AioReader {
             _files: files,
             fd,
         });
-        handle.spawn(reap(Arc::clone(&shared)));
-        Ok(AioReader { shared })
+        let (ended_tx, ended_rx) = oneshot::channel();
+        let reaper_shared = Arc::clone(&shared);
+        handle.spawn(async move {
+            reap(reaper_shared).await;
+            // `reap` has dropped its references by now.
+            let _ = ended_tx.send(());
+        });
+        Ok(AioReader {
+            shared,
+            reaper_ended: Mutex::new(Some(ended_rx)),
+        })
     }
 
     /// Reads `len` bytes at `offset` (both aligned for O_DIRECT) into a new buffer.
@@ -297,7 +310,8 @@ impl AioReader {
     }
 
     /// Refuses new reads, waits until every submitted one has been reaped, then stops
-    /// the reaper.
+    /// the reaper and waits until it has ended (a reaper dropped with its runtime
+    /// counts as ended).
     pub(crate) async fn stop(&self) {
         let shared = &self.shared;
         shared.stopped.store(true, Ordering::SeqCst);
@@ -309,6 +323,10 @@ impl AioReader {
             idle.await;
         }
         shared.stop_reaper.notify_one();
+        let ended = lock(&self.reaper_ended).take();
+        if let Some(ended) = ended {
+            let _ = ended.await;
+        }
     }
 
     /// Reads answered in full through AIO so far.
